@@ -1,0 +1,111 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from toukit import linalg, parse_rank, rank_for_energy
+
+
+def random_weight(out=40, inp=30, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    # a decaying spectrum like a pretrained weight's
+    u, _ = torch.linalg.qr(torch.randn(out, out, generator=g, dtype=dtype))
+    v, _ = torch.linalg.qr(torch.randn(inp, inp, generator=g, dtype=dtype))
+    s = torch.logspace(0, -2, min(out, inp), dtype=dtype)
+    return (u[:, :len(s)] * s) @ v[:, :len(s)].T
+
+
+def test_full_rank_svd_reconstructs_weight():
+    w = random_weight()
+    a, b = linalg.truncated_svd(w, rank=30)
+    assert a.shape == (40, 30) and b.shape == (30, 30)
+    assert_close(a @ b, w, rtol=0, atol=1e-12)
+
+
+def test_truncated_svd_factors_are_us_and_vt():
+    w = random_weight()
+    a, b = linalg.truncated_svd(w, rank=5)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    assert_close(b @ b.T, torch.eye(5, dtype=w.dtype), rtol=0, atol=1e-12)  # B = V_r^T has orthonormal rows
+    assert_close(torch.linalg.norm(a, dim=0), s[:5], rtol=1e-12, atol=0)  # A = U_r S_r
+
+
+def test_truncation_error_equals_sqrt_tail_energy():
+    w = random_weight()
+    s = linalg.singular_values(w)
+    for k in (1, 3, 10, 29):
+        a, b = linalg.truncated_svd(w, rank=k)
+        measured = float(torch.linalg.norm(w - a @ b) / torch.linalg.norm(w))
+        tail = float((s[k:] ** 2).sum() / (s ** 2).sum()) ** 0.5
+        assert measured == pytest.approx(tail, rel=1e-9)
+        assert linalg.relative_error(s, k) == pytest.approx(measured, rel=1e-9)
+
+
+def test_randomized_svd_close_to_exact_on_decaying_spectrum():
+    w = random_weight(60, 50)
+    a, b = linalg.truncated_svd(w.float(), rank=10, method='randomized', seed=0)
+    a0, b0 = linalg.truncated_svd(w.float(), rank=10)
+    assert_close(a @ b, a0 @ b0, rtol=0, atol=1e-4)
+
+
+def test_svd_many_matches_loop_and_batches_by_shape():
+    mats = [random_weight(8, 6, seed=i) for i in range(3)] + [random_weight(5, 9, seed=9)]
+    out = linalg.svd_many(mats)
+    for m, (u, s, vh) in zip(mats, out):
+        assert_close((u * s) @ vh, m, rtol=0, atol=1e-12)
+
+
+def test_rank_for_energy_is_monotone_and_exact():
+    s = linalg.singular_values(random_weight())
+    thresholds = torch.linspace(0.01, 1.0, 200).tolist()
+    ranks = [rank_for_energy(s, t) for t in thresholds]
+    assert ranks == sorted(ranks)
+    assert ranks[-1] == 30 and ranks[0] == 1
+    curve = linalg.energy_curve(s)
+    for t, k in zip(thresholds, ranks):
+        assert curve[k - 1] >= t - 1e-12
+        assert k == 1 or curve[k - 2] < t
+
+
+def test_stable_and_effective_rank():
+    s = torch.ones(10, dtype=torch.float64)
+    assert linalg.stable_rank(s) == pytest.approx(10)
+    assert linalg.effective_rank(s) == pytest.approx(10)
+    s = torch.tensor([1.0, 0.0, 0.0])
+    assert linalg.stable_rank(s) == pytest.approx(1)
+    assert linalg.effective_rank(s) == pytest.approx(1)
+
+
+@pytest.mark.parametrize('threshold', [0, -0.1, 1.5, float('nan')])
+def test_rank_for_energy_rejects_bad_threshold(threshold):
+    with pytest.raises(ValueError, match='threshold'):
+        rank_for_energy(torch.ones(4), threshold)
+
+
+@pytest.mark.parametrize('rank', [0, -1, 31, 2.5])
+def test_truncated_svd_rejects_bad_rank(rank):
+    with pytest.raises(ValueError, match=f'rank={rank!r}'):
+        linalg.truncated_svd(random_weight(), rank=rank)
+
+
+def test_rank_policies_parse_and_resolve():
+    assert parse_rank(288).resolve((768, 3072)) == 288
+    assert parse_rank(0.375).resolve((768, 3072)) == 288
+    assert parse_rank('0.375').resolve((384, 384)) == 144
+    s = linalg.singular_values(random_weight())
+    assert parse_rank('energy:0.9').resolve((40, 30), s) == rank_for_energy(s, 0.9)
+    assert str(parse_rank('energy:0.9')) == 'energy:0.9'
+
+
+@pytest.mark.parametrize('spec, match', [
+    (1.5, 'fraction=1.5'), (0.0, 'fraction=0.0'), ('energy:1.2', 'threshold=1.2'),
+    ('energy:0', 'threshold=0.0'), ('energy:x', 'not a number'), ('high', "rank='high'"), (True, 'rank=True'),
+])
+def test_rank_policy_rejects_bad_values(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_rank(spec)
+
+
+@pytest.mark.parametrize('rank', [50, 0, -2])
+def test_fixed_rank_out_of_range_names_layer(rank):
+    with pytest.raises(ValueError, match=rf"rank={rank} for blocks.0.fc"):
+        parse_rank(rank).resolve((40, 30), name='blocks.0.fc')

