@@ -146,10 +146,10 @@ def _cifar100(root: Path, download: bool, transform):
 
     class LocalCIFAR100(CIFAR100):
         # torchvision checks md5 sums of the extracted pickles; the archive was checked at download, and a
-        # local copy in CIFAR-100's own format (as the tests write) must load without them
-        def _check_integrity(self):
-            return all((Path(self.root) / self.base_folder / name).exists()
-                       for name, _ in self.train_list + self.test_list)
+        # local copy in CIFAR-100's own format (as the tests write) must load without them (md5 None: exists)
+        train_list = [[name, None] for name, _ in CIFAR100.train_list]
+        test_list = [[name, None] for name, _ in CIFAR100.test_list]
+        meta = dict(CIFAR100.meta, md5=None)
 
     if download and not (root / CIFAR100.base_folder / 'train').exists():
         CIFAR100(str(root), train=True, download=True)

@@ -251,7 +251,8 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
     Args:
         model: an untouched model.
         method: a name in `toukit.METHODS` (ft, bitfit, lora, pissa, tou, tou_frozen_ffn, svfit, delora).
-        **options: the method's keyword options (see `METHODS[method].defaults`); None means the default.
+        **options: the method's keyword options (see `METHODS[method].defaults`); None means the default, and
+            an option the method does not take raises unless it is None.
 
     Returns:
         `model`, marked with `model.toukit_method`.
@@ -259,12 +260,12 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
     if method not in METHODS:
         raise ValueError(f'method={method!r}: unknown; choose one of {", ".join(METHODS)}')
     spec = METHODS[method]
-    unknown = sorted(set(options) - set(spec.defaults))
+    unknown = sorted(k for k, v in options.items() if k not in spec.defaults and v is not None)
     if unknown:
         raise ValueError(f'method={method!r} takes no option {", ".join(unknown)}; '
                          f'its options are {", ".join(spec.defaults) or "none"}')
     _check_untouched(model)
-    spec.prepare(model, **{k: v for k, v in options.items() if v is not None})
+    spec.prepare(model, **{k: v for k, v in options.items() if v is not None and k in spec.defaults})
     for head in classifier_names(model):
         model.get_submodule(head).requires_grad_(True)
     model.toukit_method = method

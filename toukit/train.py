@@ -133,6 +133,8 @@ def resolve_config(config: Optional[TrainConfig] = None, **overrides) -> TrainCo
             filled[f.name] = preset[f.name]
     if config.rank is None and config.method in preset.get('ranks', {}):
         filled['rank'] = preset['ranks'][config.method]
+    if config.noise_scale is None and 'noise_scale' in METHODS[config.method].defaults:
+        filled['noise_scale'] = METHODS[config.method].defaults['noise_scale']  # recorded, not implied
     defaults = dict(epochs=3, batch_size=32, lr=5e-5, max_length=128, pretrained=True, download=False)
     for k, v in defaults.items():
         if getattr(config, k) is None and k not in filled:

@@ -1,0 +1,113 @@
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import toukit
+from toukit import apply_method, count_parameters, merge
+from conftest import bert_inputs
+
+METHODS = ['ft', 'lora', 'pissa', 'tou', 'tou_frozen_ffn', 'svfit', 'delora', 'bitfit']
+# methods whose freshly prepared model computes the base model's function (TOU does only at full rank, no noise)
+EXACT_AT_START = ['ft', 'lora', 'pissa', 'svfit', 'delora', 'bitfit']
+
+
+def _vit():
+    torch.manual_seed(0)
+    return timm.create_model('test_vit', num_classes=5).eval()
+
+
+@pytest.mark.parametrize('method', EXACT_AT_START)
+def test_prepared_model_starts_at_base_outputs(method):
+    model = _vit()
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        before = model(x)
+        apply_method(model, method, rank=4 if method in ('lora', 'pissa', 'delora') else None)
+        after = model.eval()(x)
+    assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_train_step_then_merge_restores_architecture(method):
+    model = _vit()
+    reference = _vit()
+    apply_method(model, method)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith('head.') for n in trainable), 'the head trains in every method'
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x, y = torch.randn(4, 3, 160, 160), torch.tensor([0, 1, 2, 3])
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        merge(model)
+        after = model(x)
+    assert_close(after, before, rtol=1e-4, atol=1e-4)
+    reference.load_state_dict(model.state_dict(), strict=True)
+    assert toukit.is_prepared(model) is None
+
+
+def test_trainable_names_are_filterable():
+    model = apply_method(_vit(), 'tou')
+    names = [n for n, p in model.named_parameters() if p.requires_grad and 'tou_' in n]
+    assert names and all(n.endswith('tou_B') for n in names)
+    model = apply_method(_vit(), 'svfit')
+    assert {n.rsplit('.', 1)[1] for n, p in model.named_parameters() if p.requires_grad} == {'svfit_s', 'weight',
+                                                                                              'bias'}
+    model = apply_method(_vit(), 'delora')
+    core = [n for n, p in model.named_parameters() if p.requires_grad and 'delora' in n]
+    assert core and all(n.endswith('delora_M') for n in core)
+
+
+def test_lora_on_vit_b16_matches_paper_count():
+    model = timm.create_model('vit_base_patch16_224', num_classes=100, pretrained=False)
+    apply_method(model, 'lora', rank=8)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if 'lora_' in n)
+    assert round(adapters / 1e6, 2) == 0.59  # rank 8 on q, k, v and proj as four 768x768 matrices
+    assert round(count_parameters(model)[1] / 1e6, 2) == 86.47  # the paper's total
+
+
+def test_delora_trains_r_squared_per_matrix(tiny_bert):
+    apply_method(tiny_bert, 'delora', rank=3, targets='attention')
+    cores = [p for n, p in tiny_bert.named_parameters() if n.endswith('delora_M')]
+    assert len(cores) == 4 * 2 and all(p.numel() == 9 and p.requires_grad for p in cores)
+
+
+def test_svfit_rank_from_energy(tiny_bert):
+    table = toukit.spectrum_table(tiny_bert)
+    apply_method(tiny_bert, 'svfit', rank='energy:0.99')
+    layers = [m for m in tiny_bert.modules() if isinstance(m, toukit.SVFitLinear)]
+    assert sorted(m.rank for m in layers) == sorted(table.rank_e99)
+
+
+def test_bitfit_trains_biases_and_head():
+    model = apply_method(_vit(), 'bitfit')
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (n.endswith('bias') or n.startswith('head.')), n
+
+
+def test_bert_like_methods_run(tiny_bert):
+    inputs = bert_inputs()
+    for method in METHODS:
+        model = copy.deepcopy(tiny_bert)
+        apply_method(model, method)
+        assert model(**inputs).shape == (2, 3)
+
+
+def test_apply_method_errors():
+    model = _vit()
+    with pytest.raises(ValueError, match="method='nope'"):
+        apply_method(model, 'nope')
+    with pytest.raises(ValueError, match='takes no option noise_scale'):
+        apply_method(model, 'lora', noise_scale=0.1)
+    apply_method(model, 'lora')
+    with pytest.raises(ValueError, match='already prepared'):
+        apply_method(model, 'tou')
+    with pytest.raises(ValueError, match='already prepared'):
+        apply_method(apply_method(_vit(), 'ft'), 'ft')
