@@ -109,3 +109,25 @@ def test_rank_policy_rejects_bad_values(spec, match):
 def test_fixed_rank_out_of_range_names_layer(rank):
     with pytest.raises(ValueError, match=rf"rank={rank} for blocks.0.fc"):
         parse_rank(rank).resolve((40, 30), name='blocks.0.fc')
+
+
+@pytest.mark.parametrize('shape', [(60, 40), (40, 60)])
+def test_gram_svd_matches_exact(shape):
+    w64 = random_weight(*shape)  # singular values from 1 down to 1e-2
+    for w, atol in ((w64, 1e-12), (w64.float(), 1e-5)):
+        for rank in (5, 20, 40):
+            a, b = linalg.truncated_svd(w, rank=rank, method='gram')
+            a0, b0 = linalg.truncated_svd(w, rank=rank)
+            assert_close(a @ b, a0 @ b0, rtol=0, atol=atol)
+    a, b = linalg.truncated_svd(w64, rank=40, method='gram')
+    assert_close(b @ b.T, torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-10)  # B = V_r^T: orthonormal rows
+    (_, s, _), = linalg.svd_many([w64], method='gram')
+    assert_close(s, linalg.singular_values(w64), rtol=1e-10, atol=0)
+    # float32 squares the condition number: the small singular values keep about 1e-4 relative accuracy
+    (_, s, _), = linalg.svd_many([w64.float()], method='gram')
+    assert_close(s.double(), linalg.singular_values(w64), rtol=2e-4, atol=0)
+
+
+def test_unknown_svd_method():
+    with pytest.raises(ValueError, match="svd method='qr'"):
+        linalg.truncated_svd(random_weight(), rank=3, method='qr')

@@ -96,6 +96,267 @@ plt.show()
 """),
 ]
 
+COMMON_MODEL = """
+preset: str = "demo"  # the model and data come from this preset (demo: MiniLM on BBC News)
+model: str = None  # None: the preset's; 'minilm' or a timm model name (its pretrained weights must be reachable)
+pretrained: bool = None  # None: the preset's; False: random weights (smoke tests)
+targets: str = "all"  # 'all', 'attention', 'mlp' or a list of module-name patterns
+results_dir: str = "results"  # run records (read only)
+figures_dir: str = "figures"  # figures and tables are written under figures_dir/preset
+"""
+
+SETUP_MODEL = """
+config = train.resolve_config(train.TrainConfig(method='ft', preset=preset, model=model, pretrained=pretrained))
+out_dir = Path(figures_dir) / preset
+out_dir.mkdir(parents=True, exist_ok=True)
+net = toukit.create_model(config.model, num_classes=num_classes_of(config.dataset), pretrained=config.pretrained)
+table = toukit.spectrum_table(net, targets=targets)
+print(f'{config.model}: {len(table)} weight matrices, {table.out_features.mul(table.in_features).sum() / 1e6:.2f}M '
+      f'parameters in the targets')
+"""
+
+IMPORTS = """
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+import toukit
+from toukit import plots, results, spectrum, train
+from toukit.data import load_dataset, num_classes_of, sample_batch
+"""
+
+NOTEBOOKS['spectrum.ipynb'] = [
+    ('md', """
+# Spectrum exploration
+
+Singular values of every targeted weight matrix (q, k and v of a fused projection count as three), energy
+curves, the rank an energy threshold needs by layer type and depth, and stable / effective rank by depth.
+In JupyterLab the threshold slider at the end updates ranks, parameters kept and reconstruction error live;
+under papermill the notebook runs headless and writes the same figures under `figures_dir/preset`.
+"""),
+    ('code', IMPORTS),
+    ('parameters', COMMON_MODEL + """threshold: float = 0.9  # energy threshold of the heatmap and the slider's start
+"""),
+    ('code', SETUP_MODEL),
+    ('code', """
+table.drop(columns=['singular_values']).round(3)
+"""),
+    ('code', """
+summary = table.groupby('type', sort=False)[['max_rank', 'stable_rank', 'effective_rank', 'rank_e50', 'rank_e90',
+                                            'rank_e99']].mean().round(1)
+summary.to_csv(out_dir / 'spectrum_summary.csv')
+summary
+"""),
+    ('code', """
+fig = plots.plot_spectra(table)
+plots.save_figure(fig, out_dir / 'spectrum_singular_values')
+plt.show()
+"""),
+    ('code', """
+fig = plots.plot_energy_curves(table)
+plots.save_figure(fig, out_dir / 'spectrum_energy_curves')
+plt.show()
+"""),
+    ('code', """
+fig = plots.plot_rank_heatmap(table, threshold)
+plots.save_figure(fig, out_dir / 'spectrum_rank_heatmap')
+plt.show()
+"""),
+    ('code', """
+fig = plots.plot_rank_by_depth(table)
+plots.save_figure(fig, out_dir / 'spectrum_stable_effective_rank')
+plt.show()
+"""),
+    ('md', "Move the slider (JupyterLab): ranks, parameters kept and error for each layer type at that threshold."),
+    ('code', """
+plots.threshold_explorer(table, start=threshold)
+"""),
+]
+
+NOTEBOOKS['rank_selection.ipynb'] = [
+    ('md', """
+# Rank selection: policies side by side
+
+A uniform rank, a fraction of min(out, in) and a per-layer energy threshold (`toukit.parse_rank`), compared on
+the same model: the parameters A and B keep and the reconstruction error left, per layer and in total.
+"""),
+    ('code', IMPORTS),
+    ('parameters', COMMON_MODEL + """fixed_ranks: list = [16, 32, 64, 128, 192, 256]  # uniform ranks (capped by no layer: too large raises)
+fractions: list = [0.05, 0.1, 0.2, 0.375, 0.5, 0.75]  # fractions of min(out, in); 0.375 is the paper's 288/768
+energy_thresholds: list = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]  # per-layer energy thresholds
+shown: list = ["0.375", "energy:0.9", "energy:0.99"]  # policies whose per-layer ranks are tabulated
+"""),
+    ('code', SETUP_MODEL + """
+fixed_ranks = [r for r in fixed_ranks if r <= table.max_rank.min()]
+policies = list(fixed_ranks) + list(fractions) + [f'energy:{t}' for t in energy_thresholds]
+"""),
+    ('code', """
+comparison = spectrum.compare_policies(table, policies)
+comparison.to_csv(out_dir / 'rank_policies.csv', index=False)
+comparison.round(4)
+"""),
+    ('code', """
+fig = plots.plot_policy_tradeoff(comparison)
+plots.save_figure(fig, out_dir / 'rank_policy_tradeoff')
+plt.show()
+"""),
+    ('md', "Per-layer ranks, parameters kept and error of a few policies (mean over depth, by layer type)."),
+    ('code', """
+per_layer = pd.concat([spectrum.rank_table(table, p) for p in shown])
+by_type = per_layer.pivot_table(index='type', columns='policy', values=['rank', 'relative_error'], sort=False)
+per_layer.to_csv(out_dir / 'rank_per_layer.csv', index=False)
+by_type.round(3)
+"""),
+]
+
+NOTEBOOKS['reconstruction.ipynb'] = [
+    ('md', """
+# Reconstruction error and the noise-scale study
+
+1. Relative weight error vs rank for every layer (it equals the square root of the tail energy).
+2. Functional error vs rank: each layer's outputs on the inputs it really sees, and the model's logits, on a real
+   batch of the default data.
+3. Noise scale alpha (the paper gives none): the error N(0, alpha^2) on both factors adds next to the truncation
+   error, and validation accuracy after fine-tuning vs alpha from the run records of `toukit reproduce`.
+"""),
+    ('code', IMPORTS),
+    ('parameters', COMMON_MODEL + """dataset: str = None  # None: the preset's
+batch_size: int = 32  # examples in the real batch
+ranks: list = [0.1, 0.25, 0.375, 0.5, 0.75]  # TOU ranks (fractions of min(out, in)) of the logit study
+noise_scales: list = [0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1]  # alphas of the noise study
+noise_rank: float = 0.375  # the rank the noise study factorizes at
+seed: int = 0  # seeds the noise
+"""),
+    ('code', SETUP_MODEL + """
+bundle = load_dataset(dataset or config.dataset, net, max_length=config.max_length, seed=seed)
+inputs, _ = sample_batch(bundle, batch_size)
+"""),
+    ('code', """
+curves = spectrum.error_curves(table)
+fig = plots.plot_error_vs_rank(curves)
+plots.save_figure(fig, out_dir / 'reconstruction_weight_error')
+plt.show()
+"""),
+    ('code', """
+outputs = spectrum.layer_output_errors(net, inputs, fractions=sorted(set(curves.fraction.round(3)))[::2],
+                                       targets=targets)
+fig = plots.plot_error_vs_rank(outputs, value='output_error', ylabel='relative output error')
+plots.save_figure(fig, out_dir / 'reconstruction_output_error')
+plt.show()
+outputs.groupby('fraction')[['weight_error', 'output_error']].mean().iloc[::4].round(3)
+"""),
+    ('code', """
+layers, totals = spectrum.tou_errors(net, inputs, ranks=ranks, noise_scales=[0.0], targets=targets, seed=seed)
+logits_vs_rank = totals[['rank', 'weight_error', 'logit_error']]
+logits_vs_rank.to_csv(out_dir / 'reconstruction_logit_error.csv', index=False)
+logits_vs_rank.round(4)
+"""),
+    ('md', "## Noise scale: the error alpha adds to the truncation error"),
+    ('code', """
+noise_layers, noise_totals = spectrum.tou_errors(net, inputs, ranks=[noise_rank], noise_scales=noise_scales,
+                                                 targets=targets, seed=seed)
+truncation = noise_totals[noise_totals.noise_scale == 0].iloc[0]
+noise_totals['added_weight_error'] = noise_totals.weight_error - truncation.weight_error
+noise_totals['added_logit_error'] = noise_totals.logit_error - truncation.logit_error
+noise_totals.to_csv(out_dir / 'noise_scale_errors.csv', index=False)
+fig = plots.plot_noise_errors(noise_totals)
+plots.save_figure(fig, out_dir / 'noise_scale_errors')
+plt.show()
+noise_totals.round(5)
+"""),
+    ('md', "## Noise scale: validation accuracy after fine-tuning (run records)"),
+    ('code', """
+runs = results.load_runs(results_dir, status='ok') if Path(results_dir).exists() else pd.DataFrame()
+tou_runs = runs[(runs.method == 'tou') & (runs.preset == preset)] if len(runs) else runs
+if len(tou_runs) and tou_runs.noise_scale.nunique() > 1:
+    fig = plots.plot_accuracy_vs_noise(tou_runs)
+    plots.save_figure(fig, out_dir / 'noise_scale_accuracy')
+    plt.show()
+    noise_accuracy = tou_runs.groupby('noise_scale').agg(val_accuracy=('val_accuracy', 'mean'),
+                                                         runs=('run_id', 'count')).reset_index()
+    noise_accuracy.to_csv(out_dir / 'noise_scale_accuracy.csv', index=False)
+    display(noise_accuracy)
+else:
+    print(f'no TOU runs at several noise scales under {results_dir}: run `toukit reproduce` first')
+"""),
+    ('md', """
+## The default alpha
+
+`toukit.DEFAULT_NOISE_SCALE` is the value this study supports; the reasoning, with the measured numbers,
+is in the README's "Noise scale" section.
+"""),
+]
+
+NOTEBOOKS['figures.ipynb'] = [
+    ('md', """
+# Every figure and table from run records
+
+Reads run records only (no training): Table 1 (CSV, Markdown, LaTeX), the same numbers next to the TOU paper's
+as ratios to full fine-tuning, Figure 2 (training loss over steps and validation accuracy per epoch for every
+method present; mean and min-max band where several seeds exist) and the cost bars.
+"""),
+    ('code', IMPORTS),
+    ('parameters', """
+results_dir: str = "results"  # run records
+figures_dir: str = "figures"  # outputs go under figures_dir/preset
+preset: str = "demo"  # which preset's runs
+smooth: int = 10  # moving-average window of the loss curves
+"""),
+    ('code', """
+out_dir = Path(figures_dir) / preset
+out_dir.mkdir(parents=True, exist_ok=True)
+runs = results.load_runs(results_dir)
+runs = runs[runs.preset == preset]
+main = results.main_runs(runs)
+print(f'{len(runs)} records for preset {preset!r}, {len(main)} successful method runs; skipped: '
+      f'{runs.attrs.get("skipped", [])}')
+"""),
+    ('code', """
+table = results.table1(main)
+formatted = results.format_table1(table)
+results.write_tables(formatted, out_dir / 'table1')
+formatted
+"""),
+    ('md', "Ours next to the paper's (different model and data: compare ratios to FT, not absolute numbers)."),
+    ('code', """
+paper = results.PAPER_TABLE1.set_index('method')
+ours = table.set_index('method')
+side = pd.DataFrame({
+    'trainable / total (ours)': (ours.trainable_params / ours.total_params).round(3),
+    'trainable / total (paper)': (paper.trainable_m / paper.total_m).round(3),
+    'accuracy - FT, points (ours)': ((ours.val_accuracy - ours.val_accuracy.get('ft', float('nan'))) * 100).round(2),
+    'accuracy - FT, points (paper)': (paper.accuracy - paper.accuracy['ft']).round(2),
+    'time / FT (ours)': ours.get('time_vs_ft', pd.Series(dtype=float)).round(2),
+    'time / FT (paper)': (paper.train_seconds / paper.train_seconds['ft']).round(2),
+    'memory / FT (ours)': ours.get('memory_vs_ft', pd.Series(dtype=float)).round(2),
+    'memory / FT (paper)': (paper.memory_mib / paper.memory_mib['ft']).round(2),
+}).reindex(ours.index)
+side.index = side.index.map(plots.method_label)
+results.write_tables(side.reset_index(names='Method'), out_dir / 'table1_vs_paper')
+side
+"""),
+    ('code', """
+records = results.records_by_method(main)
+fig = plots.training_curves({plots.method_label(m): r for m, r in records.items()}, smooth=smooth)
+plots.save_figure(fig, out_dir / 'figure2_training_curves')
+plt.show()
+"""),
+    ('code', """
+paper_methods = {m: r for m, r in records.items() if m in ('lora', 'tou', 'tou_frozen_ffn')}
+if paper_methods:
+    fig = plots.training_curves({plots.method_label(m): r for m, r in paper_methods.items()}, smooth=smooth)
+    plots.save_figure(fig, out_dir / 'figure2_paper_methods')
+    plt.show()
+"""),
+    ('code', """
+fig = plots.plot_costs(table)
+plots.save_figure(fig, out_dir / 'method_costs')
+plt.show()
+"""),
+]
+
+
 if __name__ == '__main__':
     import sys
     names = sys.argv[1:] or list(NOTEBOOKS)

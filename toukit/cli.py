@@ -47,8 +47,14 @@ def planned_runs(preset: str, methods: Sequence[str], seeds: Sequence[int], nois
 
 def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0,),
               noise_scales: Sequence[float] = NOISE_SCALES, results_dir: str = 'results', figures_dir: str = 'figures',
-              redo: bool = False, analysis: bool = True, extra: Optional[dict] = None, cwd: str = '.') -> None:
-    """Run the training notebook for every planned run, then the analysis and figures notebooks."""
+              redo: bool = False, analysis: bool = True, extra: Optional[dict] = None,
+              analysis_parameters: Optional[dict] = None, cwd: str = '.') -> None:
+    """Run the training notebook for every planned run, then the analysis and figures notebooks.
+
+    Args:
+        extra: more parameters for every training notebook (e.g. max_steps_per_epoch for a quick check).
+        analysis_parameters: notebook name -> more parameters for that analysis notebook.
+    """
     from tqdm.auto import tqdm
     cwd_path = Path(cwd).resolve()
     methods = list(methods or METHODS)
@@ -69,10 +75,9 @@ def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, see
     if not analysis:
         return
     for name in tqdm(ANALYSIS_NOTEBOOKS + ('figures.ipynb',), desc='analysis and figures'):
-        params = dict(results_dir=str(results), figures_dir=str(cwd_path / figures_dir))
-        if name != 'figures.ipynb':
-            params['preset'] = preset
-        run_notebook(name, executed / name, params, cwd_path)
+        params = dict(preset=preset, results_dir=str(results), figures_dir=str(cwd_path / figures_dir),
+                      **(analysis_parameters or {}).get(name, {}))
+        run_notebook(name, executed / f'{preset}_{name}', params, cwd_path)
 
 
 def _spectrum(args) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ['DATASETS', 'DataBundle', 'load_dataset', 'num_classes_of', 'FASHION_MNIST_DIR']
+__all__ = ['DATASETS', 'DataBundle', 'load_dataset', 'num_classes_of', 'sample_batch', 'FASHION_MNIST_DIR']
 
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
 FASHION_MNIST_CLASSES = ['t-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
@@ -234,3 +234,10 @@ def load_dataset(
     if val_limit:
         val = torch.utils.data.Subset(val, range(min(val_limit, len(val))))
     return DataBundle(train, val, classes, kind)
+
+
+def sample_batch(bundle: DataBundle, n: int = 32, split: str = 'val'):
+    """The first `n` examples of a split as one batch: (inputs, labels), inputs a tensor or a dict of tensors."""
+    dataset = {'train': bundle.train, 'val': bundle.val}[split]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=min(n, len(dataset)), shuffle=False)
+    return next(iter(loader))

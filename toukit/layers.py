@@ -106,7 +106,8 @@ class FactorizedLinear(ToukitLayer):
                 math.isfinite(noise_scale) and noise_scale >= 0):
             raise ValueError(f'noise_scale={noise_scale!r} for {name}: must be a finite number >= 0')
         weight = linear.weight.detach()
-        check_finite(weight, f'{name}.weight')
+        if factors is None:  # given factors come from a caller that checked the weight (apply_tou)
+            check_finite(weight, f'{name}.weight')
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, rank, splits=splits,
                     bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
@@ -135,11 +136,18 @@ class FactorizedLinear(ToukitLayer):
         return torch.bmm(self.tou_A, b).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.tou_B)  # (..., splits * r)
+        h = F.linear(x, self.tou_B)  # (..., splits * r): all splits' right factors in one matmul
         if self.splits == 1:
             return F.linear(h, self.tou_A[0], self.bias)
-        y = torch.einsum('...sr,sor->...so', h.unflatten(-1, (self.splits, self.rank)), self.tou_A).flatten(-2)
-        return y if self.bias is None else y + self.bias
+        # the left factors as one batched matmul over the splits, bias fused: (splits, tokens, out / splits)
+        lead = h.shape[:-1]
+        h = h.reshape(-1, self.splits, self.rank).transpose(0, 1)
+        o = self.out_features // self.splits
+        if self.bias is None:
+            y = torch.bmm(h, self.tou_A.mT)
+        else:
+            y = torch.baddbmm(self.bias.view(self.splits, 1, o), h, self.tou_A.mT)
+        return y.transpose(0, 1).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', rank={self.rank}, splits={self.splits}'

@@ -7,7 +7,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-__all__ = ['training_curves', 'save_figure', 'METHOD_ORDER', 'method_label']
+__all__ = ['training_curves', 'save_figure', 'METHOD_ORDER', 'method_label', 'plot_spectra', 'plot_energy_curves',
+           'plot_rank_heatmap', 'plot_rank_by_depth', 'threshold_explorer', 'plot_policy_tradeoff',
+           'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs']
 
 METHOD_ORDER = ['ft', 'lora', 'pissa', 'tou', 'tou_frozen_ffn', 'svfit', 'delora', 'bitfit']
 METHOD_LABELS = {'ft': 'FT', 'lora': 'LoRA', 'pissa': 'PiSSA', 'tou': 'Full TOU', 'tou_frozen_ffn': 'TOU frozen FFN',
@@ -70,3 +72,193 @@ def save_figure(fig, path: Union[str, Path], formats: Sequence[str] = ('png', 'p
         fig.savefig(out, dpi=150, bbox_inches='tight')
         written.append(out)
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spectrum figures (from toukit.spectrum tables)
+
+
+def _by_type(table: pd.DataFrame):
+    order = list(dict.fromkeys(table['type']))
+    return [(t, table[table['type'] == t]) for t in order]
+
+
+def plot_spectra(table: pd.DataFrame, normalize: bool = True):
+    """Singular values (log scale) of every layer, one panel per layer type, colour by depth."""
+    groups = _by_type(table)
+    cols = min(3, len(groups))
+    rows = int(np.ceil(len(groups) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=normalize)
+    depth = table.block.fillna(0)
+    norm = matplotlib.colors.Normalize(depth.min(), max(depth.max(), 1))
+    cmap = plt.get_cmap('viridis')
+    for ax, (kind, group) in zip(axes.flat, groups):
+        for row in group.itertuples():
+            s = row.singular_values / (row.singular_values[0] if normalize else 1)
+            ax.semilogy(np.arange(1, len(s) + 1), s, color=cmap(norm(row.block or 0)), lw=1)
+        ax.set(title=kind, xlabel='index i')
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel('sigma_i / sigma_1' if normalize else 'sigma_i')
+    for ax in axes.flat[len(groups):]:
+        ax.axis('off')
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label='block (depth)', shrink=0.8)
+    return fig
+
+
+def plot_energy_curves(table: pd.DataFrame, thresholds: Sequence[float] = (0.5, 0.9, 0.99)):
+    """Cumulative energy vs rank fraction for every layer, one colour per layer type."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = dict(zip(dict.fromkeys(table['type']), plt.get_cmap('tab10').colors))
+    for row in table.itertuples():
+        s = row.singular_values
+        e = np.cumsum(s ** 2) / np.sum(s ** 2)
+        ax.plot(np.arange(1, len(s) + 1) / len(s), e, color=colors[row.type], lw=0.8, alpha=0.7)
+    for t in thresholds:
+        ax.axhline(t, color='grey', ls=':', lw=1)
+    handles = [matplotlib.lines.Line2D([], [], color=c, label=t) for t, c in colors.items()]
+    ax.legend(handles=handles, fontsize=7, loc='lower right')
+    ax.set(xlabel='rank / max rank', ylabel='cumulative energy', title='Energy curves (one line per layer)')
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_rank_heatmap(table: pd.DataFrame, threshold: float = 0.9):
+    """Rank (as a fraction of max rank) needed for an energy threshold, by layer type (rows) and depth (columns)."""
+    import seaborn as sns
+    from .linalg import rank_for_energy
+    import torch
+    frame = table.assign(needed=[rank_for_energy(torch.as_tensor(s), threshold) / m
+                                 for s, m in zip(table.singular_values, table.max_rank)])
+    grid = frame.pivot_table(index='type', columns='block', values='needed', sort=False)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * grid.shape[1], 0.9 + 0.45 * grid.shape[0]))
+    sns.heatmap(grid, annot=True, fmt='.2f', cmap='magma_r', vmin=0, vmax=1, ax=ax,
+                cbar_kws=dict(label='rank / max rank'), annot_kws=dict(fontsize=7))
+    ax.set(title=f'Rank needed for {threshold:g} of the energy', xlabel='block', ylabel='')
+    return fig
+
+
+def plot_rank_by_depth(table: pd.DataFrame):
+    """Stable rank and effective rank (as fractions of max rank) by depth, one line per layer type."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, col, title in zip(axes, ('stable_rank', 'effective_rank'), ('Stable rank', 'Effective rank')):
+        for kind, group in _by_type(table):
+            ax.plot(group.block, group[col] / group.max_rank, marker='o', label=kind, lw=1)
+        ax.set(xlabel='block', ylabel=f'{col.replace("_", " ")} / max rank', title=title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    plt.tight_layout()
+    return fig
+
+
+def threshold_explorer(table: pd.DataFrame, start: float = 0.9):
+    """An ipywidgets slider over the energy threshold that updates per-type ranks, parameters kept and error."""
+    import ipywidgets as widgets
+    from IPython.display import display
+    from .spectrum import rank_table, total_error
+
+    def show(threshold):
+        ranks = rank_table(table, f'energy:{threshold}')
+        kept = ranks.params_factored.sum() / ranks.params_dense.sum()
+        print(f'threshold {threshold:.3f}: A and B keep {kept:.1%} of the targets\' parameters; '
+              f'total relative weight error {total_error(ranks):.3f}')
+        display(ranks.groupby('type', sort=False).agg(mean_rank=('rank', 'mean'), kept=('kept', 'mean'),
+                                                      error=('relative_error', 'mean')).round(3))
+
+    slider = widgets.FloatSlider(value=start, min=0.5, max=0.999, step=0.005, description='energy',
+                                 readout_format='.3f', continuous_update=False)
+    return widgets.VBox([slider, widgets.interactive_output(show, dict(threshold=slider))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rank selection and reconstruction
+
+
+def plot_policy_tradeoff(policies: pd.DataFrame):
+    """Total relative weight error vs parameters kept, one line per policy kind (fixed, fraction, energy)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for kind, group in policies.groupby('kind', sort=False):
+        group = group.sort_values('kept')
+        ax.plot(group.kept * 100, group.total_error, marker='o', label=kind)
+        for row in group.itertuples():
+            ax.annotate(row.policy, (row.kept * 100, row.total_error), fontsize=6, xytext=(3, 3),
+                        textcoords='offset points')
+    ax.set(xlabel='parameters kept by A and B (% of the dense targets)', ylabel='total relative weight error',
+           title='Rank policies: error left vs parameters kept')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def plot_error_vs_rank(curves: pd.DataFrame, value: str = 'relative_error', ylabel: str = 'relative weight error'):
+    """Error vs rank fraction, one panel per layer type, one line per depth."""
+    groups = _by_type(curves)
+    cols = min(3, len(groups))
+    rows = int(np.ceil(len(groups) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    cmap = plt.get_cmap('viridis')
+    top = max(curves.block.fillna(0).max(), 1)
+    for ax, (kind, group) in zip(axes.flat, groups):
+        for block, g in group.groupby('block'):
+            ax.plot(g.fraction, g[value], color=cmap(block / top), lw=1)
+        ax.set(title=kind, xlabel='rank / max rank')
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    for ax in axes.flat[len(groups):]:
+        ax.axis('off')
+    plt.tight_layout()
+    return fig
+
+
+def plot_noise_errors(totals: pd.DataFrame):
+    """Weight and logit error of the initial TOU factorization vs noise scale alpha, one line per rank."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for rank, group in totals.groupby('rank', sort=False):
+        group = group.sort_values('noise_scale')
+        x = group.noise_scale.replace(0, np.nan)
+        for ax, col in zip(axes, ('weight_error', 'logit_error')):
+            line, = ax.semilogx(x, group[col], marker='o', label=f'rank {rank}')
+            ax.axhline(group[group.noise_scale == 0][col].mean(), color=line.get_color(), ls=':', lw=1)
+    axes[0].set(xlabel='noise scale alpha', ylabel='relative weight error (all targets)',
+                title='Weight error (dotted: truncation alone)')
+    axes[1].set(xlabel='noise scale alpha', ylabel='relative logit error', title='Logit error on a real batch')
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    plt.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_noise(runs: pd.DataFrame):
+    """Validation accuracy after fine-tuning vs noise scale, from TOU run records (alpha = 0 drawn at the left)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    data = runs.groupby('noise_scale').val_accuracy.agg(['mean', 'min', 'max', 'count']).reset_index()
+    positive = data[data.noise_scale > 0]
+    floor = positive.noise_scale.min() / 10 if len(positive) else 1e-5
+    x = data.noise_scale.where(data.noise_scale > 0, floor)
+    ax.errorbar(x, data['mean'] * 100, yerr=[(data['mean'] - data['min']) * 100, (data['max'] - data['mean']) * 100],
+                marker='o', capsize=3)
+    ax.set_xscale('log')
+    ticks = list(x)
+    ax.set_xticks(ticks, [('0' if a == 0 else f'{a:g}') for a in data.noise_scale])
+    ax.set(xlabel='noise scale alpha', ylabel='validation accuracy (%)', title='Full TOU after fine-tuning')
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_costs(table: pd.DataFrame):
+    """Bars of trainable parameters, train time and peak memory per method (Table 1 as a figure)."""
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    labels = [method_label(m) for m in table.method]
+    cols = [('val_accuracy', 'validation accuracy (%)', 100), ('trainable_params', 'trainable parameters (M)', 1e-6),
+            ('train_seconds', 'train time (s)', 1), ('peak_memory_mib', 'peak memory (MiB)', 1)]
+    for ax, (col, title, scale) in zip(axes, cols):
+        ax.barh(labels, table[col] * scale, color=plt.get_cmap('tab10').colors[:len(labels)])
+        ax.set(title=title)
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis='x')
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    plt.tight_layout()
+    return fig

@@ -20,7 +20,8 @@ from typing import Union
 
 import pandas as pd
 
-__all__ = ['write_record', 'read_record', 'load_runs', 'history', 'environment', 'now']
+__all__ = ['write_record', 'read_record', 'load_runs', 'history', 'environment', 'now', 'main_runs', 'table1',
+           'format_table1', 'write_tables', 'records_by_method', 'PAPER_TABLE1']
 
 
 def now() -> str:
@@ -120,3 +121,86 @@ def history(record_or_path, kind: str = 'epochs') -> pd.DataFrame:
         raise ValueError(f"kind={kind!r}: must be 'epochs' or 'steps'")
     return pd.DataFrame(record['metrics'][kind])
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tables
+
+PAPER_TABLE1 = pd.DataFrame([  # the TOU paper's Table 1: ViT-B/16 on CIFAR-100, RTX 4070 Ti, 12 epochs
+    dict(method='ft', trainable_m=85.55, total_m=85.55, accuracy=92.06, train_seconds=2 * 3600 + 33 * 60, memory_mib=11982),
+    dict(method='lora', trainable_m=0.59, total_m=86.47, accuracy=89.46, train_seconds=3600 + 13 * 60, memory_mib=10976),
+    dict(method='tou', trainable_m=24.83, total_m=48.72, accuracy=91.09, train_seconds=53 * 60, memory_mib=9752),
+    dict(method='tou_frozen_ffn', trainable_m=11.51, total_m=48.72, accuracy=90.40, train_seconds=52 * 60,
+         memory_mib=9408),
+])
+
+
+def main_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs named {preset}_{method}_s{seed} (the method comparison), without study runs such as noise sweeps."""
+    if runs.empty:
+        return runs
+    expected = runs.preset + '_' + runs.method + '_s' + runs.seed.astype(str)
+    return runs[(runs.run_id == expected) & (runs.status == 'ok')].reset_index(drop=True)
+
+
+def table1(runs: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 1 from run records: one row per method (mean over seeds, with the spread and count).
+
+    Columns: method, trainable_params, total_params, val_accuracy (mean), val_accuracy_std, seeds, train_seconds,
+    peak_memory_mib, time_vs_ft and memory_vs_ft (ratios to FT's means, when an FT run is present).
+    """
+    from .plots import METHOD_ORDER
+    runs = main_runs(runs)
+    if runs.empty:
+        raise ValueError('no successful method runs ({preset}_{method}_s{seed}.json) to tabulate')
+    grouped = runs.groupby('method')
+    table = grouped.agg(trainable_params=('trainable_params', 'first'), total_params=('total_params', 'first'),
+                        val_accuracy=('val_accuracy', 'mean'), val_accuracy_std=('val_accuracy', 'std'),
+                        seeds=('seed', 'nunique'), train_seconds=('train_seconds', 'mean'),
+                        peak_memory_mib=('peak_memory_mib', 'mean')).reset_index()
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    table = table.sort_values('method', key=lambda s: s.map(lambda m: order.get(m, len(order)))).reset_index(drop=True)
+    if 'ft' in set(table.method):
+        ft = table[table.method == 'ft'].iloc[0]
+        table['time_vs_ft'] = table.train_seconds / ft.train_seconds
+        table['memory_vs_ft'] = table.peak_memory_mib / ft.peak_memory_mib
+    return table
+
+
+def format_table1(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 with the paper's columns and units, ready to print."""
+    from .plots import method_label
+    acc = (table.val_accuracy * 100).map('{:.2f}'.format)
+    if table.seeds.max() > 1:
+        acc = acc + (table.val_accuracy_std.fillna(0) * 100).map(' ± {:.2f}'.format)
+    out = pd.DataFrame({'Method': table.method.map(method_label),
+                        'Trainable params (M)': (table.trainable_params / 1e6).round(2),
+                        'Total params (M)': (table.total_params / 1e6).round(2),
+                        'Accuracy (%)': acc,
+                        'Train time (s)': table.train_seconds.round(0).astype(int),
+                        'Peak memory (MiB)': table.peak_memory_mib.round(0).astype(int)})
+    if 'time_vs_ft' in table:
+        out['Time / FT'] = table.time_vs_ft.round(2)
+        out['Memory / FT'] = table.memory_vs_ft.round(2)
+    return out
+
+
+def write_tables(table: pd.DataFrame, stem: Union[str, Path]) -> list:
+    """Write `table` as stem.csv, stem.md and stem.tex; returns the paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix('.csv'), stem.with_suffix('.md'), stem.with_suffix('.tex')]
+    table.to_csv(paths[0], index=False)
+    paths[1].write_text(table.to_markdown(index=False) + '\n')
+    paths[2].write_text(table.to_latex(index=False, escape=True))
+    return paths
+
+
+def records_by_method(runs: pd.DataFrame) -> dict:
+    """method -> list of full run records (for curves), from a load_runs() table, in the paper's method order."""
+    from .plots import METHOD_ORDER
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    out = {}
+    for row in sorted(runs.itertuples(), key=lambda r: (order.get(r.method, len(order)), r.seed)):
+        out.setdefault(row.method, []).append(read_record(row.path))
+    return out

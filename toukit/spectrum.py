@@ -114,3 +114,138 @@ def singular_values_of(table: pd.DataFrame, name: str, part: Optional[str] = Non
     if rows.empty:
         raise ValueError(f'name={name!r}, part={part!r}: not in the table; it has {", ".join(table.name.unique()[:8])}')
     return rows.iloc[0].singular_values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# studies: rank policies, reconstruction error, noise scale
+
+
+def error_curves(table: pd.DataFrame, fractions: Sequence[float] = tuple(np.linspace(0.02, 1.0, 50))) -> pd.DataFrame:
+    """Relative weight error of each layer's rank-k truncation, k = fraction * max_rank (long form).
+
+    Columns: name, part, type, block, kind, fraction, rank, relative_error, energy_kept.
+    """
+    rows = []
+    for row in table.itertuples():
+        s = torch.as_tensor(row.singular_values)
+        curve = energy_curve(s)
+        for f in fractions:
+            k = max(1, min(row.max_rank, int(round(f * row.max_rank))))
+            rows.append(dict(name=row.name, part=row.part, type=row.type, block=row.block, kind=row.kind,
+                             fraction=float(f), rank=k, relative_error=relative_error(s, k),
+                             energy_kept=float(curve[k - 1])))
+    return pd.DataFrame(rows)
+
+
+def total_error(ranks: pd.DataFrame) -> float:
+    """Relative error of all targeted weights together: sqrt(sum of tail energies / sum of energies)."""
+    energy = ranks.fro_norm ** 2
+    return float(np.sqrt((energy * ranks.relative_error ** 2).sum() / energy.sum()))
+
+
+def compare_policies(table: pd.DataFrame, policies: Sequence[RankSpec]) -> pd.DataFrame:
+    """One row per rank policy: parameters kept (factored / dense, over all targets), the total relative error,
+    the mean and worst layer error, and the smallest and largest rank it gives."""
+    rows = []
+    for spec in policies:
+        ranks = rank_table(table, spec)
+        rows.append(dict(policy=str(parse_rank(spec)), kind=parse_rank(spec).kind,
+                         params_factored=int(ranks.params_factored.sum()), params_dense=int(ranks.params_dense.sum()),
+                         kept=float(ranks.params_factored.sum() / ranks.params_dense.sum()),
+                         total_error=total_error(ranks), mean_layer_error=float(ranks.relative_error.mean()),
+                         max_layer_error=float(ranks.relative_error.max()), min_rank=int(ranks['rank'].min()),
+                         max_rank=int(ranks['rank'].max())))
+    return pd.DataFrame(rows)
+
+
+def capture_layer_inputs(model: nn.Module, inputs, targets: Targets = None) -> Dict[str, torch.Tensor]:
+    """The input each targeted linear sees when `model` runs on `inputs` (flattened to rows x in_features)."""
+    captured, hooks = {}, []
+    for name, linear in find_targets(model, targets).items():
+        def hook(module, args, _out, name=name):
+            captured[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+        hooks.append(linear.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def layer_output_errors(model: nn.Module, inputs, fractions: Sequence[float], targets: Targets = None) -> pd.DataFrame:
+    """Functional error per layer: ||X (W - W_k)^T|| / ||X W^T|| on the inputs each layer really sees.
+
+    Each layer is truncated alone (its input comes from the untouched model). Columns: name, part, type, block,
+    kind, fraction, rank, output_error, weight_error.
+    """
+    captured = capture_layer_inputs(model, inputs, targets)
+    family = model_family(model)
+    rows = []
+    for name, part, weight in layer_matrices(model, targets):
+        x = captured[name].double()
+        w = weight.double()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        reference = x @ w.T
+        xv = x @ vh.T  # the input in the right singular basis: truncation drops trailing columns
+        block, kind = _layer_info(family, name)
+        for f in fractions:
+            k = max(1, min(len(s), int(round(f * len(s)))))
+            approx = (xv[:, :k] * s[:k]) @ u[:, :k].T
+            rows.append(dict(name=name, part=part, type=_short_type(name, part), block=block, kind=kind,
+                             fraction=float(f), rank=k,
+                             output_error=float(torch.linalg.norm(approx - reference) / torch.linalg.norm(reference)),
+                             weight_error=relative_error(s, k)))
+    return pd.DataFrame(rows)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm((a - b).double()) / torch.linalg.norm(b.double()))
+
+
+def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales: Sequence[float] = (0.0,),
+               targets: Targets = None, seed: int = 0) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """The error TOU's initial factorization makes, for each rank and noise scale alpha.
+
+    The model is factorized as `apply_tou` does it (truncated SVD, then N(0, alpha^2) on both factors).
+
+    Returns:
+        (layers, totals): `layers` has one row per (rank, noise_scale, weight matrix) with the relative weight
+        error ||W - A'B'||_F / ||W||_F; `totals` one row per (rank, noise_scale) with the error of all targeted
+        weights together (weight_error) and the relative error of the model's logits on `inputs` (logit_error).
+    """
+    import copy
+    from .methods import apply_tou
+    family = model_family(model)
+    forward = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
+    with torch.no_grad():
+        reference = forward(model.eval())
+    originals = list(layer_matrices(model, targets))
+    layer_rows, total_rows = [], []
+    for rank in ranks:
+        for alpha in noise_scales:
+            factored = apply_tou(copy.deepcopy(model), rank=rank, targets=targets, noise_scale=alpha, seed=seed)
+            modules = dict(factored.named_modules())
+            num = den = 0.0
+            with torch.no_grad():
+                logits = forward(factored.eval())
+                for name, part, w in originals:
+                    merged = modules[name].weight
+                    if part is not None:
+                        merged = merged.view(3, -1, merged.shape[1])[QKV_PARTS.index(part)]
+                    diff = float(torch.linalg.norm((merged - w).double()) ** 2)
+                    energy = float(torch.linalg.norm(w.double()) ** 2)
+                    num, den = num + diff, den + energy
+                    block, kind = _layer_info(family, name)
+                    layer_rows.append(dict(rank=str(rank), noise_scale=alpha, name=name, part=part,
+                                           type=_short_type(name, part), block=block, kind=kind,
+                                           weight_error=float(np.sqrt(diff / energy))))
+            total_rows.append(dict(rank=str(rank), noise_scale=alpha, weight_error=float(np.sqrt(num / den)),
+                                   logit_error=_relative(logits, reference)))
+    return pd.DataFrame(layer_rows), pd.DataFrame(total_rows)
+
+
+__all__ += ['error_curves', 'total_error', 'compare_policies', 'capture_layer_inputs', 'layer_output_errors',
+            'tou_errors', 'singular_values_of']
