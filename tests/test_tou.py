@@ -200,3 +200,14 @@ def _call(model, inputs):
         return model(**inputs)
     dtype = next(model.parameters()).dtype
     return model(inputs.to(dtype))
+
+
+def test_merged_model_is_structurally_identical(test_vit):
+    """Same module classes, parameter names, shapes, dtypes and strides as an untouched model: the merged model
+    runs the very same kernels, so its inference costs what the original's does (BENCHMARKS.md measures it)."""
+    fresh = timm.create_model('test_vit', num_classes=7)
+    apply_tou(test_vit, rank=8)
+    merge(test_vit)
+    assert [type(m) for m in test_vit.modules()] == [type(m) for m in fresh.modules()]
+    layout = lambda m: [(n, p.shape, p.dtype, p.stride()) for n, p in m.named_parameters()]  # noqa: E731
+    assert layout(test_vit) == layout(fresh)
