@@ -138,5 +138,5 @@ def test_load_runs_skips_unreadable(tmp_path):
     (tmp_path / 'broken.json').write_text('{not json')
     results.write_record(dict(run=dict(id='x', config=dict(method='ft')), status='ok'), tmp_path / 'x.json')
     with pytest.warns(UserWarning, match='skipped 1'):
-        table = results.load_runs(tmp_path)
+        table = toukit.load_runs(tmp_path)
     assert table.run_id.tolist() == ['x'] and len(table.attrs['skipped']) == 1

@@ -8,6 +8,7 @@ from .methods import (DEFAULT_NOISE_SCALE, METHODS, apply_method, apply_tou, cou
                       method_names)
 from .models import create_model
 from .ranks import RankPolicy, parse_rank
+from .results import load_runs
 from .spectrum import layer_matrices, rank_table, spectrum_table
 from .targets import find_targets, fuse_qkv, split_qkv
 
@@ -20,5 +21,5 @@ __all__ = [
     'apply_tou', 'apply_method', 'merge', 'count_parameters', 'is_prepared', 'METHODS', 'method_names',
     'DEFAULT_NOISE_SCALE',
     'spectrum_table', 'rank_table', 'layer_matrices',
-    'create_model',
+    'create_model', 'load_runs',
 ]

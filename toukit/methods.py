@@ -16,10 +16,10 @@ from .layers import DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
 from .linalg import check_finite, svd_many
 from .ranks import RankSpec, parse_rank
 from .targets import (Targets, classifier_names, find_targets, fuse_qkv, fused_splits, get_submodule_parent,
-                      is_mlp, model_family, split_qkv)
+                      QKVSplit, is_mlp, model_family, split_qkv)
 
 __all__ = ['DEFAULT_NOISE_SCALE', 'METHODS', 'apply_method', 'apply_tou', 'merge', 'count_parameters',
-           'method_names', 'is_prepared']
+           'method_names', 'is_prepared', 'has_method_layers']
 
 DEFAULT_NOISE_SCALE = 1e-3  # alpha; chosen by the noise-scale study (notebooks/reconstruction.ipynb, README)
 DEFAULT_TOU_RANK = 0.375  # the paper's r = 288 on ViT-B/16's 768-wide matrices, as a fraction of min(out, in)
@@ -30,15 +30,17 @@ def _is_peft_layer(module: nn.Module) -> bool:
     return tuners is not None and isinstance(module, tuners.BaseTunerLayer)
 
 
-def is_prepared(model: nn.Module) -> Optional[str]:
-    """The method applied to `model` (None if untouched): toukit's mark, or a layer a method put there."""
-    marked = getattr(model, 'toukit_method', None)
-    if marked:
-        return marked
+def has_method_layers(model: nn.Module) -> Optional[str]:
+    """'<layer class> at <name>' for the first layer a method put into `model` (toukit's or peft's), else None."""
     for name, module in model.named_modules():
-        if isinstance(module, ToukitLayer) or _is_peft_layer(module):
+        if isinstance(module, (ToukitLayer, QKVSplit)) or _is_peft_layer(module):
             return f'{type(module).__name__} at {name}'
     return None
+
+
+def is_prepared(model: nn.Module) -> Optional[str]:
+    """The method applied to `model` (None if untouched): toukit's mark, or a layer a method put there."""
+    return getattr(model, 'toukit_method', None) or has_method_layers(model)
 
 
 def _check_untouched(model: nn.Module) -> None:
@@ -172,13 +174,15 @@ def method_names():
     return list(METHODS)
 
 
-def _freeze(model: nn.Module) -> None:
+def _split_view(model: nn.Module) -> None:
+    """Freeze `model` and show a ViT's fused q/k/v as three matrices, as the paper counts LoRA's parameters."""
     model.requires_grad_(False)
+    if model_family(model) == 'vit':
+        split_qkv(model)
 
 
 def _replace_targets(model: nn.Module, targets: Targets, build: Callable[[int, str, nn.Linear], nn.Module]) -> None:
-    if model_family(model) == 'vit':
-        split_qkv(model)  # q, k, v as three matrices, as every method sees them
+    _split_view(model)
     for i, (name, linear) in enumerate(find_targets(model, targets).items()):
         _replace(model, name, build(i, name, linear))
 
@@ -211,9 +215,7 @@ def tou_frozen_ffn(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets:
 
 def _peft_lora(model: nn.Module, targets: Targets, **config) -> None:
     from peft import LoraConfig, inject_adapter_in_model
-    _freeze(model)
-    if model_family(model) == 'vit':
-        split_qkv(model)  # q, k, v as three matrices, as the paper counts LoRA's parameters
+    _split_view(model)
     names = list(find_targets(model, targets))
     inject_adapter_in_model(LoraConfig(target_modules=names, bias='none', **config), model)
 
@@ -233,7 +235,6 @@ def pissa(model: nn.Module, rank: int = 8, targets: Targets = 'attention', alpha
 @_register('SVFit: only the top-r singular values of each target train (r by energy threshold by default)')
 def svfit(model: nn.Module, rank: RankSpec = 'energy:0.99', targets: Targets = 'all') -> None:
     policy = parse_rank(rank)
-    _freeze(model)
 
     def build(i, name, linear):
         s = torch.linalg.svdvals(linear.weight.detach().double()) if policy.needs_spectrum else None
@@ -244,7 +245,6 @@ def svfit(model: nn.Module, rank: RankSpec = 'energy:0.99', targets: Targets = '
 @_register('DeLoRA: frozen random factors with a trainable r x r core, started at zero')
 def delora(model: nn.Module, rank: int = 32, targets: Targets = 'attention', scaling: float = 1.0,
            seed: int = 0) -> None:
-    _freeze(model)
     _replace_targets(model, targets, lambda i, name, linear: DeLoRALinear.from_linear(
         linear, rank, scaling=scaling, seed=seed + i, name=name))
 

@@ -53,6 +53,7 @@ def write_record(record: dict, path: Union[str, Path]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; a record is for everyone who can read the folder
         with os.fdopen(fd, 'w') as f:
             json.dump(record, f, indent=1, default=str)
         os.replace(tmp, path)

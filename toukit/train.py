@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import load_dataset, num_classes_of
-from .methods import METHODS, apply_method, count_parameters, is_prepared, merge
+from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
 from .models import create_model
 from .ranks import parse_rank
 from .results import environment, now, write_record
@@ -289,7 +289,7 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
         epoch_seconds = time.perf_counter() - t_epoch
         train_seconds += epoch_seconds
         bar.close()
-        val_accuracy, val_loss = evaluate(model, val_loader, device, config.precision)
+        val_accuracy, val_loss, logits = evaluate(model, val_loader, device, config.precision, return_logits=True)
         metrics['epochs'].append(dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)), val_loss=val_loss,
                                       val_accuracy=val_accuracy, train_seconds=epoch_seconds))
         record['cost'].update(train_seconds=train_seconds, peak_memory_mib=memory.peak_mib())
@@ -300,15 +300,14 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
 
     final = dict(val_accuracy=metrics['epochs'][-1]['val_accuracy'], val_loss=metrics['epochs'][-1]['val_loss'],
                  best_val_accuracy=max(e['val_accuracy'] for e in metrics['epochs']), steps=step)
-    if is_prepared(model) and config.method not in ('ft', 'bitfit'):
-        # merge back into the original architecture and check nothing changed
-        _, _, before = evaluate(model, val_loader, device, config.precision, return_logits=True)
+    if has_method_layers(model):
+        # merge back into the original architecture and check nothing changed against the last validation
         merge(model)
-        merged_accuracy, _, after = evaluate(model, val_loader, device, config.precision, return_logits=True)
-        final.update(merged_val_accuracy=merged_accuracy, merged_max_abs_logit_diff=float((after - before).abs().max()),
-                     merged_params=count_parameters(model)[1])
+        merged_accuracy, _, merged_logits = evaluate(model, val_loader, device, config.precision, return_logits=True)
+        final.update(merged_val_accuracy=merged_accuracy, merged_params=count_parameters(model)[1],
+                     merged_max_abs_logit_diff=float((merged_logits - logits).abs().max()))
     metrics['final'] = final
     if config.save_weights:
         from safetensors.torch import save_model
-        merge(model)  # a no-op when already merged
+        merge(model)  # a no-op when already merged (or never prepared: ft, bitfit)
         save_model(model, str(path.with_suffix('.safetensors')))
