@@ -108,14 +108,6 @@ def rank_table(table: pd.DataFrame, rank: RankSpec) -> pd.DataFrame:
     return out
 
 
-def singular_values_of(table: pd.DataFrame, name: str, part: Optional[str] = None) -> np.ndarray:
-    """The singular values stored in a spectrum table's row for layer `name` (and `part`)."""
-    rows = table[(table.name == name) & (table.part.isna() if part is None else table.part == part)]
-    if rows.empty:
-        raise ValueError(f'name={name!r}, part={part!r}: not in the table; it has {", ".join(table.name.unique()[:8])}')
-    return rows.iloc[0].singular_values
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # studies: rank policies, reconstruction error, noise scale
 
@@ -248,4 +240,4 @@ def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales
 
 
 __all__ += ['error_curves', 'total_error', 'compare_policies', 'capture_layer_inputs', 'layer_output_errors',
-            'tou_errors', 'singular_values_of']
+            'tou_errors']
