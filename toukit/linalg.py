@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    'singular_values', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy', 'stable_rank', 'effective_rank',
+    'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy', 'stable_rank', 'effective_rank',
     'relative_error', 'check_finite', 'check_rank',
 ]
 
@@ -105,6 +105,18 @@ def truncated_svd(
     return (u * s.unsqueeze(-2)).to(weight.dtype).contiguous(), vh.to(weight.dtype).contiguous()
 
 
+def _per_shape(matrices: Sequence[torch.Tensor], fn) -> list:
+    """fn applied to one stack per distinct (shape, dtype, device), results returned in input order."""
+    groups = {}
+    for i, m in enumerate(matrices):
+        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+    out = [None] * len(matrices)
+    for (shape, _, _), idx in groups.items():
+        for i, result in zip(idx, fn(shape, torch.stack([matrices[i] for i in idx]))):
+            out[i] = result
+    return out
+
+
 def svd_many(
         matrices: Sequence[torch.Tensor],
         rank: Optional[int] = None,
@@ -117,16 +129,16 @@ def svd_many(
     A loop of SVDs over a transformer's 72 block matrices costs several times one batched call per shape.
     With `rank` (required by the randomized method) the factors are truncated to min(rank, min(shape)).
     """
-    groups = {}
-    for i, m in enumerate(matrices):
-        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
-    out = [None] * len(matrices)
-    for (shape, _, _), idx in groups.items():
+    def batch(shape, stack):
         r = None if rank is None else min(rank, min(shape))
-        u, s, vh = _svd(torch.stack([_work_dtype(matrices[i]) for i in idx]), r, method, niter, seed)
-        for j, i in enumerate(idx):
-            out[i] = (u[j], s[j], vh[j])
-    return out
+        return zip(*_svd(_work_dtype(stack), r, method, niter, seed))
+    return _per_shape(matrices, batch)
+
+
+def singular_values_many(matrices: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Singular values (float64, CPU, descending) of each matrix, one batched call per distinct shape."""
+    return _per_shape([m.detach().to('cpu', torch.float64) for m in matrices],
+                      lambda shape, stack: torch.linalg.svdvals(stack).unbind(0))
 
 
 def energy_curve(singular_values: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,15 @@
 A fused q/k/v projection gives three rows (part 'q', 'k', 'v'), as the TOU paper counts its matrices.
 """
 import re
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .linalg import effective_rank, energy_curve, rank_for_energy, relative_error, stable_rank
+from .linalg import (effective_rank, energy_curve, rank_for_energy, relative_error, singular_values_many,
+                     stable_rank)
 from .ranks import RankSpec, parse_rank
 from .targets import Targets, find_targets, fused_splits, is_mlp, model_family
 
@@ -45,18 +46,6 @@ def _short_type(name: str, part: Optional[str]) -> str:
     return f'{short}[{part}]' if part else short
 
 
-def _batched_svdvals(matrices: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    groups: Dict[tuple, List[int]] = {}
-    for i, m in enumerate(matrices):
-        groups.setdefault(tuple(m.shape), []).append(i)
-    out: List[Optional[torch.Tensor]] = [None] * len(matrices)
-    for idx in groups.values():
-        s = torch.linalg.svdvals(torch.stack([matrices[i].to('cpu', torch.float64) for i in idx]))
-        for j, i in enumerate(idx):
-            out[i] = s[j]
-    return out
-
-
 def spectrum_table(model: nn.Module, targets: Targets = None,
                    energy_levels: Sequence[float] = ENERGY_LEVELS) -> pd.DataFrame:
     """One row per targeted weight matrix with its spectrum's summary.
@@ -68,7 +57,7 @@ def spectrum_table(model: nn.Module, targets: Targets = None,
     """
     family = model_family(model)
     entries = list(layer_matrices(model, targets))
-    spectra = _batched_svdvals([w for _, _, w in entries])
+    spectra = singular_values_many([w for _, _, w in entries])
     rows = []
     for (name, part, weight), s in zip(entries, spectra):
         block, kind = _layer_info(family, name)
