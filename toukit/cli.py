@@ -1,7 +1,8 @@
-"""The `toukit` command: regenerate runs, analyses and figures; print a model's spectrum table.
+"""The `toukit` command: sweeps, runs, analyses and figures; a model's spectrum table.
 
-    toukit reproduce                      every method on the demo preset, the noise-scale runs, the analysis
-                                          and figures notebooks (runs whose successful record exists are skipped)
+    toukit sweep                          the learning-rate sweep and both protocols on the demo preset
+                                          (toukit.sweep; runs whose successful record exists are skipped)
+    toukit reproduce                      the sweep, the noise-scale runs, the analysis and figures notebooks
     toukit reproduce --redo               run everything again
     toukit reproduce --preset paper       the TOU paper's setting (GPU and internet)
     toukit spectrum --model minilm        the spectrum table of a model's linears
@@ -12,21 +13,15 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .methods import DEFAULT_NOISE_SCALE, METHODS
+from .notebooks import run_notebook
 from .results import read_record
+from .sweep import PROTOCOLS, sweep
+from .train import TrainConfig, resolve_config
 
-__all__ = ['main', 'reproduce', 'run_notebook']
+__all__ = ['main', 'reproduce', 'noise_runs']
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / 'notebooks'
 ANALYSIS_NOTEBOOKS = ('spectrum.ipynb', 'rank_selection.ipynb', 'reconstruction.ipynb')
 NOISE_SCALES = (0.0, 1e-4, 1e-3, 1e-2, 3e-2)  # the study's sweep; the default alpha's point is the plain tou run
-
-
-def run_notebook(name: str, output: Path, parameters: dict, cwd: Path, progress: bool = True) -> None:
-    """Execute notebooks/`name` with papermill, writing the executed copy to `output`."""
-    import papermill
-    output.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(NOTEBOOKS / name), str(output), parameters=parameters, cwd=str(cwd),
-                               progress_bar=progress, kernel_name='python3')
 
 
 def _done(record_path: Path) -> bool:
@@ -36,42 +31,37 @@ def _done(record_path: Path) -> bool:
         return False
 
 
-def planned_runs(preset: str, methods: Sequence[str], seeds: Sequence[int], noise_scales: Sequence[float]) -> List[dict]:
-    """The training runs `reproduce` makes: every method and seed, then TOU at each noise scale (seed 0)."""
-    runs = [dict(method=m, preset=preset, seed=s, run_name=f'{preset}_{m}_s{s}') for s in seeds for m in methods]
-    runs += [dict(method='tou', preset=preset, seed=seeds[0], noise_scale=float(a),
-                  run_name=f'{preset}_tou_noise{a:g}_s{seeds[0]}') for a in noise_scales
-             if not ('tou' in methods and a == DEFAULT_NOISE_SCALE)]
-    return runs
+def noise_runs(preset: str, seed: int, noise_scales: Sequence[float]) -> List[dict]:
+    """The noise-scale study's TOU runs (the preset's shared rate); the default alpha's is the paper protocol's."""
+    return [dict(method='tou', preset=preset, seed=seed, noise_scale=float(a)) for a in noise_scales
+            if a != DEFAULT_NOISE_SCALE]
 
 
-def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0,),
+def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
               noise_scales: Sequence[float] = NOISE_SCALES, results_dir: str = 'results', figures_dir: str = 'figures',
               redo: bool = False, analysis: bool = True, extra: Optional[dict] = None,
-              analysis_parameters: Optional[dict] = None, cwd: str = '.') -> None:
-    """Run the training notebook for every planned run, then the analysis and figures notebooks.
+              grid: Optional[dict] = None, analysis_parameters: Optional[dict] = None, cwd: str = '.') -> None:
+    """The sweep (`toukit.sweep.sweep`), the noise-scale runs through the training notebook, then the analysis
+    and figures notebooks.
 
     Args:
-        extra: more parameters for every training notebook (e.g. max_steps_per_epoch for a quick check).
+        extra: more TrainConfig fields for every run (e.g. max_steps_per_epoch for a quick check).
+        grid: method -> learning rates (default: the preset's).
         analysis_parameters: notebook name -> more parameters for that analysis notebook.
     """
     from tqdm.auto import tqdm
     cwd_path = Path(cwd).resolve()
-    methods = list(methods or METHODS)
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f'methods={bad!r}: unknown; choose from {", ".join(METHODS)}')
     results = cwd_path / results_dir
+    sweep(preset, methods, seeds, grid=grid, results_dir=str(results), overrides=extra, redo=redo)
     executed = results / 'notebooks'
-    runs = planned_runs(preset, methods, seeds, noise_scales)
-    for run in tqdm(runs, desc='training runs'):
-        record = results / f'{run["run_name"]}.json'
-        if not redo and _done(record):
-            print(f'skip {run["run_name"]}: {record} exists')
+    for params in tqdm(noise_runs(preset, seeds[0], noise_scales), desc='noise-scale runs'):
+        params = dict(params, results_dir=str(results), **(extra or {}))
+        config = resolve_config(TrainConfig(**params))
+        if not redo and _done(config.record_path):
+            print(f'skip {config.name}: {config.record_path} exists')
             continue
-        print(f'run {run["run_name"]}')
-        run_notebook('train.ipynb', executed / f'{run["run_name"]}.ipynb',
-                     dict(run, results_dir=str(results), **(extra or {})), cwd_path)
+        print(f'run {config.name}')
+        run_notebook('train.ipynb', executed / f'{config.name}.ipynb', dict(params, overwrite=redo), cwd_path)
     if not analysis:
         return
     for name in tqdm(ANALYSIS_NOTEBOOKS + ('figures.ipynb',), desc='analysis and figures'):
@@ -93,10 +83,18 @@ def _spectrum(args) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='toukit', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
-    rep = sub.add_parser('reproduce', help='run every method, the analyses and the figures')
+    swp = sub.add_parser('sweep', help='learning-rate grid, each method at its best rate, and the paper protocol')
+    swp.add_argument('--preset', default='demo')
+    swp.add_argument('--methods', nargs='+', default=None, help=f'default: all ({", ".join(METHODS)})')
+    swp.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='the first seed runs the grid')
+    swp.add_argument('--stages', nargs='+', default=list(PROTOCOLS), choices=PROTOCOLS)
+    swp.add_argument('--results-dir', default='results')
+    swp.add_argument('--redo', action='store_true', help='run again even where a successful record exists')
+    swp.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    rep = sub.add_parser('reproduce', help='the sweep, the noise-scale runs, the analyses and the figures')
     rep.add_argument('--preset', default='demo')
     rep.add_argument('--methods', nargs='+', default=None, help=f'default: all ({", ".join(METHODS)})')
-    rep.add_argument('--seeds', nargs='+', type=int, default=[0])
+    rep.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     rep.add_argument('--noise-scales', nargs='*', type=float, default=list(NOISE_SCALES),
                      help='TOU runs for the noise-scale study (none: skip them)')
     rep.add_argument('--results-dir', default='results')
@@ -108,7 +106,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     spec.add_argument('--targets', default='all')
     spec.add_argument('--random-weights', action='store_true')
     args = parser.parse_args(argv)
-    if args.command == 'reproduce':
+    if getattr(args, 'threads', None):
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.command == 'sweep':
+        sweep(args.preset, args.methods, args.seeds, results_dir=args.results_dir, redo=args.redo, stages=args.stages)
+    elif args.command == 'reproduce':
         reproduce(args.preset, args.methods, args.seeds, args.noise_scales, args.results_dir, args.figures_dir,
                   redo=args.redo, analysis=not args.no_analysis)
     else:

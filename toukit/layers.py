@@ -1,9 +1,10 @@
-"""Factorized linear layers: TOU's FactorizedLinear and its relatives SVFit and DeLoRA.
+"""Factorized linear layers: TOU's FactorizedLinear, its relatives SVFit and DeLoRA, and the bottleneck adapter.
 
 Each layer is built from an existing nn.Linear with `from_linear`, exposes its effective weight as the
 `weight` property (the one place that product is written; merge and analysis use it), and turns back into a
-plain nn.Linear with `merge()`. Trainable tensors carry a method prefix (`tou_B`, `svfit_s`, `delora_M`) so a
-name filter finds them.
+plain nn.Linear with `merge()`. Trainable tensors carry a method prefix (`tou_B`, `svfit_s`, `delora_M`,
+`adapter_down`/`adapter_up`) so a name filter finds them. The adapter adds computation after its linear, so it
+has no merge: it is the one layer here that stays in the model.
 """
 import math
 from typing import Optional, Tuple
@@ -14,7 +15,7 @@ from torch import nn
 
 from .linalg import check_finite, check_rank, truncated_svd
 
-__all__ = ['ToukitLayer', 'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear']
+__all__ = ['ToukitLayer', 'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear']
 
 
 class ToukitLayer(nn.Module):
@@ -172,14 +173,20 @@ class SVFitLinear(ToukitLayer):
         self.bias = _frozen(torch.zeros(out_features, **kw)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, name: str = 'linear') -> 'SVFitLinear':
-        """Split `linear`'s weight into its top-`rank` singular triplets (s trained) and a frozen residual."""
+    def from_linear(cls, linear: nn.Linear, rank: int, name: str = 'linear',
+                    svd: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> 'SVFitLinear':
+        """Split `linear`'s weight into its top-`rank` singular triplets (s trained) and a frozen residual.
+
+        Args:
+            svd: the weight's (U, S, Vh) in float64, e.g. from one batched SVD over many layers
+                (`toukit.linalg.svd_many`); computed here when None.
+        """
         weight = linear.weight.detach()
         check_finite(weight, f'{name}.weight')
         out_f, in_f = weight.shape
         check_rank(rank, (out_f, in_f), name)
         layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        u, s, vh = svd if svd is not None else torch.linalg.svd(weight.double(), full_matrices=False)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
         with torch.no_grad():
             layer.base_weight.copy_(weight.double() - (u * s) @ vh)
@@ -250,3 +257,42 @@ class DeLoRALinear(ToukitLayer):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', rank={self.rank}, scaling={self.scaling:g}'
+
+
+class AdapterLinear(nn.Module):
+    """A bottleneck adapter (Houlsby et al., 2019) after a linear: y = W x + b, then y + up(gelu(down(y))).
+
+    Placed on a block's attention output and MLP output projections, this is Houlsby's adapter before the
+    residual connection (the block's dropout then follows the adapter rather than preceding it; they commute in
+    evaluation). `adapter_up` starts at zero, so the layer starts out computing the linear exactly. The wrapped
+    linear is frozen by the method; only the adapter's down and up projections (with biases) train. There is no
+    merge: the adapter adds `2 * width * out + width + out` parameters and their computation at inference.
+    """
+
+    def __init__(self, base: nn.Linear, width: int):
+        super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f'adapter width={width!r}: must be an int >= 1')
+        self.base, self.width = base, width
+        w = base.weight
+        self.adapter_down = nn.Linear(base.out_features, width, device=w.device, dtype=w.dtype)
+        self.adapter_up = nn.Linear(width, base.out_features, device=w.device, dtype=w.dtype)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, width: int, seed: Optional[int] = None,
+                    name: str = 'linear') -> 'AdapterLinear':
+        """Wrap `linear` (kept as `base`, not copied) with a zero-started adapter of `width`; seeds `down`'s init."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f'{name}: expected nn.Linear, got {type(linear).__name__}')
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0 if seed is None else seed)
+            return cls(linear, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.adapter_up(F.gelu(self.adapter_down(y)))
+
+    def extra_repr(self) -> str:
+        return f'width={self.width}'

@@ -9,8 +9,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy', 'stable_rank', 'effective_rank',
-    'relative_error', 'check_finite', 'check_rank',
+    'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy',
+    'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank',
 ]
 
 
@@ -43,9 +43,11 @@ def _svd(work: torch.Tensor, rank: Optional[int], method: str, niter: int, seed:
     elif method == 'randomized':
         if rank is None:
             raise ValueError("method='randomized' needs a rank (energy thresholds need the exact spectrum)")
-        if seed is not None:
-            torch.manual_seed(seed)  # svd_lowrank takes no generator
-        u, s, v = torch.svd_lowrank(work, q=min(rank + 8, min(work.shape[-2:])), niter=niter)
+        # svd_lowrank takes no generator: seed it inside a forked RNG so the caller's random stream is untouched
+        with torch.random.fork_rng(devices=[work.device] if work.device.type == 'cuda' else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(work, q=min(rank + 8, min(work.shape[-2:])), niter=niter)
         vh = v.mT
     else:
         raise ValueError(f"svd method={method!r}: must be 'exact', 'gram' or 'randomized'")

@@ -6,20 +6,21 @@ architecture: toukit layers and peft LoRA layers become nn.Linear, split q/k/v p
 """
 import inspect
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .layers import DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
+from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
 from .linalg import check_finite, svd_many
 from .ranks import RankSpec, parse_rank
 from .targets import (Targets, classifier_names, find_targets, fuse_qkv, fused_splits, get_submodule_parent,
-                      QKVSplit, is_mlp, model_family, split_qkv)
+                      layer_kind, model_family, output_projections, QKVSplit, require_family, split_qkv)
 
 __all__ = ['DEFAULT_NOISE_SCALE', 'METHODS', 'apply_method', 'apply_tou', 'merge', 'count_parameters',
-           'method_names', 'is_prepared', 'has_method_layers']
+           'method_names', 'method_label', 'is_prepared', 'has_method_layers', 'describe_preparation']
 
 DEFAULT_NOISE_SCALE = 1e-3  # alpha; chosen by the noise-scale study (notebooks/reconstruction.ipynb, README)
 DEFAULT_TOU_RANK = 0.375  # the paper's r = 288 on ViT-B/16's 768-wide matrices, as a fraction of min(out, in)
@@ -30,24 +31,58 @@ def _is_peft_layer(module: nn.Module) -> bool:
     return tuners is not None and isinstance(module, tuners.BaseTunerLayer)
 
 
-def has_method_layers(model: nn.Module) -> Optional[str]:
-    """'<layer class> at <name>' for the first layer a method put into `model` (toukit's or peft's), else None."""
-    for name, module in model.named_modules():
-        if isinstance(module, (ToukitLayer, QKVSplit)) or _is_peft_layer(module):
-            return f'{type(module).__name__} at {name}'
-    return None
+def _method_layers(model: nn.Module) -> List[str]:
+    """'<layer class> at <name>' for every layer a method put into `model` (toukit's or peft's)."""
+    return [f'{type(m).__name__} at {n}' for n, m in model.named_modules()
+            if isinstance(m, (ToukitLayer, QKVSplit, AdapterLinear)) or _is_peft_layer(m)]
 
 
-def is_prepared(model: nn.Module) -> Optional[str]:
-    """The method applied to `model` (None if untouched): toukit's mark, or a layer a method put there."""
-    return getattr(model, 'toukit_method', None) or has_method_layers(model)
+def has_method_layers(model: nn.Module) -> bool:
+    """Whether a method put layers of its own into `model` (toukit's, peft's, or a split q/k/v view)."""
+    return bool(_method_layers(model))
+
+
+def describe_preparation(model: nn.Module) -> Optional[str]:
+    """What a method did to `model`, for messages: toukit's mark and the first method layer; None if untouched."""
+    layers = _method_layers(model)
+    mark = getattr(model, 'toukit_method', None)
+    parts = ([f'method {mark!r}'] if mark else []) + layers[:1]
+    return ', '.join(parts) or None
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """Whether a method was applied to `model` (toukit's mark, or a layer a method put there)."""
+    return describe_preparation(model) is not None
 
 
 def _check_untouched(model: nn.Module) -> None:
-    applied = is_prepared(model)
+    applied = describe_preparation(model)
     if applied:
         raise ValueError(f'model already prepared ({applied}); applying a method twice would stack it: '
                          f'start from an untouched model or call toukit.merge(model) first')
+
+
+@contextmanager
+def _unchanged_on_error(model: nn.Module):
+    """Run a preparation; if it raises, put every module, parameter and `requires_grad` back as it was.
+
+    Preparations replace modules and tensors (they never write into a weight in place), so a shallow snapshot
+    of each module's attribute dicts and of each parameter's data and flag restores the model exactly.
+    """
+    def copy_dict(d):
+        return {k: (v.copy() if isinstance(v, dict) else v) for k, v in d.items()}
+    modules = [(m, copy_dict(m.__dict__)) for m in model.modules()]
+    params = [(p, p.data, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for module, saved in modules:
+            module.__dict__.clear()
+            module.__dict__.update(copy_dict(saved))
+        for p, data, requires_grad in params:
+            p.data = data
+            p.requires_grad_(requires_grad)
+        raise
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -88,11 +123,11 @@ def apply_tou(
     _check_untouched(model)
     policy = parse_rank(rank)
     found = find_targets(model, targets)
-    family = model_family(model)
+    family = require_family(model, 'freeze_mlp (TOU frozen FFN)') if freeze_mlp else model_family(model)
     blocks, owners = [], []
     for name, linear in found.items():
         check_finite(linear.weight, f'{name}.weight')
-        splits = fused_splits(name, linear)
+        splits = fused_splits(family, name, linear)
         out_f, in_f = linear.weight.shape
         blocks.extend(linear.weight.detach().view(splits, out_f // splits, in_f).unbind(0))
         owners.append((name, linear, splits))
@@ -104,8 +139,8 @@ def apply_tou(
         names = [n for n, _, splits in owners for _ in range(splits)]
         max_rank = max(policy.resolve(tuple(b.shape), name=n) for b, n in zip(blocks, names))
     svds = svd_many(blocks, rank=max_rank, method=svd_method, seed=seed)
-    start = 0
-    for i, (name, linear, splits) in enumerate(owners):
+    layers, start = {}, 0
+    for i, (name, linear, splits) in enumerate(owners):  # every layer is built before the model changes
         parts = svds[start:start + splits]
         start += splits
         shape = (linear.out_features // splits, linear.in_features)
@@ -115,8 +150,12 @@ def apply_tou(
         layer = FactorizedLinear.from_linear(linear, r, noise_scale=noise_scale, seed=seed + i, splits=splits,
                                              factors=(a.to(linear.weight.dtype), b.to(linear.weight.dtype)),
                                              name=name)
-        if freeze_mlp and is_mlp(family, name):
+        if freeze_mlp and layer_kind(family, name) == 'mlp':
             layer.requires_grad_(False)
+        layers[name] = layer
+    if freeze_mlp and not any(layer_kind(family, n) == 'mlp' for n in layers):
+        raise ValueError(f'freeze_mlp=True but targets={targets!r} hold no MLP linear: nothing would be frozen')
+    for name, layer in layers.items():
         _replace(model, name, layer)
     return model
 
@@ -127,7 +166,14 @@ def merge(model: nn.Module) -> nn.Module:
     toukit layers merge to their effective weight; peft LoRA/PiSSA layers merge with peft's `safe_merge`
     (which refuses non-finite weights, as toukit's layers do); split q/k/v projections fuse back. Afterwards
     `model.state_dict()` loads with strict=True into an untouched model of the original architecture.
+
+    Raises:
+        ValueError: the model holds bottleneck adapters, which add modules and cannot merge (nothing is changed).
     """
+    adapters = [n for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
+    if adapters:
+        raise ValueError(f'merge: {len(adapters)} bottleneck adapters (first at {adapters[0]}) add computation and '
+                         f'cannot merge into the original architecture; deploy the model with them')
     for name, module in list(model.named_modules()):
         if isinstance(module, ToukitLayer):
             _replace(model, name, module.merge())
@@ -154,31 +200,38 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
 class Method:
     name: str
     prepare: Callable[..., None]
+    label: str  # for tables and figures
     description: str
+    mergeable: bool = True  # False: the method adds modules, so the trained model keeps them
     defaults: Dict[str, object] = field(default_factory=dict)
 
 
-METHODS: Dict[str, Method] = {}
+METHODS: Dict[str, Method] = {}  # in the order tables and figures show them
 
 
-def _register(description: str):
+def _register(label: str, description: str, mergeable: bool = True):
     def wrap(fn):
         sig = inspect.signature(fn)
         defaults = {k: p.default for k, p in list(sig.parameters.items())[1:]}
-        METHODS[fn.__name__] = Method(fn.__name__, fn, description, defaults)
+        METHODS[fn.__name__] = Method(fn.__name__, fn, label, description, mergeable, defaults)
         return fn
     return wrap
 
 
-def method_names():
+def method_names() -> List[str]:
+    """The registered methods, in the order tables and figures show them."""
     return list(METHODS)
 
 
+def method_label(method: str) -> str:
+    """A method's display name ('Full TOU' for 'tou'); unknown names are returned as they are."""
+    return METHODS[method].label if method in METHODS else method
+
+
 def _split_view(model: nn.Module) -> None:
-    """Freeze `model` and show a ViT's fused q/k/v as three matrices, as the paper counts LoRA's parameters."""
+    """Freeze `model` and show a fused q/k/v as three matrices, as the paper counts LoRA's parameters."""
     model.requires_grad_(False)
-    if model_family(model) == 'vit':
-        split_qkv(model)
+    split_qkv(model)
 
 
 def _replace_targets(model: nn.Module, targets: Targets, build: Callable[[int, str, nn.Linear], nn.Module]) -> None:
@@ -187,30 +240,9 @@ def _replace_targets(model: nn.Module, targets: Targets, build: Callable[[int, s
         _replace(model, name, build(i, name, linear))
 
 
-@_register('full fine-tuning: every parameter trains')
+@_register('FT', 'full fine-tuning: every parameter trains')
 def ft(model: nn.Module) -> None:
     model.requires_grad_(True)
-
-
-@_register('BitFit: only the biases (and the head) train')
-def bitfit(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith('bias'))
-
-
-@_register('full TOU: truncated-SVD factors of attention and MLP, A frozen, B and all other parameters train')
-def tou(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
-        noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram') -> None:
-    model.requires_grad_(True)
-    apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, seed=seed, svd_method=svd_method)
-
-
-@_register('TOU frozen FFN: like tou, but nothing in the factorized MLP trains')
-def tou_frozen_ffn(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
-                   noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram') -> None:
-    model.requires_grad_(True)
-    apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, freeze_mlp=True, seed=seed,
-              svd_method=svd_method)
 
 
 def _peft_lora(model: nn.Module, targets: Targets, **config) -> None:
@@ -220,33 +252,67 @@ def _peft_lora(model: nn.Module, targets: Targets, **config) -> None:
     inject_adapter_in_model(LoraConfig(target_modules=names, bias='none', **config), model)
 
 
-@_register('LoRA through peft on the target linears (q, k, v as separate matrices)')
+@_register('LoRA', 'LoRA through peft on the target linears (q, k, v as separate matrices)')
 def lora(model: nn.Module, rank: int = 8, targets: Targets = 'attention', alpha: Optional[float] = None,
          dropout: float = 0.0) -> None:
     _peft_lora(model, targets, r=rank, lora_alpha=alpha or rank, lora_dropout=dropout)
 
 
-@_register("PiSSA through peft: LoRA initialised from the top-r singular triplets, residual frozen")
+@_register('PiSSA', "PiSSA through peft: LoRA initialised from the top-r singular triplets, residual frozen")
 def pissa(model: nn.Module, rank: int = 8, targets: Targets = 'attention', alpha: Optional[float] = None,
           dropout: float = 0.0) -> None:
     _peft_lora(model, targets, r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights='pissa')
 
 
-@_register('SVFit: only the top-r singular values of each target train (r by energy threshold by default)')
+@_register('Full TOU', 'full TOU: truncated-SVD factors of attention and MLP, A frozen, B and all other parameters '
+                       'train')
+def tou(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
+        noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram') -> None:
+    model.requires_grad_(True)
+    apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, seed=seed, svd_method=svd_method)
+
+
+@_register('TOU frozen FFN', 'TOU frozen FFN: like tou, but nothing in the factorized MLP trains')
+def tou_frozen_ffn(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
+                   noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram') -> None:
+    model.requires_grad_(True)
+    apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, freeze_mlp=True, seed=seed,
+              svd_method=svd_method)
+
+
+@_register('SVFit', 'SVFit: only the top-r singular values of each target train (r by energy threshold by default)')
 def svfit(model: nn.Module, rank: RankSpec = 'energy:0.99', targets: Targets = 'all') -> None:
     policy = parse_rank(rank)
+    _split_view(model)
+    found = find_targets(model, targets)
+    for linear in found.values():
+        check_finite(linear.weight, 'SVFit target weight')
+    svds = svd_many([linear.weight.detach().double() for linear in found.values()], method='exact')
+    for (name, linear), svd in zip(found.items(), svds):
+        rank_ = policy.resolve(tuple(linear.weight.shape), svd[1], name)
+        _replace(model, name, SVFitLinear.from_linear(linear, rank_, name=name, svd=svd))
 
-    def build(i, name, linear):
-        s = torch.linalg.svdvals(linear.weight.detach().double()) if policy.needs_spectrum else None
-        return SVFitLinear.from_linear(linear, policy.resolve(tuple(linear.weight.shape), s, name), name=name)
-    _replace_targets(model, targets, build)
 
-
-@_register('DeLoRA: frozen random factors with a trainable r x r core, started at zero')
+@_register('DeLoRA', 'DeLoRA: frozen random factors with a trainable r x r core, started at zero')
 def delora(model: nn.Module, rank: int = 32, targets: Targets = 'attention', scaling: float = 1.0,
            seed: int = 0) -> None:
     _replace_targets(model, targets, lambda i, name, linear: DeLoRALinear.from_linear(
         linear, rank, scaling=scaling, seed=seed + i, name=name))
+
+
+@_register('Adapter', 'bottleneck adapters (Houlsby) after every attention and MLP output projection',
+           mergeable=False)
+def adapter(model: nn.Module, width: int = 16, seed: int = 0) -> None:
+    # width 16: 0.15M adapter parameters on MiniLM (LoRA r=8: 0.15M), 1.2M on ViT-B/16 (LoRA: 0.59M)
+    model.requires_grad_(False)
+    for i, (name, linear) in enumerate(output_projections(model).items()):
+        _replace(model, name, AdapterLinear.from_linear(linear, width, seed=seed + i, name=name))
+
+
+@_register('BitFit', 'BitFit: only the biases (and the head) train')
+def bitfit(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith('bias'))
 
 
 def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
@@ -260,6 +326,10 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
 
     Returns:
         `model`, marked with `model.toukit_method`.
+
+    Raises:
+        ValueError: an unknown method or option, or any bad value the method finds; the model is then exactly
+            as it was (modules, parameters and `requires_grad`), so a corrected call can follow.
     """
     if method not in METHODS:
         raise ValueError(f'method={method!r}: unknown; choose one of {", ".join(METHODS)}')
@@ -269,8 +339,9 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
         raise ValueError(f'method={method!r} takes no option {", ".join(unknown)}; '
                          f'its options are {", ".join(spec.defaults) or "none"}')
     _check_untouched(model)
-    spec.prepare(model, **{k: v for k, v in options.items() if v is not None and k in spec.defaults})
-    for head in classifier_names(model):
-        model.get_submodule(head).requires_grad_(True)
+    with _unchanged_on_error(model):
+        spec.prepare(model, **{k: v for k, v in options.items() if v is not None and k in spec.defaults})
+        for head in classifier_names(model):
+            model.get_submodule(head).requires_grad_(True)
     model.toukit_method = method
     return model

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ['TextClassifier', 'create_model', 'minilm_path', 'is_text_model', 'TEXT_MODELS']
+__all__ = ['TextClassifier', 'create_model', 'minilm_path', 'is_text_model', 'TEXT_MODELS', 'call_model']
 
 TEXT_MODELS = ('minilm', 'tiny-bert')
 
@@ -41,6 +41,11 @@ class TextClassifier(nn.Module):
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
 
 
+def call_model(model: nn.Module, inputs) -> torch.Tensor:
+    """`model` on a batch's inputs: a dict of tensors (text: input_ids, attention_mask) or one tensor (images)."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
 def is_text_model(name: str) -> bool:
     return name in TEXT_MODELS
 
@@ -53,7 +58,8 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
         name: 'minilm', 'tiny-bert', or any timm model name.
         num_classes: outputs of the new head.
         pretrained: load pretrained weights (timm: from the Hugging Face hub, or `checkpoint`).
-        checkpoint: a local weights file (timm: .safetensors/.pth; text models: a transformers directory).
+        checkpoint: a local weights file (timm: .safetensors/.pth; text models: a transformers directory holding
+            the weights and the tokenizer files, as `save_pretrained` of both writes them).
         seed: seeds the head's (and any random) initialisation.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -62,7 +68,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
     if name == 'minilm':
         from transformers import BertConfig, BertModel
         from transformers.utils import logging
-        path = checkpoint or minilm_path()
+        path = str(checkpoint) if checkpoint is not None else minilm_path()
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # the checkpoint's unused pooler is reported as 'unexpected': expected here
         try:
@@ -70,7 +76,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
                 BertConfig.from_pretrained(path), add_pooling_layer=False)
         finally:
             logging.set_verbosity(verbosity)
-        return TextClassifier(encoder, num_classes, tokenizer_path=minilm_path())
+        return TextClassifier(encoder, num_classes, tokenizer_path=path)  # a checkpoint brings its tokenizer
     if name == 'tiny-bert':
         from transformers import BertConfig, BertModel
         config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -7,17 +7,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-__all__ = ['training_curves', 'save_figure', 'METHOD_ORDER', 'method_label', 'plot_spectra', 'plot_energy_curves',
+from .methods import method_label, method_names
+
+__all__ = ['training_curves', 'save_figure', 'method_label', 'plot_spectra', 'plot_energy_curves',
            'plot_rank_heatmap', 'plot_rank_by_depth', 'threshold_explorer', 'plot_policy_tradeoff',
-           'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs']
-
-METHOD_ORDER = ['ft', 'lora', 'pissa', 'tou', 'tou_frozen_ffn', 'svfit', 'delora', 'bitfit']
-METHOD_LABELS = {'ft': 'FT', 'lora': 'LoRA', 'pissa': 'PiSSA', 'tou': 'Full TOU', 'tou_frozen_ffn': 'TOU frozen FFN',
-                 'svfit': 'SVFit', 'delora': 'DeLoRA', 'bitfit': 'BitFit'}
-
-
-def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+           'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs', 'plot_lr_sweep']
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -230,6 +224,28 @@ def plot_noise_errors(totals: pd.DataFrame):
     return fig
 
 
+def plot_lr_sweep(grid_runs: pd.DataFrame, selected: Optional[Dict[str, float]] = None):
+    """Final validation accuracy vs learning rate, one line per method (the sweep's grid on its first seed).
+
+    Args:
+        grid_runs: the grid protocol's runs (`toukit.results.with_protocol(runs, 'grid')`).
+        selected: method -> the rate chosen on validation, marked with a ring.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    order = {m: i for i, m in enumerate(method_names())}
+    for method in sorted(grid_runs.method.unique(), key=lambda m: order.get(m, len(order))):
+        group = grid_runs[grid_runs.method == method].sort_values('lr')
+        line, = ax.semilogx(group.lr, group.val_accuracy * 100, marker='o', label=method_label(method))
+        if selected and method in selected:
+            best = group[group.lr == selected[method]]
+            ax.scatter(best.lr, best.val_accuracy * 100, s=160, facecolors='none', edgecolors=line.get_color(), lw=2)
+    ax.set(xlabel='learning rate (AdamW, constant)', ylabel='validation accuracy (%)',
+           title='Learning-rate sweep (seed 0; ring: chosen on validation)')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=8, ncol=2)
+    return fig
+
+
 def plot_accuracy_vs_noise(runs: pd.DataFrame):
     """Validation accuracy after fine-tuning vs noise scale, from TOU run records (alpha = 0 drawn at the left)."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -248,11 +264,11 @@ def plot_accuracy_vs_noise(runs: pd.DataFrame):
 
 
 def plot_costs(table: pd.DataFrame):
-    """Bars of trainable parameters, train time and peak memory per method (Table 1 as a figure)."""
+    """Bars of test accuracy, trainable parameters, train time and training memory per method (Table 1 as a figure)."""
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     labels = [method_label(m) for m in table.method]
-    cols = [('val_accuracy', 'validation accuracy (%)', 100), ('trainable_params', 'trainable parameters (M)', 1e-6),
-            ('train_seconds', 'train time (s)', 1), ('peak_memory_mib', 'peak memory (MiB)', 1)]
+    cols = [('test_accuracy', 'test accuracy (%)', 100), ('trainable_params', 'trainable parameters (M)', 1e-6),
+            ('train_seconds', 'train time (s)', 1), ('train_memory_mib', 'training memory (MiB)', 1)]
     for ax, (col, title, scale) in zip(axes, cols):
         ax.barh(labels, table[col] * scale, color=plt.get_cmap('tab10').colors[:len(labels)])
         ax.set(title=title)

@@ -52,7 +52,8 @@ class RankPolicy:
         return rank_for_energy(singular_values, self.value)
 
     def __str__(self):
-        return {'fixed': '{:d}', 'fraction': '{:g}', 'energy': 'energy:{:g}'}[self.kind].format(self.value)
+        # repr of a float is the shortest text that reads back as the same float: no threshold is rounded
+        return {'fixed': '{:d}', 'fraction': '{!r}', 'energy': 'energy:{!r}'}[self.kind].format(self.value)
 
 
 def parse_rank(spec: RankSpec) -> RankPolicy:

@@ -2,13 +2,21 @@
 
 A record reads:
     {"run": {"id", "created", "config"}, "status": "ok" | "failed" | "running", "error": ...,
-     "metrics": {"epochs": [{epoch, val_accuracy, val_loss, train_loss, train_seconds}, ...],
-                 "steps": [{step, epoch, loss}, ...], "final": {...}},
-     "cost": {"train_seconds", "factorize_seconds", "peak_memory_mib", "memory_kind", "trainable_params",
-              "total_params"},
+     "metrics": {"epochs": [{epoch, val_accuracy, val_loss, test_accuracy, test_loss, train_loss, train_seconds,
+                             data_seconds}, ...],
+                 "steps": [{step, epoch, loss}, ...],
+                 "final": {val_accuracy, test_accuracy, test_predictions, test_labels, merge, merged_*, ...}},
+     "cost": {"train_seconds", "data_seconds", "factorize_seconds", "peak_memory_mib", "train_memory_mib",
+              "memory_kind", "trainable_params", "total_params", "num_workers"},
      "env": {"toukit", "git_sha", "torch", "python", "device", "platform"}}
+
+A run's id (`run_id`) is readable and unique: `{preset}_{method}_lr{lr}_s{seed}_{hash}`, the hash over every config
+field that changes the result. A sweep (`toukit.sweep`) writes a manifest `<preset>.sweep.json` beside the records
+naming the runs of each protocol; `load_runs` reads it into the `protocol` column.
 """
 import datetime as _dt
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -20,15 +28,36 @@ from typing import Union
 
 import pandas as pd
 
-__all__ = ['write_record', 'read_record', 'load_runs', 'history', 'environment', 'now', 'main_runs', 'table1',
-           'format_table1', 'write_tables', 'records_by_method', 'PAPER_TABLE1']
+__all__ = ['write_record', 'read_record', 'load_runs', 'history', 'environment', 'now', 'run_id', 'table1',
+           'format_table1', 'write_tables', 'records_by_method', 'with_protocol', 'PAPER_TABLE1', 'MANIFEST_SUFFIX',
+           'IDENTITY_EXCLUDED']
+
+# config fields that never change a run's result: they are left out of its id
+IDENTITY_EXCLUDED = ('results_dir', 'run_name', 'save_weights', 'num_workers', 'data_root', 'download', 'device')
+MANIFEST_SUFFIX = '.sweep.json'
+
+
+def run_id(config: dict) -> str:
+    """A run's id from its resolved config: `{preset}_{method}_lr{lr:g}_s{seed}_{hash}`.
+
+    The 8-hex-digit hash covers every config field but `IDENTITY_EXCLUDED`, so two runs that differ in rank,
+    noise scale, targets, epochs or anything else that changes the result get different ids (and record files).
+    An explicit `run_name` replaces the whole id.
+    """
+    if config.get('run_name'):
+        return config['run_name']
+    identity = {k: v for k, v in sorted(config.items()) if k not in IDENTITY_EXCLUDED}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f'{config["preset"]}_{config["method"]}_lr{config["lr"]:g}_s{config["seed"]}_{digest}'
 
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')
 
 
+@functools.lru_cache(maxsize=None)
 def _git_sha() -> str:
+    """The commit of the source this process imported (read once, so later commits do not relabel its runs)."""
     try:
         here = Path(__file__).resolve().parent
         return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=here, capture_output=True, text=True,
@@ -75,15 +104,30 @@ def _row(record: dict, path: Path) -> dict:
     return dict(
         run_id=record['run']['id'], status=record.get('status'), method=config.get('method'),
         preset=config.get('preset'), model=config.get('model'), dataset=config.get('dataset'),
-        seed=config.get('seed'), rank=str(config.get('rank')), noise_scale=config.get('noise_scale'),
-        targets=str(config.get('targets')), epochs=config.get('epochs'), batch_size=config.get('batch_size'),
-        lr=config.get('lr'), val_accuracy=final.get('val_accuracy'), best_val_accuracy=final.get('best_val_accuracy'),
-        merged_val_accuracy=final.get('merged_val_accuracy'), trainable_params=cost.get('trainable_params'),
-        total_params=cost.get('total_params'), train_seconds=cost.get('train_seconds'),
+        seed=config.get('seed'), split_seed=config.get('split_seed'), rank=str(config.get('rank')),
+        noise_scale=config.get('noise_scale'), targets=str(config.get('targets')), epochs=config.get('epochs'),
+        batch_size=config.get('batch_size'), lr=config.get('lr'), val_accuracy=final.get('val_accuracy'),
+        test_accuracy=final.get('test_accuracy'), best_val_accuracy=final.get('best_val_accuracy'),
+        merged_val_accuracy=final.get('merged_val_accuracy'), merged_test_accuracy=final.get('merged_test_accuracy'),
+        merged_max_abs_logit_diff=final.get('merged_max_abs_logit_diff'), merge=final.get('merge'),
+        trainable_params=cost.get('trainable_params'), total_params=cost.get('total_params'),
+        train_seconds=cost.get('train_seconds'), data_seconds=cost.get('data_seconds'),
         factorize_seconds=cost.get('factorize_seconds'), peak_memory_mib=cost.get('peak_memory_mib'),
-        memory_kind=cost.get('memory_kind'), device=record.get('env', {}).get('device'),
+        train_memory_mib=cost.get('train_memory_mib'), memory_kind=cost.get('memory_kind'),
+        inference_seconds=final.get('inference_seconds'), device=record.get('env', {}).get('device'),
         created=record['run'].get('created'), path=str(path),
     )
+
+
+def _protocols(manifests) -> dict:
+    """run id -> the protocols ('grid', 'tuned', 'paper') sweep manifests list it under."""
+    out = {}
+    for manifest in manifests:
+        for protocol, by_method in manifest.get('runs', {}).items():
+            for ids in by_method.values():
+                for i in ids:
+                    out.setdefault(i, set()).add(protocol)
+    return out
 
 
 def load_runs(path: Union[str, Path] = 'results', status: Union[str, None] = None) -> pd.DataFrame:
@@ -94,25 +138,42 @@ def load_runs(path: Union[str, Path] = 'results', status: Union[str, None] = Non
         status: keep only records with this status ('ok', 'failed'); None keeps all.
 
     Returns:
-        A DataFrame (see `_row` for its columns); `df.attrs['skipped']` lists skipped files and why.
+        A DataFrame (see `_row` for its columns) with a `protocol` column: the protocols of the sweep manifests
+        (`*.sweep.json`) found under `path` that list the run, joined by '+' in the order grid, tuned, paper
+        (e.g. 'grid+paper'), or '' for a run of no sweep. `df.attrs['skipped']` lists skipped files and why.
     """
     path = Path(path)
     if not path.exists():
         raise ValueError(f'path={str(path)!r}: no such file or folder of run records')
     files = [path] if path.is_file() else sorted(path.rglob('*.json'))
-    rows, skipped = [], []
+    rows, skipped, manifests = [], [], []
     for f in files:
         try:
-            rows.append(_row(read_record(f), f))
+            if f.name.endswith(MANIFEST_SUFFIX):
+                manifests.append(read_record(f))
+            else:
+                rows.append(_row(read_record(f), f))
         except (OSError, ValueError, KeyError, TypeError) as e:
             skipped.append(f'{f}: {type(e).__name__}: {e}')
     if skipped:
         warnings.warn(f'load_runs skipped {len(skipped)} file(s): ' + '; '.join(skipped[:5]))
     df = pd.DataFrame(rows)
+    if not df.empty:
+        protocols = _protocols(manifests)
+        order = {'grid': 0, 'tuned': 1, 'paper': 2}
+        df['protocol'] = df.run_id.map(lambda i: '+'.join(sorted(protocols.get(i, ()), key=lambda p: order.get(p, 3))))
     if status is not None and not df.empty:
         df = df[df.status == status].reset_index(drop=True)
     df.attrs['skipped'] = skipped
     return df
+
+
+def with_protocol(runs: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """The successful runs of one protocol ('grid', 'tuned' or 'paper') of a `load_runs` table."""
+    if runs.empty or 'protocol' not in runs:
+        return runs.iloc[0:0]
+    keep = runs.protocol.str.split('+').map(lambda ps: protocol in ps) & (runs.status == 'ok')
+    return runs[keep].reset_index(drop=True)
 
 
 def history(record_or_path, kind: str = 'epochs') -> pd.DataFrame:
@@ -136,53 +197,58 @@ PAPER_TABLE1 = pd.DataFrame([  # the TOU paper's Table 1: ViT-B/16 on CIFAR-100,
 ])
 
 
-def main_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs named {preset}_{method}_s{seed} (the method comparison), without study runs such as noise sweeps."""
-    if runs.empty:
-        return runs
-    expected = runs.preset + '_' + runs.method + '_s' + runs.seed.astype(str)
-    return runs[(runs.run_id == expected) & (runs.status == 'ok')].reset_index(drop=True)
+def _method_order(methods) -> dict:
+    from .methods import method_names
+    order = {m: i for i, m in enumerate(method_names())}
+    return {m: order.get(m, len(order)) for m in methods}
 
 
 def table1(runs: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1 from run records: one row per method (mean over seeds, with the spread and count).
+    """The paper's Table 1 from successful run records: one row per method, mean over seeds.
 
-    Columns: method, trainable_params, total_params, val_accuracy (mean), val_accuracy_std, seeds, train_seconds,
-    peak_memory_mib, time_vs_ft and memory_vs_ft (ratios to FT's means, when an FT run is present).
+    Pass one protocol's runs (`with_protocol`): every row then holds one learning rate. Columns: method, lr,
+    trainable_params, total_params, test_accuracy (mean) and test_accuracy_std, val_accuracy (mean), seeds,
+    train_seconds, train_memory_mib, peak_memory_mib, and time_vs_ft / memory_vs_ft (ratios of train seconds and
+    of training memory to FT's means, when an FT run is present).
     """
-    from .plots import METHOD_ORDER
-    runs = main_runs(runs)
+    runs = runs[runs.status == 'ok'] if 'status' in runs else runs
     if runs.empty:
-        raise ValueError('no successful method runs ({preset}_{method}_s{seed}.json) to tabulate')
-    grouped = runs.groupby('method')
-    table = grouped.agg(trainable_params=('trainable_params', 'first'), total_params=('total_params', 'first'),
-                        val_accuracy=('val_accuracy', 'mean'), val_accuracy_std=('val_accuracy', 'std'),
-                        seeds=('seed', 'nunique'), train_seconds=('train_seconds', 'mean'),
-                        peak_memory_mib=('peak_memory_mib', 'mean')).reset_index()
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    table = table.sort_values('method', key=lambda s: s.map(lambda m: order.get(m, len(order)))).reset_index(drop=True)
+        raise ValueError('no successful runs to tabulate')
+    lrs = runs.groupby('method').lr.nunique()
+    if (lrs > 1).any():
+        raise ValueError(f'methods {list(lrs[lrs > 1].index)} have runs at several learning rates: pass one '
+                         f'protocol\'s runs (toukit.results.with_protocol)')
+    table = runs.groupby('method').agg(
+        lr=('lr', 'first'), trainable_params=('trainable_params', 'first'), total_params=('total_params', 'first'),
+        test_accuracy=('test_accuracy', 'mean'), test_accuracy_std=('test_accuracy', 'std'),
+        val_accuracy=('val_accuracy', 'mean'), seeds=('seed', 'nunique'), train_seconds=('train_seconds', 'mean'),
+        train_memory_mib=('train_memory_mib', 'mean'), peak_memory_mib=('peak_memory_mib', 'mean')).reset_index()
+    table = table.sort_values('method', key=lambda s: s.map(_method_order(s))).reset_index(drop=True)
     if 'ft' in set(table.method):
         ft = table[table.method == 'ft'].iloc[0]
         table['time_vs_ft'] = table.train_seconds / ft.train_seconds
-        table['memory_vs_ft'] = table.peak_memory_mib / ft.peak_memory_mib
+        table['memory_vs_ft'] = table.train_memory_mib / ft.train_memory_mib
     return table
 
 
 def format_table1(table: pd.DataFrame) -> pd.DataFrame:
     """Table 1 with the paper's columns and units, ready to print."""
-    from .plots import method_label
-    acc = (table.val_accuracy * 100).map('{:.2f}'.format)
+    from .methods import method_label
+    acc = (table.test_accuracy * 100).map('{:.2f}'.format)
     if table.seeds.max() > 1:
-        acc = acc + (table.val_accuracy_std.fillna(0) * 100).map(' ± {:.2f}'.format)
+        acc = acc + (table.test_accuracy_std.fillna(0) * 100).map(' ± {:.2f}'.format)
     out = pd.DataFrame({'Method': table.method.map(method_label),
+                        'lr': table.lr.map('{:g}'.format),
                         'Trainable params (M)': (table.trainable_params / 1e6).round(2),
                         'Total params (M)': (table.total_params / 1e6).round(2),
-                        'Accuracy (%)': acc,
+                        'Test accuracy (%)': acc,
+                        'Seeds': table.seeds,
                         'Train time (s)': table.train_seconds.round(0).astype(int),
+                        'Training memory (MiB)': table.train_memory_mib.round(0).astype(int),
                         'Peak memory (MiB)': table.peak_memory_mib.round(0).astype(int)})
     if 'time_vs_ft' in table:
         out['Time / FT'] = table.time_vs_ft.round(2)
-        out['Memory / FT'] = table.memory_vs_ft.round(2)
+        out['Training memory / FT'] = table.memory_vs_ft.round(2)
     return out
 
 
@@ -198,10 +264,9 @@ def write_tables(table: pd.DataFrame, stem: Union[str, Path]) -> list:
 
 
 def records_by_method(runs: pd.DataFrame) -> dict:
-    """method -> list of full run records (for curves), from a load_runs() table, in the paper's method order."""
-    from .plots import METHOD_ORDER
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    """method -> list of full run records (for curves), from a load_runs() table, in the registry's method order."""
+    order = _method_order(set(runs.method))
     out = {}
-    for row in sorted(runs.itertuples(), key=lambda r: (order.get(r.method, len(order)), r.seed)):
+    for row in sorted(runs.itertuples(), key=lambda r: (order[r.method], r.seed)):
         out.setdefault(row.method, []).append(read_record(row.path))
     return out

@@ -2,7 +2,6 @@
 
 A fused q/k/v projection gives three rows (part 'q', 'k', 'v'), as the TOU paper counts its matrices.
 """
-import re
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -13,19 +12,21 @@ from torch import nn
 from .linalg import (effective_rank, energy_curve, rank_for_energy, relative_error, singular_values_many,
                      stable_rank)
 from .ranks import RankSpec, parse_rank
-from .targets import Targets, find_targets, fused_splits, is_mlp, model_family
+from .models import call_model
+from .targets import (QKV_PARTS, Family, Targets, block_index, find_targets, fused_splits, layer_kind, layer_type,
+                      model_family)
 
 __all__ = ['layer_matrices', 'spectrum_table', 'rank_table', 'ENERGY_LEVELS']
 
 ENERGY_LEVELS = (0.5, 0.9, 0.99)
-QKV_PARTS = ('q', 'k', 'v')
 
 
 def layer_matrices(model: nn.Module, targets: Targets = None) -> Iterator[Tuple[str, Optional[str], torch.Tensor]]:
     """(name, part, weight) for every targeted linear; a fused q/k/v projection yields its three blocks."""
+    family = model_family(model)
     for name, linear in find_targets(model, targets).items():
         weight = linear.weight.detach()
-        splits = fused_splits(name, linear)
+        splits = fused_splits(family, name, linear)
         if splits == 1:
             yield name, None, weight
         else:
@@ -33,17 +34,10 @@ def layer_matrices(model: nn.Module, targets: Targets = None) -> Iterator[Tuple[
                 yield name, part, block
 
 
-def _layer_info(family: Optional[str], name: str) -> Tuple[Optional[int], str]:
-    match = re.search(r'(?:blocks|layer)\.(\d+)\.', name)
-    block = int(match.group(1)) if match else None
-    kind = 'mlp' if is_mlp(family, name) else ('attention' if family and re.search(r'att', name) else 'other')
-    return block, kind
-
-
-def _short_type(name: str, part: Optional[str]) -> str:
-    """A layer type independent of depth, e.g. 'attn.qkv[q]' or 'attention.self.query'."""
-    short = re.sub(r'^.*?(?:blocks|layer)\.\d+\.', '', name)
-    return f'{short}[{part}]' if part else short
+def _layer_columns(family: Optional[Family], name: str, part: Optional[str]) -> dict:
+    """The name, part, type, block and kind columns of a weight matrix's row (kind 'other' outside attention/MLP)."""
+    return dict(name=name, part=part, type=layer_type(family, name, part), block=block_index(family, name),
+                kind=layer_kind(family, name) or 'other')
 
 
 def spectrum_table(model: nn.Module, targets: Targets = None,
@@ -60,9 +54,7 @@ def spectrum_table(model: nn.Module, targets: Targets = None,
     spectra = singular_values_many([w for _, _, w in entries])
     rows = []
     for (name, part, weight), s in zip(entries, spectra):
-        block, kind = _layer_info(family, name)
-        row = dict(name=name, part=part, type=_short_type(name, part), block=block, kind=kind,
-                   out_features=weight.shape[0], in_features=weight.shape[1], max_rank=min(weight.shape),
+        row = dict(**_layer_columns(family, name, part), out_features=weight.shape[0], in_features=weight.shape[1], max_rank=min(weight.shape),
                    fro_norm=float(s.square().sum().sqrt()), spectral_norm=float(s[0]),
                    stable_rank=stable_rank(s), effective_rank=effective_rank(s))
         for level in energy_levels:
@@ -148,8 +140,7 @@ def capture_layer_inputs(model: nn.Module, inputs, targets: Targets = None) -> D
         hooks.append(linear.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model.eval()
-            model(**inputs) if isinstance(inputs, dict) else model(inputs)
+            call_model(model.eval(), inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -171,12 +162,10 @@ def layer_output_errors(model: nn.Module, inputs, fractions: Sequence[float], ta
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         reference = x @ w.T
         xv = x @ vh.T  # the input in the right singular basis: truncation drops trailing columns
-        block, kind = _layer_info(family, name)
         for f in fractions:
             k = max(1, min(len(s), int(round(f * len(s)))))
             approx = (xv[:, :k] * s[:k]) @ u[:, :k].T
-            rows.append(dict(name=name, part=part, type=_short_type(name, part), block=block, kind=kind,
-                             fraction=float(f), rank=k,
+            rows.append(dict(**_layer_columns(family, name, part), fraction=float(f), rank=k,
                              output_error=float(torch.linalg.norm(approx - reference) / torch.linalg.norm(reference)),
                              weight_error=relative_error(s, k)))
     return pd.DataFrame(rows)
@@ -200,9 +189,8 @@ def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales
     import copy
     from .methods import apply_tou
     family = model_family(model)
-    forward = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
     with torch.no_grad():
-        reference = forward(model.eval())
+        reference = call_model(model.eval(), inputs)
     originals = list(layer_matrices(model, targets))
     layer_rows, total_rows = [], []
     for rank in ranks:
@@ -211,7 +199,7 @@ def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales
             modules = dict(factored.named_modules())
             num = den = 0.0
             with torch.no_grad():
-                logits = forward(factored.eval())
+                logits = call_model(factored.eval(), inputs)
                 for name, part, w in originals:
                     merged = modules[name].weight
                     if part is not None:
@@ -219,9 +207,7 @@ def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales
                     diff = float(torch.linalg.norm((merged - w).double()) ** 2)
                     energy = float(torch.linalg.norm(w.double()) ** 2)
                     num, den = num + diff, den + energy
-                    block, kind = _layer_info(family, name)
-                    layer_rows.append(dict(rank=str(rank), noise_scale=alpha, name=name, part=part,
-                                           type=_short_type(name, part), block=block, kind=kind,
+                    layer_rows.append(dict(rank=str(rank), noise_scale=alpha, **_layer_columns(family, name, part),
                                            weight_error=float(np.sqrt(diff / energy))))
             total_rows.append(dict(rank=str(rank), noise_scale=alpha, weight_error=float(np.sqrt(num / den)),
                                    logit_error=_relative(logits, reference)))

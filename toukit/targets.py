@@ -1,51 +1,122 @@
 """Which linears a method touches, per model family, and the q/k/v view of a fused attention projection.
 
-Families are recognised from module names, so a timm ViT, a Hugging Face BERT-like encoder and the
-toukit text classifier built on one all resolve without configuration. A model of no known family
-exposes every nn.Linear under `targets='all'`.
+Everything toukit knows about a model's layout lives here, in one `Family` description per model family:
+which module names mark the family, which block a layer belongs to, which linears are attention and which MLP,
+which are the blocks' attention and MLP output projections, and which projection fuses q, k and v. The rest of
+toukit asks these functions (`model_family`, `layer_kind`, `block_index`, `layer_type`, `fused_splits`,
+`output_projections`) and never matches layer names itself. A model of no known family exposes every
+nn.Linear but its head under `targets='all'`; anything that needs layer kinds on it raises with its linears listed.
 """
 import fnmatch
 import re
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ['Targets', 'model_family', 'find_targets', 'fused_splits', 'classifier_names', 'QKVSplit', 'split_qkv',
-           'fuse_qkv', 'get_submodule_parent', 'is_mlp']
+__all__ = ['Targets', 'Family', 'FAMILIES', 'model_family', 'find_targets', 'fused_splits', 'classifier_names',
+           'QKVSplit', 'split_qkv', 'fuse_qkv', 'get_submodule_parent', 'layer_kind', 'block_index', 'layer_type',
+           'output_projections', 'describe_linears', 'require_family', 'QKV_PARTS']
 
 Targets = Union[str, Sequence[str], None]
 
-# name patterns (regular expressions, searched in the full module name) per family and part
+
+@dataclass(frozen=True)
+class Family:
+    """A model family's layout, as regular expressions searched in full module names.
+
+    Attributes:
+        name: the family's name.
+        detect: a module name only this family has.
+        block: captures a layer's block (depth) index as group 1.
+        attention: the attention linears (q, k, v or a fused q/k/v, and the output projection).
+        mlp: the MLP (feed-forward) linears.
+        attention_output: the attention output projection of each block (where an adapter goes).
+        mlp_output: the MLP output projection of each block.
+        fused_qkv: a projection that holds q, k and v stacked (out = 3 * in), or None.
+    """
+    name: str
+    detect: str
+    block: str
+    attention: str
+    mlp: str
+    attention_output: str
+    mlp_output: str
+    fused_qkv: Optional[str] = None
+
+
 FAMILIES = {
-    'vit': {  # timm VisionTransformer and relatives: blocks.N.attn.qkv / proj, blocks.N.mlp.fc1 / fc2
-        'detect': r'(^|\.)blocks\.\d+\.attn\.qkv$',
-        'attention': r'(^|\.)blocks\.\d+\.attn\.(qkv|q|k|v|qkv\.[qkv]|proj)$',
-        'mlp': r'(^|\.)blocks\.\d+\.mlp\.fc[12]$',
-    },
-    'bert': {  # Hugging Face BERT / RoBERTa / MiniLM encoders
-        'detect': r'(^|\.)layer\.\d+\.attention\.self\.query$',
-        'attention': r'(^|\.)layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)$',
-        'mlp': r'(^|\.)layer\.\d+\.(intermediate\.dense|output\.dense)$',
-    },
+    'vit': Family(  # timm VisionTransformer and relatives: blocks.N.attn.qkv / proj, blocks.N.mlp.fc1 / fc2
+        name='vit',
+        detect=r'(^|\.)blocks\.\d+\.attn\.qkv$',
+        block=r'(?:^|\.)blocks\.(\d+)\.',
+        attention=r'(^|\.)blocks\.\d+\.attn\.(qkv|q|k|v|qkv\.[qkv]|proj)$',
+        mlp=r'(^|\.)blocks\.\d+\.mlp\.fc[12]$',
+        attention_output=r'(^|\.)blocks\.\d+\.attn\.proj$',
+        mlp_output=r'(^|\.)blocks\.\d+\.mlp\.fc2$',
+        fused_qkv=r'(^|\.)blocks\.\d+\.attn\.qkv$',
+    ),
+    'bert': Family(  # Hugging Face BERT / RoBERTa / MiniLM encoders
+        name='bert',
+        detect=r'(^|\.)layer\.\d+\.attention\.self\.query$',
+        block=r'(?:^|\.)layer\.(\d+)\.',
+        attention=r'(^|\.)layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)$',
+        mlp=r'(^|\.)layer\.\d+\.(intermediate\.dense|output\.dense)$',
+        attention_output=r'(^|\.)layer\.\d+\.attention\.output\.dense$',
+        mlp_output=r'(^|\.)layer\.\d+\.output\.dense$',
+    ),
 }
 CLASSIFIER_NAMES = ('head', 'classifier', 'fc', 'head.fc')
+QKV_PARTS = ('q', 'k', 'v')
 
 
-def model_family(model: nn.Module) -> Optional[str]:
-    """'vit', 'bert' or None, from the model's module names."""
+def model_family(model: nn.Module) -> Optional[Family]:
+    """The model's `Family` (found from its module names), or None."""
     names = [n for n, _ in model.named_modules()]
-    for family, spec in FAMILIES.items():
-        if any(re.search(spec['detect'], n) for n in names):
+    for family in FAMILIES.values():
+        if any(re.search(family.detect, n) for n in names):
             return family
     return None
 
 
-def is_mlp(model_or_family, name: str) -> bool:
-    """Whether module `name` is an MLP (feed-forward) linear of its family."""
-    family = model_or_family if isinstance(model_or_family, (str, type(None))) else model_family(model_or_family)
-    return family is not None and re.search(FAMILIES[family]['mlp'], name) is not None
+def layer_kind(family: Optional[Family], name: str) -> Optional[str]:
+    """'attention', 'mlp' or None (no family, or a linear outside the blocks' attention and MLP)."""
+    if family is None:
+        return None
+    if re.search(family.mlp, name):
+        return 'mlp'
+    return 'attention' if re.search(family.attention, name) else None
+
+
+def block_index(family: Optional[Family], name: str) -> Optional[int]:
+    """The block (depth) a layer belongs to, or None."""
+    match = re.search(family.block, name) if family is not None else None
+    return int(match.group(1)) if match else None
+
+
+def layer_type(family: Optional[Family], name: str, part: Optional[str] = None) -> str:
+    """A layer's type independent of its depth, e.g. 'attn.qkv[q]' or 'attention.self.query'."""
+    short = name[re.search(family.block, name).end():] if block_index(family, name) is not None else name
+    return f'{short}[{part}]' if part else short
+
+
+def describe_linears(model: nn.Module, limit: int = 12) -> str:
+    """The model's nn.Linear names, for error messages."""
+    have = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    shown = ', '.join(have[:limit]) + (f', ... ({len(have)} in all)' if len(have) > limit else '')
+    return shown or 'none'
+
+
+def require_family(model: nn.Module, what: str) -> Family:
+    """The model's family, or a ValueError saying `what` needs one and listing the model's linears."""
+    family = model_family(model)
+    if family is None:
+        raise ValueError(f'{what} needs to know which linears are attention and which MLP, and this model is of no '
+                         f'known family ({", ".join(FAMILIES)}); its linears are: {describe_linears(model)}. '
+                         f'Pass targets as a list of module-name patterns instead')
+    return family
 
 
 def classifier_names(model: nn.Module) -> List[str]:
@@ -73,39 +144,44 @@ def find_targets(model: nn.Module, targets: Targets = 'all', module_type=nn.Line
         ValueError: targets that match nothing; the message lists the linears the model has.
     """
     targets = 'all' if targets is None else targets
-    family = model_family(model)
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, module_type)]
     if isinstance(targets, str) and targets in ('all', 'attention', 'mlp'):
-        if family is None:
-            if targets != 'all':
-                raise ValueError(f'targets={targets!r} needs a known model family (timm ViT or BERT-like); '
-                                 f'this model has none: pass a list of module names')
+        family = model_family(model)
+        if family is None and targets == 'all':
             head = set(classifier_names(model))
             found = [(n, m) for n, m in candidates if n not in head]
         else:
-            parts = ('attention', 'mlp') if targets == 'all' else (targets,)
-            found = [(n, m) for n, m in candidates if any(re.search(FAMILIES[family][p], n) for p in parts)]
+            family = require_family(model, f'targets={targets!r}')
+            kinds = ('attention', 'mlp') if targets == 'all' else (targets,)
+            found = [(n, m) for n, m in candidates if layer_kind(family, n) in kinds]
     else:
         patterns = [targets] if isinstance(targets, str) else list(targets)
         if not patterns or not all(isinstance(p, str) for p in patterns):
             raise ValueError(f'targets={targets!r}: expected "all", "attention", "mlp" or a list of name patterns')
         found = [(n, m) for n, m in candidates if any(_matches(n, p) for p in patterns)]
     if not found:
-        have = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        shown = ', '.join(have[:12]) + (f', ... ({len(have)} in all)' if len(have) > 12 else '')
         raise ValueError(f'targets={targets!r} match no {getattr(module_type, "__name__", "module")} in the model; '
-                         f'its linears are: {shown or "none"}')
+                         f'its linears are: {describe_linears(model)}')
     return OrderedDict(found)
 
 
-def fused_splits(name: str, module: nn.Module) -> int:
-    """How many equal matrices a linear fuses: 3 for a q/k/v projection named '...qkv', else 1."""
-    if name.split('.')[-1] == 'qkv' and module.out_features == 3 * module.in_features:
+def output_projections(model: nn.Module) -> 'OrderedDict[str, nn.Linear]':
+    """Every block's attention output and MLP output projection (where bottleneck adapters go), in order."""
+    family = require_family(model, 'the adapter method')
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and (re.search(family.attention_output, n) or re.search(family.mlp_output, n))]
+    return OrderedDict(found)
+
+
+def fused_splits(family: Optional[Family], name: str, module: nn.Module) -> int:
+    """How many equal matrices a linear fuses: 3 for its family's q/k/v projection, else 1."""
+    if (family is not None and family.fused_qkv and re.search(family.fused_qkv, name)
+            and isinstance(module, nn.Linear) and module.out_features == 3 * module.in_features):
         return 3
     return 1
 
 
-def get_submodule_parent(model: nn.Module, name: str):
+def get_submodule_parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     """(parent module, attribute name) of the submodule called `name`."""
     parent_name, _, child = name.rpartition('.')
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -159,9 +235,9 @@ class QKVSplit(nn.Module):
 
 def split_qkv(model: nn.Module) -> List[str]:
     """Replace every fused q/k/v nn.Linear in the model by a QKVSplit; returns the names replaced."""
-    replaced = []
+    replaced, family = [], model_family(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and fused_splits(name, module) == 3:
+        if fused_splits(family, name, module) == 3:
             parent, child = get_submodule_parent(model, name)
             setattr(parent, child, QKVSplit.from_linear(module))
             replaced.append(name)

@@ -1,22 +1,25 @@
 """One training loop for every method: only the method's prepare() differs.
 
     config = TrainConfig(method='tou')          # the 'demo' preset: MiniLM on BBC News, offline, CPU
-    record = run(config)                        # trains, validates each epoch, merges, writes results/<run>.json
+    record = run(config)                        # trains, evaluates each epoch, merges, writes results/<run id>.json
 
-AdamW at a constant learning rate (the TOU paper's setting), validation after every epoch, the training loss
-every step. The record holds the training wall time (evaluation excluded), the time spent preparing the model
-(factorizing, for TOU), peak memory (CUDA max_memory_allocated on a GPU, the process's peak RSS on the CPU) and
-parameter counts. Methods that change the architecture are merged back after training and validated again.
+AdamW at a constant learning rate (the TOU paper's setting); validation and test accuracy after every epoch
+(choices are made on validation, results reported on test), the training loss every step. The record holds the
+training wall time (evaluation and waiting for data excluded; the wait is recorded apart), the time spent
+preparing the model (factorizing, for TOU), peak memory (CUDA max_memory_allocated on a GPU, the process's peak
+RSS on the CPU), the memory the training steps themselves add (`train_memory_mib`), and parameter counts.
+Methods that change the architecture are merged back after training and evaluated again.
 """
 import dataclasses
 import math
+import os
 import random
-import resource
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -24,36 +27,48 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import load_dataset, num_classes_of
+from .data import DATASETS, load_dataset, num_classes_of
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
-from .models import create_model
+from .models import call_model, create_model
 from .ranks import parse_rank
-from .results import environment, now, write_record
+from .results import environment, now, read_record, run_id, write_record
 
-__all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'run', 'evaluate', 'set_seed']
+__all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'run', 'evaluate', 'set_seed', 'RecordExistsError']
 
 # Presets fill the fields a user leaves as None; any explicit value overrides its preset.
+FULL_GRID = (1e-5, 5e-5, 2e-4, 1e-3)  # FT and TOU: every weight (or B of every weight) trains
+ADAPTER_GRID = (1e-4, 3e-4, 1e-3, 3e-3)  # few trainable parameters started at zero or small: larger steps
 PRESETS: Dict[str, dict] = {
     # offline on 2 CPU cores: the bundled all-MiniLM-L6-v2 on BBC News. rank 0.375 of min(out, in) is the
     # paper's 288/768, i.e. 144 on MiniLM's 384-wide matrices.
     # 64 tokens (headline and lead) keep a 3-epoch run within minutes on 2 cores.
-    'demo': dict(model='minilm', dataset='bbc', epochs=3, batch_size=32, lr=5e-5, max_length=64,
-                 ranks=dict(tou=0.375, tou_frozen_ffn=0.375, lora=8, pissa=8, delora=32, svfit='energy:0.99')),
+    # lr_grid: the learning rates `toukit sweep` tries per method (seed 0), picking each method's best on validation
+    'demo': dict(model='minilm', dataset='bbc', epochs=3, batch_size=32, lr=5e-5, max_length=64, num_workers=0,
+                 ranks=dict(tou=0.375, tou_frozen_ffn=0.375, lora=8, pissa=8, delora=32, svfit='energy:0.99'),
+                 lr_grid=dict(ft=FULL_GRID, tou=FULL_GRID, tou_frozen_ffn=FULL_GRID, **{m: ADAPTER_GRID for m in (
+                     'lora', 'pissa', 'svfit', 'delora', 'adapter', 'bitfit')})),
     # the TOU paper: ViT-B/16 (ImageNet weights) on CIFAR-100, 12 epochs, batch 64, AdamW 5e-5; needs a GPU
     # and internet for the weights and data
+    # num_workers: CIFAR's decode and 248-px bicubic resize run in DataLoader workers, beside the GPU's steps
     'paper': dict(model='vit_base_patch16_224', dataset='cifar100', epochs=12, batch_size=64, lr=5e-5,
-                  download=True, ranks=dict(tou=288, tou_frozen_ffn=288, lora=8, pissa=8, delora=32,
-                                            svfit='energy:0.99')),
+                  download=True, num_workers=min(8, os.cpu_count() or 1),
+                  ranks=dict(tou=288, tou_frozen_ffn=288, lora=8, pissa=8, delora=32, svfit='energy:0.99'),
+                  lr_grid=dict(ft=FULL_GRID, tou=FULL_GRID, tou_frozen_ffn=FULL_GRID, **{m: ADAPTER_GRID for m in (
+                      'lora', 'pissa', 'svfit', 'delora', 'adapter', 'bitfit')})),
     # seconds on a CPU: timm's test_vit on synthetic images (tests and smoke runs)
     'test': dict(model='test_vit', dataset='synthetic', epochs=2, batch_size=16, lr=1e-3, pretrained=False,
-                 train_limit=64, val_limit=32, ranks=dict(tou=8, tou_frozen_ffn=8, lora=4, pissa=4, delora=4,
-                                                          svfit='energy:0.9')),
+                 num_workers=0, ranks=dict(tou=8, tou_frozen_ffn=8, lora=4, pissa=4, delora=4, svfit='energy:0.9'),
+                 lr_grid={m: (1e-4, 1e-3) for m in METHODS}),
 }
 
 
 @dataclass
 class TrainConfig:
-    """One fine-tuning run. Fields left None come from the preset, then from the method's own defaults."""
+    """One fine-tuning run. Fields left None come from the preset, then from the method's own defaults.
+
+    Every field is checked when the config is made: a bad value raises a ValueError naming the field and value,
+    before any work starts.
+    """
     method: str = 'tou'
     preset: str = 'demo'
     model: Optional[str] = None
@@ -65,48 +80,87 @@ class TrainConfig:
     batch_size: Optional[int] = None
     lr: Optional[float] = None
     weight_decay: float = 0.01
-    seed: int = 0
+    seed: int = 0  # the head's init, the data order, TOU's noise, DeLoRA's and the adapters' random factors
+    split_seed: int = 0  # the train/validation/test split: fixed across seeds
     max_length: Optional[int] = None
     train_limit: Optional[int] = None
     val_limit: Optional[int] = None
+    test_limit: Optional[int] = None
     max_steps_per_epoch: Optional[int] = None
     pretrained: Optional[bool] = None
     checkpoint: Optional[str] = None
     download: Optional[bool] = None
     data_root: str = 'data'
-    device: str = 'auto'
+    device: str = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'
     precision: str = 'fp32'  # or 'bf16' (autocast)
     results_dir: str = 'results'
-    run_name: Optional[str] = None  # default: {preset}_{method}_s{seed}
+    run_name: Optional[str] = None  # default: toukit.results.run_id of the config
     save_weights: bool = False  # write the merged model's weights next to the record (safetensors)
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # DataLoader worker processes; None: the preset's
     extra: Dict[str, object] = field(default_factory=dict)  # more method options, e.g. {'svd_method': ...}
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f'method={self.method!r}: unknown; choose one of {", ".join(METHODS)}')
-        if self.preset not in PRESETS:
-            raise ValueError(f'preset={self.preset!r}: unknown; choose one of {", ".join(PRESETS)}')
-        for name in ('epochs', 'batch_size', 'max_length', 'train_limit', 'val_limit', 'max_steps_per_epoch'):
+        def bad(name, why):
+            raise ValueError(f'{name}={getattr(self, name)!r}: {why}')
+
+        def optional(name, kind, check=lambda v: True, why=''):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f'{name}={value!r}: must be an int >= 1')
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
-            raise ValueError(f'lr={self.lr!r}: must be a positive number')
-        if self.noise_scale is not None and not (isinstance(self.noise_scale, (int, float))
-                                                 and 0 <= self.noise_scale < math.inf):
-            raise ValueError(f'noise_scale={self.noise_scale!r}: must be a finite number >= 0')
+            if value is not None and (isinstance(value, bool) and kind is not bool or not isinstance(value, kind)
+                                      or not check(value)):
+                bad(name, why or f'must be {getattr(kind, "__name__", kind)} or None')
+
+        if self.method not in METHODS:
+            bad('method', f'unknown; choose one of {", ".join(METHODS)}')
+        if self.preset not in PRESETS:
+            bad('preset', f'unknown; choose one of {", ".join(PRESETS)}')
+        for name in ('epochs', 'batch_size', 'max_length', 'train_limit', 'val_limit', 'test_limit',
+                     'max_steps_per_epoch'):
+            optional(name, int, lambda v: v >= 1, 'must be an int >= 1')
+        for name in ('seed', 'split_seed'):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                bad(name, 'must be an int')
+        optional('num_workers', int, lambda v: v >= 0, 'must be an int >= 0')
+        optional('lr', (int, float), lambda v: 0 < v < math.inf, 'must be a positive number')
+        optional('noise_scale', (int, float), lambda v: 0 <= v < math.inf, 'must be a finite number >= 0')
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not (
+                0 <= self.weight_decay < math.inf):
+            bad('weight_decay', 'must be a finite number >= 0')
+        for name in ('model', 'dataset', 'checkpoint', 'run_name'):
+            optional(name, str, lambda v: v.strip() != '', 'must be a non-empty string or None')
+        for name in ('data_root', 'results_dir'):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                bad(name, 'must be a non-empty string (a folder)')
+        if self.run_name is not None and ('/' in self.run_name or self.run_name in ('.', '..')):
+            bad('run_name', 'must be a file name, not a path')
+        for name in ('pretrained', 'download'):
+            optional(name, bool)
+        if not isinstance(self.save_weights, bool):
+            bad('save_weights', 'must be True or False')
         if self.precision not in ('fp32', 'bf16'):
-            raise ValueError(f"precision={self.precision!r}: must be 'fp32' or 'bf16'")
+            bad('precision', "must be 'fp32' or 'bf16'")
+        _check_device(self.device)
         if self.dataset is not None:
             num_classes_of(self.dataset)
+        if self.targets is not None and not (isinstance(self.targets, str) or (
+                isinstance(self.targets, (list, tuple)) and self.targets
+                and all(isinstance(t, str) for t in self.targets))):
+            bad('targets', "must be 'all', 'attention', 'mlp' or a non-empty list of module-name patterns")
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if not isinstance(self.extra, dict):
+            bad('extra', 'must be a dict of method options')
+        unknown = set(self.extra) - set(METHODS[self.method].defaults)
+        if unknown:
+            bad('extra', f'method {self.method!r} takes no option {", ".join(sorted(unknown))}; its options are '
+                         f'{", ".join(METHODS[self.method].defaults) or "none"}')
         if self.rank is not None:
             policy = parse_rank(self.rank)  # validates; '288' -> 288, '0.375' -> 0.375, 'energy:0.9' stays
             self.rank = str(policy) if policy.needs_spectrum else policy.value
 
     @property
     def name(self) -> str:
-        return self.run_name or f'{self.preset}_{self.method}_s{self.seed}'
+        """The run's id: `run_name` if given, else `toukit.results.run_id` of this config."""
+        return self.run_name or run_id(dataclasses.asdict(self))
 
     @property
     def record_path(self) -> Path:
@@ -117,10 +171,28 @@ class TrainConfig:
         takes = METHODS[self.method].defaults
         options = dict(rank=self.rank, noise_scale=self.noise_scale, targets=self.targets, seed=self.seed,
                        **self.extra)
-        unknown = set(self.extra) - set(takes)
-        if unknown:
-            raise ValueError(f'extra={self.extra!r}: method {self.method!r} takes no option {", ".join(unknown)}')
         return {k: v for k, v in options.items() if k in takes and v is not None}
+
+
+def _check_device(device: str) -> None:
+    """A ValueError naming `device` unless torch knows it and, for CUDA, this machine has it."""
+    if device == 'auto':
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: not a device torch knows; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+                         ) from None
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ValueError(f'device={device!r}: this machine has {count} CUDA device(s)')
+    elif dev.type != 'cpu':
+        raise ValueError(f"device={device!r}: toukit trains on 'cpu' or 'cuda'")
+
+
+class RecordExistsError(FileExistsError):
+    """A successful record of the same run exists; pass overwrite=True (or --redo) to replace it."""
 
 
 def resolve_config(config: Optional[TrainConfig] = None, **overrides) -> TrainConfig:
@@ -135,7 +207,7 @@ def resolve_config(config: Optional[TrainConfig] = None, **overrides) -> TrainCo
         filled['rank'] = preset['ranks'][config.method]
     if config.noise_scale is None and 'noise_scale' in METHODS[config.method].defaults:
         filled['noise_scale'] = METHODS[config.method].defaults['noise_scale']  # recorded, not implied
-    defaults = dict(epochs=3, batch_size=32, lr=5e-5, max_length=128, pretrained=True, download=False)
+    defaults = dict(epochs=3, batch_size=32, lr=5e-5, max_length=128, pretrained=True, download=False, num_workers=0)
     for k, v in defaults.items():
         if getattr(config, k) is None and k not in filled:
             filled[k] = v
@@ -163,56 +235,108 @@ def _to(batch, device):
     return inputs, labels.to(device, non_blocking=True)
 
 
-def _forward(model: nn.Module, inputs) -> torch.Tensor:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = 'fp32',
-             return_logits: bool = False):
-    """(accuracy, mean loss[, logits]) of `model` on `loader`."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = 'fp32') -> dict:
+    """Accuracy, mean loss, the logits and labels (on the CPU) and the seconds it took, of `model` on `loader`."""
     model.eval()
-    correct, total, loss_sum, all_logits = 0, 0, 0.0, []
+    correct, total, loss_sum, all_logits, all_labels = 0, 0, 0.0, [], []
+    t0 = time.perf_counter()
     for batch in loader:
         inputs, labels = _to(batch, device)
         with _autocast(device, precision):
-            logits = _forward(model, inputs).float()
+            logits = call_model(model, inputs).float()
         loss_sum += F.cross_entropy(logits, labels, reduction='sum').item()
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
-        if return_logits:
-            all_logits.append(logits.cpu())
-    out = (correct / max(total, 1), loss_sum / max(total, 1))
-    return out + (torch.cat(all_logits),) if return_logits else out
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    return dict(accuracy=correct / max(total, 1), loss=loss_sum / max(total, 1), logits=torch.cat(all_logits),
+                labels=torch.cat(all_labels), seconds=time.perf_counter() - t0)
+
+
+def _rss_mib() -> float:
+    """The process's resident set size now, in MiB (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 class _Memory:
-    """Peak memory in MiB: CUDA's max_memory_allocated on a GPU, else the process's peak resident set size."""
+    """Peak memory in MiB, and the part of it the training steps add.
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    On a GPU: `torch.cuda.max_memory_allocated`, and its peak during training above what was allocated just before
+    the first step. On the CPU: the process's peak RSS (which includes the runtime and the factorization's
+    workspace), and the peak RSS sampled every `interval` seconds during the training steps above the RSS just
+    before the first step: parameters' gradients, optimizer state and activations, which is what separates methods.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device, self.interval = device, interval
         self.kind = 'cuda_max_allocated' if device.type == 'cuda' else 'process_peak_rss'
+        self.baseline = self.train_peak = None
+        self._stop = threading.Event()
+        self._thread = None
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
 
     def peak_mib(self) -> float:
         if self.device.type == 'cuda':
             return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
+    def start_training(self) -> None:
+        """Call just before the first training step."""
+        if self.device.type == 'cuda':
+            self.baseline = torch.cuda.memory_allocated(self.device) / 2 ** 20
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self.baseline = self.train_peak = _rss_mib()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
 
-def run(config: Optional[TrainConfig] = None, progress: bool = True, **overrides) -> dict:
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.train_peak = max(self.train_peak, _rss_mib())
+
+    def stop_training(self) -> Optional[float]:
+        """Stop sampling; the MiB the training steps added over the baseline (None if never started)."""
+        if self.baseline is None:
+            return None
+        if self.device.type == 'cuda':
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20 - self.baseline
+        self._stop.set()
+        self._thread.join()
+        return max(self.train_peak, _rss_mib()) - self.baseline
+
+
+def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: bool = False, **overrides) -> dict:
     """Fine-tune one model with one method and write its run record; returns the record.
 
-    A run that raises leaves a record with status 'failed', the error and the history so far.
+    The record goes to `results_dir/<run id>.json`, the id built from every config field that changes the result
+    (`toukit.results.run_id`), so runs that differ in any of them never share a file. A run that raises leaves a
+    record with status 'failed', the error and the history so far.
+
+    Raises:
+        RecordExistsError: a successful record of this run exists and `overwrite` is False (nothing is written).
     """
     config = resolve_config(config, **overrides)
     device = _device(config.device)
     path = config.record_path
+    if not overwrite and path.exists():
+        try:
+            existing = read_record(path).get('status')
+        except (OSError, ValueError):
+            existing = None  # unreadable: a dead run's leftover, replaced below
+        if existing == 'ok':
+            raise RecordExistsError(f'{path}: a successful record of this run exists; pass overwrite=True '
+                                    f'(toukit: --redo) to run it again and replace it')
     record = dict(run=dict(id=config.name, created=now(), config=dataclasses.asdict(config)), status='running',
                   metrics=dict(epochs=[], steps=[], final={}), cost={}, env=environment(str(device)))
     try:
@@ -229,84 +353,117 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, **overrides
     return record
 
 
+def _loaders(config: TrainConfig, data, device: torch.device):
+    workers = dict(num_workers=config.num_workers, pin_memory=device.type == 'cuda',
+                   persistent_workers=config.num_workers > 0)
+    generator = torch.Generator().manual_seed(config.seed)
+    train = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator, **workers)
+    evals = {split: DataLoader(getattr(data, split), batch_size=config.batch_size * 2, **workers)
+             for split in ('val', 'test')}
+    return train, evals
+
+
 def _train(config: TrainConfig, device: torch.device, record: dict, progress: bool, path: Path) -> None:
     from tqdm.auto import tqdm
     set_seed(config.seed)
     model = create_model(config.model, num_classes_of(config.dataset), pretrained=config.pretrained,
                          checkpoint=config.checkpoint, seed=config.seed)
-    data = load_dataset(config.dataset, model, root=config.data_root, seed=config.seed, max_length=config.max_length,
-                        train_limit=config.train_limit, val_limit=config.val_limit, download=config.download)
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator,
-                              num_workers=config.num_workers, pin_memory=device.type == 'cuda')
-    val_loader = DataLoader(data.val, batch_size=config.batch_size * 2, num_workers=config.num_workers)
+    data = load_dataset(config.dataset, model, root=config.data_root, split_seed=config.split_seed,
+                        max_length=config.max_length, train_limit=config.train_limit, val_limit=config.val_limit,
+                        test_limit=config.test_limit, download=config.download)
+    set_seed(config.seed)  # the data's own draws (limits) never shift the seeded stream the run uses
+    train_loader, eval_loaders = _loaders(config, data, device)
 
     model.to(device)
     memory = _Memory(device)
     t0 = time.perf_counter()
     apply_method(model, config.method, **config.method_options())
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+    _sync(device)
     factorize_seconds = time.perf_counter() - t0  # new layers are built on their weights' device
     trainable, total = count_parameters(model)
     record['cost'].update(trainable_params=trainable, total_params=total, factorize_seconds=factorize_seconds,
-                          memory_kind=memory.kind)
-    record['data'] = dict(train_size=len(data.train), val_size=len(data.val), classes=data.classes)
+                          memory_kind=memory.kind, num_workers=config.num_workers)
+    record['data'] = dict(train_size=len(data.train), val_size=len(data.val), test_size=len(data.test),
+                          classes=data.classes)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)  # constant lr
     steps_per_epoch = len(train_loader) if config.max_steps_per_epoch is None else min(
         len(train_loader), config.max_steps_per_epoch)
-    step, train_seconds = 0, 0.0
+    step, train_seconds, data_seconds = 0, 0.0, 0.0
     metrics = record['metrics']
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        bar = tqdm(total=steps_per_epoch, desc=f'{config.method} epoch {epoch}/{config.epochs}', disable=not progress,
-                   leave=False)
-        losses = []
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t_epoch = time.perf_counter()
-        for i, batch in enumerate(train_loader):
-            if i >= steps_per_epoch:
-                break
-            inputs, labels = _to(batch, device)
-            with _autocast(device, config.precision):
-                loss = F.cross_entropy(_forward(model, inputs).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f'training loss is {losses[-1]} at step {step} (epoch {epoch})')
-            metrics['steps'].append(dict(step=step, epoch=epoch, loss=losses[-1]))
-            bar.set_postfix(loss=f'{losses[-1]:.4f}')
-            bar.update()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        epoch_seconds = time.perf_counter() - t_epoch
-        train_seconds += epoch_seconds
-        bar.close()
-        val_accuracy, val_loss, logits = evaluate(model, val_loader, device, config.precision, return_logits=True)
-        metrics['epochs'].append(dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)), val_loss=val_loss,
-                                      val_accuracy=val_accuracy, train_seconds=epoch_seconds))
-        record['cost'].update(train_seconds=train_seconds, peak_memory_mib=memory.peak_mib())
-        write_record(record, path)  # a partial record after every epoch: a dead run loses at most one epoch
-        if progress:
-            print(f'epoch {epoch}: train loss {np.mean(losses):.4f}  val loss {val_loss:.4f}  '
-                  f'val accuracy {val_accuracy:.4f}  ({epoch_seconds:.1f}s)')
+    memory.start_training()
+    try:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            bar = tqdm(total=steps_per_epoch, desc=f'{config.method} epoch {epoch}/{config.epochs}',
+                       disable=not progress, leave=False)
+            losses, epoch_seconds, epoch_data = [], 0.0, 0.0
+            batches = iter(train_loader)
+            for _ in range(steps_per_epoch):
+                t_data = time.perf_counter()
+                inputs, labels = _to(next(batches), device)
+                t_step = time.perf_counter()
+                with _autocast(device, config.precision):
+                    loss = F.cross_entropy(call_model(model, inputs).float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())  # .item() waits for the device: the step is done
+                epoch_seconds += time.perf_counter() - t_step
+                epoch_data += t_step - t_data
+                step += 1
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f'training loss is {losses[-1]} at step {step} (epoch {epoch})')
+                metrics['steps'].append(dict(step=step, epoch=epoch, loss=losses[-1]))
+                bar.set_postfix(loss=f'{losses[-1]:.4f}')
+                bar.update()
+            del batches
+            bar.close()
+            train_seconds, data_seconds = train_seconds + epoch_seconds, data_seconds + epoch_data
+            evals = {split: evaluate(model, loader, device, config.precision) for split, loader in eval_loaders.items()}
+            metrics['epochs'].append(dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)),
+                                          val_loss=evals['val']['loss'], val_accuracy=evals['val']['accuracy'],
+                                          test_loss=evals['test']['loss'], test_accuracy=evals['test']['accuracy'],
+                                          train_seconds=epoch_seconds, data_seconds=epoch_data))
+            record['cost'].update(train_seconds=train_seconds, data_seconds=data_seconds,
+                                  peak_memory_mib=memory.peak_mib())
+            write_record(record, path)  # a partial record after every epoch: a dead run loses at most one epoch
+            if progress:
+                print(f'epoch {epoch}: train loss {np.mean(losses):.4f}  val loss {evals["val"]["loss"]:.4f}  '
+                      f'val accuracy {evals["val"]["accuracy"]:.4f}  test accuracy {evals["test"]["accuracy"]:.4f}  '
+                      f'({epoch_seconds:.1f}s)')
+    finally:
+        record['cost']['train_memory_mib'] = memory.stop_training()
 
-    final = dict(val_accuracy=metrics['epochs'][-1]['val_accuracy'], val_loss=metrics['epochs'][-1]['val_loss'],
-                 best_val_accuracy=max(e['val_accuracy'] for e in metrics['epochs']), steps=step)
-    if has_method_layers(model):
-        # merge back into the original architecture and check nothing changed against the last validation
+    last = metrics['epochs'][-1]
+    test_predictions = evals['test']['logits'].argmax(-1)
+    final = dict(val_accuracy=last['val_accuracy'], val_loss=last['val_loss'], test_accuracy=last['test_accuracy'],
+                 test_loss=last['test_loss'], best_val_accuracy=max(e['val_accuracy'] for e in metrics['epochs']),
+                 steps=step, test_predictions=test_predictions.tolist(),
+                 test_labels=evals['test']['labels'].tolist(),
+                 inference_seconds=evals['test']['seconds'], inference_params=count_parameters(model)[1])
+    if not METHODS[config.method].mergeable:
+        final['merge'] = f'not applicable: {config.method} adds modules, which stay at inference'
+    elif has_method_layers(model):
+        # merge back into the original architecture and check nothing changed against the last evaluation
         merge(model)
-        merged_accuracy, _, merged_logits = evaluate(model, val_loader, device, config.precision, return_logits=True)
-        final.update(merged_val_accuracy=merged_accuracy, merged_params=count_parameters(model)[1],
-                     merged_max_abs_logit_diff=float((merged_logits - logits).abs().max()))
+        merged = {split: evaluate(model, loader, device, config.precision) for split, loader in eval_loaders.items()}
+        final.update(merge='merged', merged_val_accuracy=merged['val']['accuracy'],
+                     merged_test_accuracy=merged['test']['accuracy'], merged_params=count_parameters(model)[1],
+                     merged_max_abs_logit_diff=max(float((merged[k]['logits'] - evals[k]['logits']).abs().max())
+                                                   for k in merged),
+                     inference_seconds=merged['test']['seconds'], inference_params=count_parameters(model)[1])
+    else:
+        final['merge'] = 'nothing to merge: the architecture never changed'
     metrics['final'] = final
     if config.save_weights:
         from safetensors.torch import save_model
-        merge(model)  # a no-op when already merged (or never prepared: ft, bitfit)
+        if METHODS[config.method].mergeable:
+            merge(model)  # a no-op when already merged (or never prepared: ft, bitfit)
         save_model(model, str(path.with_suffix('.safetensors')))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)

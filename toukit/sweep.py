@@ -1,0 +1,193 @@
+"""Learning-rate sweeps and the two comparison protocols, built on `toukit.train.run` (the loop stays one loop).
+
+    toukit sweep --preset demo            # the grid on seed 0, each method at its best rate on 3 seeds, the paper's rate
+
+Three stages, each skipping runs whose successful record exists, so an interrupted sweep picks up where it
+stopped:
+1. grid: every method at every learning rate of its grid (the preset's `lr_grid`), on the first seed;
+2. tuned: each method at the rate with the best final validation accuracy of stage 1 (ties: the first rate in the
+   grid), on every seed; the first seed's run is stage 1's;
+3. paper: every method at the preset's shared learning rate (the TOU paper's constant 5e-5), on every seed.
+Test accuracy is never read while choosing. Seeds change the head's init, the data order, TOU's noise and the
+random factors of DeLoRA and the adapters; the train/validation/test split stays fixed (`split_seed`).
+
+Each run executes `notebooks/train.ipynb` with papermill in a fresh kernel (its executed copy goes to
+`<results_dir>/notebooks/<run id>.ipynb`), so every run's peak memory and training memory are its own, not
+the remains of the runs before it in one process. The manifest `<results_dir>/<preset>.sweep.json` names the
+runs of each protocol and the chosen rates; it is rewritten after every run, and `toukit.load_runs` reads it
+into the `protocol` column.
+"""
+import dataclasses
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .methods import METHODS
+from .notebooks import run_notebook
+from .results import MANIFEST_SUFFIX, now, read_record, write_record
+from .train import PRESETS, TrainConfig, resolve_config
+
+__all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS']
+
+PROTOCOLS = ('grid', 'tuned', 'paper')
+
+
+def check_grid(grid: Dict[str, Sequence[float]], methods: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
+    """`grid` as method -> sorted list of rates; a ValueError names an unknown method or a bad rate."""
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f'lr grid={grid!r}: expected a non-empty dict of method -> learning rates')
+    out = {}
+    for method, rates in grid.items():
+        if method not in METHODS:
+            raise ValueError(f'lr grid for method={method!r}: unknown; choose from {", ".join(METHODS)}')
+        rates = list(rates) if isinstance(rates, (list, tuple)) else [rates]
+        if not rates:
+            raise ValueError(f'lr grid for {method}: empty; give at least one learning rate')
+        for lr in rates:
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
+                raise ValueError(f'lr grid for {method}: lr={lr!r} must be a positive number')
+        out[method] = sorted(float(lr) for lr in set(rates))
+    missing = [m for m in (methods or []) if m not in out]
+    if missing:
+        raise ValueError(f'lr grid has no rates for methods {missing}')
+    return out
+
+
+def _check_seeds(seeds: Sequence[int]) -> List[int]:
+    seeds = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f'seeds={seeds!r}: expected a non-empty list of ints')
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f'seeds={seeds!r}: repeated seeds')
+    return seeds
+
+
+def manifest_path(results_dir: str, preset: str) -> Path:
+    return Path(results_dir) / f'{preset}{MANIFEST_SUFFIX}'
+
+
+def _config(preset: str, method: str, lr: float, seed: int, results_dir: str, overrides: dict) -> TrainConfig:
+    return resolve_config(TrainConfig(method=method, preset=preset, lr=lr, seed=seed, results_dir=results_dir,
+                                      **overrides))
+
+
+def _status(config: TrainConfig) -> Optional[dict]:
+    """The run's record if it finished successfully, else None."""
+    try:
+        record = read_record(config.record_path)
+    except (OSError, ValueError):
+        return None
+    return record if record.get('status') == 'ok' else None
+
+
+def select_lr(records: Dict[float, Optional[dict]]) -> Optional[float]:
+    """The learning rate whose record has the best final validation accuracy; None while any record is missing.
+
+    Ties go to the first rate in `records`' order. Only `metrics.final.val_accuracy` is read, never test accuracy.
+    """
+    if not records or any(r is None for r in records.values()):
+        return None
+    best, best_acc = None, -1.0
+    for lr, record in records.items():
+        acc = record['metrics']['final']['val_accuracy']
+        if acc > best_acc:
+            best, best_acc = lr, acc
+    return best
+
+
+def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
+         grid: Optional[Dict[str, Sequence[float]]] = None, results_dir: str = 'results',
+         overrides: Optional[dict] = None) -> dict:
+    """The sweep's manifest as far as the records on disk allow: grid, chosen rates and the runs of each protocol.
+
+    A method's tuned runs are listed once all of its grid runs have succeeded.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f'preset={preset!r}: unknown; choose one of {", ".join(PRESETS)}')
+    methods = list(methods or METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f'methods={bad!r}: unknown; choose from {", ".join(METHODS)}')
+    seeds = _check_seeds(seeds)
+    grid = check_grid(grid if grid is not None else PRESETS[preset].get('lr_grid', {}), methods)
+    overrides = dict(overrides or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {'extra'}
+    for key in overrides:
+        if key in ('method', 'preset', 'lr', 'seed', 'results_dir'):
+            raise ValueError(f'overrides: {key!r} is set by the sweep itself')
+        if key not in fields:
+            raise ValueError(f'overrides: {key!r} is not a training parameter; choose from {", ".join(sorted(fields))}')
+    paper_lr = resolve_config(TrainConfig(preset=preset)).lr
+    runs = {p: {} for p in PROTOCOLS}
+    configs, selected = {}, {}
+    for method in methods:
+        grid_configs = {lr: _config(preset, method, lr, seeds[0], results_dir, overrides) for lr in grid[method]}
+        runs['grid'][method] = [c.name for c in grid_configs.values()]
+        best = select_lr({lr: _status(c) for lr, c in grid_configs.items()})
+        tuned = []
+        if best is not None:
+            selected[method] = best
+            tuned = [_config(preset, method, best, s, results_dir, overrides) for s in seeds]
+            runs['tuned'][method] = [c.name for c in tuned]
+        paper = [_config(preset, method, paper_lr, s, results_dir, overrides) for s in seeds]
+        runs['paper'][method] = [c.name for c in paper]
+        for c in list(grid_configs.values()) + tuned + paper:
+            configs[c.name] = c
+    return dict(preset=preset, created=now(), methods=methods, seeds=seeds, grid=grid, paper_lr=paper_lr,
+                selected_lr=selected, overrides=overrides, runs=runs, configs=configs)
+
+
+def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
+          grid: Optional[Dict[str, Sequence[float]]] = None, results_dir: str = 'results',
+          overrides: Optional[dict] = None, redo: bool = False, stages: Sequence[str] = PROTOCOLS,
+          progress: bool = True) -> dict:
+    """Run the grid, then each method's best rate on every seed, then the paper's shared rate; returns the manifest.
+
+    Args:
+        preset: 'demo', 'paper' or 'test'.
+        methods: default every registered method.
+        seeds: the first one runs the grid.
+        grid: method -> learning rates; default the preset's `lr_grid`.
+        results_dir: records and the manifest.
+        overrides: more TrainConfig fields for every run (e.g. epochs or max_steps_per_epoch for a quick check).
+        redo: run again where a successful record exists.
+        stages: which of 'grid', 'tuned', 'paper' to run (all by default, in that order).
+        progress: progress bars.
+
+    A run that fails is recorded as failed and the sweep goes on with the next; the failures are raised together
+    at the end.
+    """
+    from tqdm.auto import tqdm
+    bad = [s for s in stages if s not in PROTOCOLS]
+    if bad:
+        raise ValueError(f'stages={bad!r}: choose from {", ".join(PROTOCOLS)}')
+    failures, done = [], set()
+    results_dir = str(Path(results_dir).resolve())  # the notebooks run elsewhere
+    manifest = plan(preset, methods, seeds, grid, results_dir, overrides)
+    for stage in [s for s in PROTOCOLS if s in stages]:
+        if stage != 'grid':  # the grid's records decide the tuned rates
+            manifest = plan(preset, methods, seeds, grid, results_dir, overrides)
+        ids = [i for by_method in manifest['runs'][stage].values() for i in by_method]
+        for name in tqdm(ids, desc=f'sweep {preset}: {stage}', disable=not progress):
+            config = manifest['configs'][name]
+            if name in done or (not redo and _status(config) is not None):
+                continue
+            parameters = dict(method=config.method, preset=preset, lr=config.lr, seed=config.seed,
+                              results_dir=results_dir, overwrite=redo, **manifest['overrides'])
+            try:
+                run_notebook('train.ipynb', Path(results_dir) / 'notebooks' / f'{name}.ipynb', parameters,
+                             cwd=Path(results_dir).parent, progress=progress)
+            except Exception as e:  # noqa: BLE001 - the run's own record says why; the sweep goes on
+                failures.append(f'{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}')
+            done.add(name)
+            _write_manifest(plan(preset, methods, seeds, grid, results_dir, overrides), results_dir)
+    manifest = plan(preset, methods, seeds, grid, results_dir, overrides)
+    _write_manifest(manifest, results_dir)
+    if failures:
+        raise RuntimeError(f'{len(failures)} sweep run(s) failed (records say why): ' + '; '.join(failures))
+    return manifest
+
+
+def _write_manifest(manifest: dict, results_dir: str) -> Path:
+    public = {k: v for k, v in manifest.items() if k != 'configs'}
+    return write_record(public, manifest_path(results_dir, manifest['preset']))
