@@ -10,9 +10,10 @@ import toukit
 from toukit import apply_method, count_parameters, merge
 from conftest import bert_inputs
 
-METHODS = ['ft', 'lora', 'pissa', 'tou', 'tou_frozen_ffn', 'svfit', 'delora', 'bitfit']
+METHODS = toukit.method_names()
+MERGEABLE = [m for m in METHODS if toukit.METHODS[m].mergeable]
 # methods whose freshly prepared model computes the base model's function (TOU does only at full rank, no noise)
-EXACT_AT_START = ['ft', 'lora', 'pissa', 'svfit', 'delora', 'bitfit']
+EXACT_AT_START = [m for m in METHODS if m not in ('tou', 'tou_frozen_ffn')]
 
 
 def _vit():
@@ -27,11 +28,15 @@ def test_prepared_model_starts_at_base_outputs(method):
     with torch.no_grad():
         before = model(x)
         apply_method(model, method, rank=4 if method in ('lora', 'pissa', 'delora') else None)
+        if method == 'adapter':  # its up-projections start at zero: give them a value, the start must still hold
+            for m in model.modules():
+                if isinstance(m, toukit.AdapterLinear):
+                    torch.nn.init.normal_(m.adapter_down.weight)
         after = model.eval()(x)
     assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', MERGEABLE)
 def test_train_step_then_merge_restores_architecture(method):
     model = _vit()
     reference = _vit()
@@ -50,7 +55,28 @@ def test_train_step_then_merge_restores_architecture(method):
         after = model(x)
     assert_close(after, before, rtol=1e-4, atol=1e-4)
     reference.load_state_dict(model.state_dict(), strict=True)
-    assert toukit.is_prepared(model) is None
+    assert toukit.is_prepared(model) is False
+
+
+def test_adapter_width_count_and_no_merge(tiny_bert):
+    minilm_like = toukit.create_model('tiny-bert', num_classes=3, seed=0)  # hidden 32, 2 layers
+    apply_method(minilm_like, 'adapter', width=4)
+    adapters = [m for m in minilm_like.modules() if isinstance(m, toukit.AdapterLinear)]
+    assert len(adapters) == 2 * 2  # attention output and MLP output of each block
+    trainable = {n for n, p in minilm_like.named_parameters() if p.requires_grad}
+    assert all('adapter_' in n or n.startswith('head.') for n in trainable)
+    assert sum(p.numel() for n, p in minilm_like.named_parameters() if 'adapter_' in n) == 4 * (2 * 4 * 32 + 4 + 32)
+    minilm_like(**bert_inputs()).sum().backward()
+    with pytest.raises(ValueError, match='cannot merge'):
+        merge(minilm_like)
+    assert len([m for m in minilm_like.modules() if isinstance(m, toukit.AdapterLinear)]) == 4  # left as it was
+
+
+def test_adapter_on_vit_b16_is_comparable_to_lora():
+    model = timm.create_model('vit_base_patch16_224', num_classes=100, pretrained=False)
+    apply_method(model, 'adapter')
+    adapters = sum(p.numel() for n, p in model.named_parameters() if 'adapter_' in n)
+    assert adapters == 12 * 2 * (2 * 16 * 768 + 16 + 768)  # width 16 after attn.proj and mlp.fc2: 1.20M
 
 
 def test_trainable_names_are_filterable():

@@ -1,25 +1,26 @@
 """toukit: truncated-SVD fine-tuning (TOU) of pretrained transformers, its relatives and its analysis."""
 __version__ = '0.1.0'
 
-from .layers import DeLoRALinear, FactorizedLinear, SVFitLinear
+from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear
 from .linalg import (effective_rank, energy_curve, relative_error, rank_for_energy, singular_values, stable_rank,
                      truncated_svd)
 from .methods import (DEFAULT_NOISE_SCALE, METHODS, apply_method, apply_tou, count_parameters, is_prepared, merge,
-                      method_names)
+                      method_label, method_names)
 from .models import create_model
 from .ranks import RankPolicy, parse_rank
-from .results import load_runs
+from .results import load_runs, run_id
 from .spectrum import layer_matrices, rank_table, spectrum_table
 from .targets import find_targets, fuse_qkv, split_qkv
 
 __all__ = [
-    'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear',
+    'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear',
     'singular_values', 'truncated_svd', 'energy_curve', 'rank_for_energy', 'stable_rank', 'effective_rank',
     'relative_error',
     'RankPolicy', 'parse_rank',
     'find_targets', 'split_qkv', 'fuse_qkv',
     'apply_tou', 'apply_method', 'merge', 'count_parameters', 'is_prepared', 'METHODS', 'method_names',
+    'method_label',
     'DEFAULT_NOISE_SCALE',
     'spectrum_table', 'rank_table', 'layer_matrices',
-    'create_model', 'load_runs',
+    'create_model', 'load_runs', 'run_id',
 ]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
-from .linalg import check_finite, svd_many
+from .linalg import check_finite, check_rank, svd_many
 from .ranks import RankSpec, parse_rank
 from .targets import (Targets, classifier_names, find_targets, fuse_qkv, fused_splits, get_submodule_parent,
                       layer_kind, model_family, output_projections, QKVSplit, require_family, split_qkv)
@@ -248,7 +248,10 @@ def ft(model: nn.Module) -> None:
 def _peft_lora(model: nn.Module, targets: Targets, **config) -> None:
     from peft import LoraConfig, inject_adapter_in_model
     _split_view(model)
-    names = list(find_targets(model, targets))
+    found = find_targets(model, targets)
+    for name, linear in found.items():
+        check_rank(config['r'], tuple(linear.weight.shape), name)
+    names = list(found)
     inject_adapter_in_model(LoraConfig(target_modules=names, bias='none', **config), model)
 
 

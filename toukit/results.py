@@ -66,13 +66,20 @@ def _git_sha() -> str:
         return 'unknown'
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version('toukit')
+    except PackageNotFoundError:
+        return 'not installed'
+
+
 def environment(device: str = 'cpu') -> dict:
     """toukit version, git sha, torch and Python versions, device name and CPU count."""
     import torch
-    from . import __version__
     name = torch.cuda.get_device_name(0) if device.startswith('cuda') and torch.cuda.is_available() else (
         f'cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)')
-    return dict(toukit=__version__, git_sha=_git_sha(), torch=torch.__version__, python=platform.python_version(),
+    return dict(toukit=_version(), git_sha=_git_sha(), torch=torch.__version__, python=platform.python_version(),
                 device=name, platform=platform.platform())
 
 
