@@ -1,0 +1,129 @@
+"""The comparison machinery: learning-rate selection on validation only, protocols, claims with intervals."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import toukit
+from toukit import claims, results, sweep
+
+
+def _record(val, test):
+    return {'metrics': {'final': {'val_accuracy': val, 'test_accuracy': test}}}
+
+
+def test_select_lr_reads_validation_never_test():
+    records = {1e-4: _record(0.80, 0.99), 1e-3: _record(0.90, 0.10), 1e-2: _record(0.85, 0.95)}
+    assert sweep.select_lr(records) == 1e-3
+    # a test accuracy that would change the choice changes nothing; a validation one does
+    assert sweep.select_lr({**records, 1e-3: _record(0.90, 1.0)}) == 1e-3
+    assert sweep.select_lr({**records, 1e-2: _record(0.95, 0.0)}) == 1e-2
+    assert sweep.select_lr({1e-4: _record(0.9, 0), 1e-3: _record(0.9, 1)}) == 1e-4  # ties: the first rate
+    assert sweep.select_lr({1e-4: _record(0.9, 0), 1e-3: None}) is None  # not before the whole grid is in
+
+
+@pytest.mark.parametrize('grid, match', [
+    ({}, 'non-empty'), ({'ft': []}, 'empty'), ({'ft': [0.0]}, 'lr=0.0'), ({'ft': [-1e-3]}, 'lr=-0.001'),
+    ({'nope': [1e-3]}, "method='nope'"), ({'ft': ['1e-3']}, "lr='1e-3'"), ({'ft': [True]}, 'lr=True')])
+def test_bad_grids_are_refused(grid, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.check_grid(grid)
+
+
+@pytest.mark.parametrize('seeds, match', [([], 'seeds'), ([0, 1.5], 'seeds'), (['0'], 'seeds'), ([1, 1], 'repeated')])
+def test_bad_seeds_are_refused(seeds, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.plan('test', ['ft'], seeds)
+
+
+def test_plan_names_the_runs_of_each_protocol(tmp_path):
+    manifest = sweep.plan('test', ['ft', 'lora'], [0, 1, 2], grid={'ft': [1e-3, 1e-4], 'lora': [1e-3]},
+                          results_dir=str(tmp_path))
+    assert manifest['grid'] == {'ft': [1e-4, 1e-3], 'lora': [1e-3]}
+    assert [len(manifest['runs']['grid'][m]) for m in ('ft', 'lora')] == [2, 1]
+    assert manifest['runs']['tuned'] == {} and manifest['selected_lr'] == {}  # no grid record yet
+    paper = manifest['runs']['paper']['ft']
+    assert len(paper) == 3 and all(f'_lr{manifest["paper_lr"]:g}_' in i for i in paper)
+    assert paper[0] in manifest['runs']['grid']['ft']  # the test preset's shared rate is in this grid: one run
+    with pytest.raises(ValueError, match="'lr' is set by the sweep"):
+        sweep.plan('test', ['ft'], overrides={'lr': 1e-3})
+    with pytest.raises(ValueError, match="'nope' is not a training parameter"):
+        sweep.plan('test', ['ft'], overrides={'nope': 1})
+
+
+@pytest.mark.notebook
+def test_tiny_sweep_picks_best_validation_rate_and_resumes(tmp_path):
+    grid = {'tou': [1e-5, 1e-3]}
+    manifest = sweep.sweep('test', ['tou'], [0, 1], grid=grid, results_dir=str(tmp_path),
+                           overrides=dict(epochs=1, max_steps_per_epoch=4), progress=False)
+    runs = toukit.load_runs(tmp_path)
+    grid_runs = results.with_protocol(runs, 'grid').set_index('lr')
+    assert manifest['selected_lr']['tou'] == grid_runs.val_accuracy.idxmax()
+    tuned = results.with_protocol(runs, 'tuned')
+    assert sorted(tuned.seed) == [0, 1] and set(tuned.lr) == {manifest['selected_lr']['tou']}
+    assert set(results.with_protocol(runs, 'paper').lr) == {1e-3}
+    ids = {i for by_method in manifest['runs'].values() for ids in by_method.values() for i in ids}
+    assert len(runs) == len(ids) < 2 + 2 + 2  # runs shared between protocols run once
+    assert json.loads((tmp_path / 'test.sweep.json').read_text())['selected_lr'] == manifest['selected_lr']
+    # an interrupted sweep picks up where it stopped: remove one record, only that run happens again
+    victim = tuned[tuned.seed == 1].path.iloc[0]
+    mtimes = {p: p.stat().st_mtime for p in tmp_path.glob('*_s?_*.json') if str(p) != victim}
+    (tmp_path / victim).unlink()
+    sweep.sweep('test', ['tou'], [0, 1], grid=grid, results_dir=str(tmp_path),
+                overrides=dict(epochs=1, max_steps_per_epoch=4), progress=False)
+    assert (tmp_path / victim).exists()
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+
+
+def _claims_runs(n=1000):
+    """Runs with known outcomes on a test set of n examples: FT 95.0%, TOU 94.8%, TOU frozen FFN 80%, LoRA 70%."""
+    labels = np.zeros(n, int)
+    correct = {'ft': 950, 'tou': 948, 'tou_frozen_ffn': 800, 'lora': 700}
+    seconds = {'ft': [30, 31, 33], 'tou': [10, 11, 12], 'tou_frozen_ffn': [9, 9, 9], 'lora': [20, 21, 22]}
+    memory = {'ft': [50, 51, 52], 'tou': [100, 101, 102], 'tou_frozen_ffn': [1, 1, 1], 'lora': [100, 110, 90]}
+    rows, records = [], {}
+    for method, k in correct.items():
+        for seed in range(3):
+            predictions = np.where(np.arange(n) < k, 0, 1)  # the first k right: the methods agree where they can
+            path = f'{method}_{seed}'
+            records[path] = {'metrics': {'final': {'test_predictions': predictions.tolist(),
+                                                   'test_labels': labels.tolist()}}}
+            merged = method != 'ft'
+            rows.append(dict(method=method, seed=seed, status='ok', path=path, test_accuracy=k / n,
+                             merged_test_accuracy=k / n if merged else None, merge='merged' if merged else 'nothing',
+                             train_seconds=seconds[method][seed], train_memory_mib=memory[method][seed]))
+    return pd.DataFrame(rows), records
+
+
+def test_claims_table_from_known_numbers():
+    runs, records = _claims_runs()
+    table = claims.claims_table(runs, n_boot=500, load=records.__getitem__).set_index('statement')
+    a = table.loc['Full TOU is within 1 point of FT']
+    assert a.measured == pytest.approx(0.2) and a.ci_low >= 0 and a.ci_high < 1 and a.verdict == 'holds'
+    assert table.loc['TOU frozen FFN is more accurate than LoRA'].verdict == 'holds'
+    assert table.loc['Full TOU is more accurate than LoRA'].measured == pytest.approx(24.8)
+    assert table.loc['Full TOU trains faster than LoRA'].verdict == 'holds'
+    assert table.loc['Full TOU trains faster than FT'].measured == pytest.approx(-61 / 3)
+    assert table.loc['Full TOU needs less training memory than FT'].verdict == 'does not hold'
+    assert table.loc['Full TOU needs less training memory than LoRA'].verdict == 'undecided'
+    assert table.loc['Merging loses nothing'].verdict == 'holds'
+    # a method missing from the records leaves its claims unmeasured instead of inventing them
+    table = claims.claims_table(runs[runs.method != 'lora'], n_boot=100, load=records.__getitem__)
+    assert set(table[table.comparison.str.contains('LoRA')].verdict) == {'not measured'}
+
+
+def test_within_one_point_fails_when_the_gap_is_large():
+    runs, records = _claims_runs()
+    worse = np.where(np.arange(1000) < 900, 0, 1).tolist()
+    for seed in range(3):
+        records[f'tou_{seed}']['metrics']['final']['test_predictions'] = worse
+    table = claims.claims_table(runs, n_boot=500, load=records.__getitem__).set_index('statement')
+    assert table.loc['Full TOU is within 1 point of FT'].verdict == 'does not hold'
+
+
+def test_verdict_sides():
+    assert claims.verdict(0.1, 0.5, 0.0, 'above') == 'holds'
+    assert claims.verdict(-0.5, -0.1, 0.0, 'above') == 'does not hold'
+    assert claims.verdict(-0.1, 0.5, 0.0, 'above') == 'undecided'
+    assert claims.verdict(0.2, 0.8, 1.0, 'below') == 'holds'

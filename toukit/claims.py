@@ -1,0 +1,129 @@
+"""Verdicts on the TOU paper's claims, computed from run records, with 95% confidence intervals.
+
+    table = claims_table(with_protocol(load_runs('results'), 'tuned'))
+
+Accuracy claims use a paired bootstrap over seeds and test examples: each replicate draws the seeds with
+replacement (a method's run and its rival's of the same seed stay paired) and the test examples with replacement
+(the same draw for both, since every run of a preset sees the same fixed test split), and takes the mean accuracy
+difference; the interval is the 2.5 and 97.5 percentiles. Time and memory claims use the paired differences by
+seed and Student's t interval. A claim holds when the whole interval lies on its side of the threshold, does not
+hold when the whole interval lies on the other side, and is undecided otherwise.
+"""
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+from .methods import method_label
+from .results import read_record
+
+__all__ = ['claims_table', 'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS']
+
+# (id, claim, the measured quantity, rival methods, kind, threshold, the side on which the claim holds)
+CLAIMS = [
+    ('a', 'Full TOU is within 1 point of FT', ('ft', 'tou'), 'accuracy', 1.0, 'below'),
+    ('b', 'TOU frozen FFN is more accurate than LoRA', ('tou_frozen_ffn', 'lora'), 'accuracy', 0.0, 'above'),
+    ('c', 'Full TOU is more accurate than LoRA', ('tou', 'lora'), 'accuracy', 0.0, 'above'),
+    ('d', 'Full TOU trains faster than LoRA', ('tou', 'lora'), 'train_seconds', 0.0, 'below'),
+    ('d', 'Full TOU trains faster than FT', ('tou', 'ft'), 'train_seconds', 0.0, 'below'),
+    ('e', 'Full TOU needs less training memory than FT', ('tou', 'ft'), 'train_memory_mib', 0.0, 'below'),
+    ('e', 'Full TOU needs less training memory than LoRA', ('tou', 'lora'), 'train_memory_mib', 0.0, 'below'),
+]
+UNITS = {'accuracy': 'points', 'train_seconds': 's', 'train_memory_mib': 'MiB'}
+
+
+def verdict(low: float, high: float, threshold: float, side: str) -> str:
+    """'holds', 'does not hold' or 'undecided' for an interval against a threshold ('below' or 'above')."""
+    if side == 'below':
+        return 'holds' if high < threshold else 'does not hold' if low > threshold else 'undecided'
+    return 'holds' if low > threshold else 'does not hold' if high < threshold else 'undecided'
+
+
+def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int = 4000,
+                     seed: int = 0) -> Tuple[float, float, float]:
+    """(mean difference, low, high) of accuracy A - B in points, from (seeds x test examples) 0/1 arrays."""
+    diff = correct_a.astype(float) - correct_b.astype(float)
+    n_seeds, n_examples = diff.shape
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, n_seeds, (n_boot, n_seeds))
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        examples = rng.integers(0, n_examples, n_examples)
+        reps[i] = diff[seeds[i]][:, examples].mean()
+    low, high = np.percentile(reps, [2.5, 97.5])
+    return float(diff.mean() * 100), float(low * 100), float(high * 100)
+
+
+def paired_t_interval(a: np.ndarray, b: np.ndarray) -> Tuple[float, float, float]:
+    """(mean difference, low, high) of A - B paired by seed, Student's t at 95% (a point when one seed)."""
+    from scipy import stats
+    d = np.asarray(a, float) - np.asarray(b, float)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float('nan'), float('nan')
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return mean, mean - half, mean + half
+
+
+def _by_seed(runs: pd.DataFrame, method: str) -> pd.DataFrame:
+    return runs[(runs.method == method) & (runs.status == 'ok')].drop_duplicates('seed').set_index('seed')
+
+
+def _correct(paths: List[str], load: Callable[[str], dict]) -> np.ndarray:
+    rows = []
+    for path in paths:
+        final = load(path)['metrics']['final']
+        rows.append(np.asarray(final['test_predictions']) == np.asarray(final['test_labels']))
+    return np.stack(rows)
+
+
+def claims_table(runs: pd.DataFrame, n_boot: int = 4000, load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
+    """One row per claim of the paper, from one protocol's runs (`toukit.results.with_protocol`).
+
+    Args:
+        runs: a `load_runs` table of one protocol: one learning rate per method, one run per method and seed.
+        n_boot: bootstrap replicates of the accuracy claims.
+        load: reads a record from its path (default `toukit.results.read_record`; tests pass their own).
+
+    Returns:
+        Columns: claim, statement, comparison, measured (mean difference, A - B), ci_low, ci_high, unit,
+        ci_method, seeds, verdict. A claim whose methods have no common seed is 'not measured'.
+    """
+    load = load or read_record
+    rows = []
+    for claim, statement, (a, b), kind, threshold, side in CLAIMS:
+        ra, rb = _by_seed(runs, a), _by_seed(runs, b)
+        seeds = sorted(set(ra.index) & set(rb.index))
+        row = dict(claim=claim, statement=statement, comparison=f'{method_label(a)} - {method_label(b)}',
+                   unit=UNITS[kind], seeds=len(seeds))
+        if not seeds:
+            rows.append(dict(row, measured=np.nan, ci_low=np.nan, ci_high=np.nan, ci_method='',
+                             verdict='not measured'))
+            continue
+        if kind == 'accuracy':
+            mean, low, high = paired_bootstrap(_correct(ra.loc[seeds, 'path'], load),
+                                               _correct(rb.loc[seeds, 'path'], load), n_boot=n_boot)
+            method = 'paired bootstrap over seeds and test examples'
+        else:
+            mean, low, high = paired_t_interval(ra.loc[seeds, kind].to_numpy(), rb.loc[seeds, kind].to_numpy())
+            method = 'paired t over seeds'
+        decided = verdict(low, high, threshold, side) if np.isfinite(low) else 'undecided (one seed)'
+        rows.append(dict(row, measured=mean, ci_low=low, ci_high=high, ci_method=method, verdict=decided))
+    rows.append(_merge_claim(runs))
+    columns = ['claim', 'statement', 'comparison', 'measured', 'ci_low', 'ci_high', 'unit', 'ci_method', 'seeds',
+               'verdict']
+    return pd.DataFrame(rows)[columns]
+
+
+def _merge_claim(runs: pd.DataFrame) -> Dict[str, object]:
+    """(f) merging loses nothing: the largest test-accuracy change any merged run showed, and the verdict."""
+    merged = runs[(runs.status == 'ok') & (runs['merge'] == 'merged')]
+    row = dict(claim='f', statement='Merging loses nothing', comparison='merged - unmerged (every merged run)',
+               unit='points', ci_method='exact: every merged run evaluated before and after', seeds=int(
+                   merged.seed.nunique()) if len(merged) else 0)
+    if merged.empty:
+        return dict(row, measured=np.nan, ci_low=np.nan, ci_high=np.nan, verdict='not measured')
+    change = (merged.merged_test_accuracy - merged.test_accuracy) * 100
+    worst = float(change.abs().max())
+    return dict(row, measured=worst, ci_low=float(change.min()), ci_high=float(change.max()),
+                verdict='holds' if worst == 0 else 'does not hold')
