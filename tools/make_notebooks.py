@@ -114,7 +114,7 @@ figures_dir: str = "figures"  # figures and tables are written under figures_dir
 """
 
 SETUP_MODEL = """
-config = train.resolve_config(train.TrainConfig(method='ft', preset=preset, model=model, pretrained=pretrained))
+config = train.resolve_config(train.TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
 out_dir = Path(figures_dir) / preset
 out_dir.mkdir(parents=True, exist_ok=True)
 net = toukit.create_model(config.model, num_classes=num_classes_of(config.dataset), pretrained=config.pretrained)
@@ -237,8 +237,8 @@ noise_rank: float = 0.375  # the rank the noise study factorizes at
 seed: int = 0  # seeds the noise
 """),
     ('code', SETUP_MODEL + """
-bundle = load_dataset(dataset or config.dataset, net, max_length=config.max_length, seed=seed)
-inputs, _ = sample_batch(bundle, batch_size)
+bundle = load_dataset(dataset or config.dataset, net, max_length=config.max_length)
+inputs, _ = sample_batch(bundle, batch_size, split='val')
 """),
     ('code', """
 curves = spectrum.error_curves(table)
@@ -276,7 +276,9 @@ noise_totals.round(5)
     ('md', "## Noise scale: validation accuracy after fine-tuning (run records)"),
     ('code', """
 runs = results.load_runs(results_dir, status='ok') if Path(results_dir).exists() else pd.DataFrame()
-tou_runs = runs[(runs.method == 'tou') & (runs.preset == preset)] if len(runs) else runs
+# the study's runs: full TOU at the preset's shared rate on the first seed, one run per noise scale
+tou_runs = runs[(runs.method == 'tou') & (runs.preset == preset) & (runs.lr == config.lr) & (runs.seed == seed)
+                & (runs['rank'] == str(config.rank))] if len(runs) else runs
 if len(tou_runs) and tou_runs.noise_scale.nunique() > 1:
     fig = plots.plot_accuracy_vs_noise(tou_runs)
     plots.save_figure(fig, out_dir / 'noise_scale_accuracy')
@@ -300,67 +302,115 @@ NOTEBOOKS['figures.ipynb'] = [
     ('md', """
 # Every figure and table from run records
 
-Reads run records only (no training): Table 1 (CSV, Markdown, LaTeX), the same numbers next to the TOU paper's
-as ratios to full fine-tuning, Figure 2 (training loss over steps and validation accuracy per epoch for every
-method present; mean and min-max band where several seeds exist) and the cost bars.
+Reads run records only (no training) and the sweep's manifest (`<preset>.sweep.json`, written by `toukit sweep`):
+
+- the learning-rate sweep (validation accuracy vs learning rate per method, the chosen rate ringed);
+- for each protocol, *tuned* (each method at its own best validation rate) and *paper* (every method at the
+  paper's shared constant rate): Table 1 (CSV, Markdown, LaTeX; test accuracy mean ± std over seeds) and
+  Figure 2 (training loss over steps and validation accuracy per epoch, mean and min-max band over seeds);
+- the verdicts on the paper's claims for both protocols, with 95% confidence intervals (`toukit.claims`);
+- the paper protocol's numbers next to the paper's as ratios to FT, and the cost bars.
 """),
-    ('code', IMPORTS),
+    ('code', IMPORTS + """from toukit import claims, sweep
+"""),
     ('parameters', """
 results_dir: str = "results"  # run records
 figures_dir: str = "figures"  # outputs go under figures_dir/preset
 preset: str = "demo"  # which preset's runs
 smooth: int = 10  # moving-average window of the loss curves
+n_boot: int = 4000  # bootstrap replicates of the accuracy claims
 """),
     ('code', """
 out_dir = Path(figures_dir) / preset
 out_dir.mkdir(parents=True, exist_ok=True)
 runs = results.load_runs(results_dir)
 runs = runs[runs.preset == preset]
-main = results.main_runs(runs)
-print(f'{len(runs)} records for preset {preset!r}, {len(main)} successful method runs; skipped: '
-      f'{runs.attrs.get("skipped", [])}')
+manifest_path = sweep.manifest_path(results_dir, preset)
+manifest = results.read_record(manifest_path) if manifest_path.exists() else {}
+protocols = {p: results.with_protocol(runs, p) for p in sweep.PROTOCOLS}
+print(f'{len(runs)} records for preset {preset!r}; successful runs per protocol: '
+      f'{ {p: len(r) for p, r in protocols.items()} }; chosen rates: {manifest.get("selected_lr", {})}; '
+      f'skipped files: {runs.attrs.get("skipped", [])}')
+"""),
+    ('md', "## The learning-rate sweep (seed 0; validation accuracy, which alone chooses)"),
+    ('code', """
+grid = protocols['grid']
+if len(grid):
+    fig = plots.plot_lr_sweep(grid, manifest.get('selected_lr'))
+    plots.save_figure(fig, out_dir / 'lr_sweep')
+    plt.show()
+    sweep_table = grid.pivot_table(index='method', columns='lr', values='val_accuracy', sort=False) * 100
+    sweep_table.index = sweep_table.index.map(plots.method_label)
+    results.write_tables(sweep_table.round(2).reset_index(names='Method'), out_dir / 'lr_sweep')
+    display(sweep_table.round(2))
+"""),
+    ('md', """
+## Table 1 and Figure 2 for each protocol
+
+*tuned*: each method at its own learning rate chosen on validation. *paper*: every method at the paper's shared
+constant rate. Accuracy is on the test split, mean ± std over seeds; time is training time (evaluation and data
+waiting excluded); training memory is what the training steps add above the model at rest (see the README).
 """),
     ('code', """
-table = results.table1(main)
-formatted = results.format_table1(table)
-results.write_tables(formatted, out_dir / 'table1')
-formatted
-"""),
-    ('md', "Ours next to the paper's (different model and data: compare ratios to FT, not absolute numbers)."),
-    ('code', """
-paper = results.PAPER_TABLE1.set_index('method')
-ours = table.set_index('method')
-side = pd.DataFrame({
-    'trainable / total (ours)': (ours.trainable_params / ours.total_params).round(3),
-    'trainable / total (paper)': (paper.trainable_m / paper.total_m).round(3),
-    'accuracy - FT, points (ours)': ((ours.val_accuracy - ours.val_accuracy.get('ft', float('nan'))) * 100).round(2),
-    'accuracy - FT, points (paper)': (paper.accuracy - paper.accuracy['ft']).round(2),
-    'time / FT (ours)': ours.get('time_vs_ft', pd.Series(dtype=float)).round(2),
-    'time / FT (paper)': (paper.train_seconds / paper.train_seconds['ft']).round(2),
-    'memory / FT (ours)': ours.get('memory_vs_ft', pd.Series(dtype=float)).round(2),
-    'memory / FT (paper)': (paper.memory_mib / paper.memory_mib['ft']).round(2),
-}).reindex(ours.index)
-side.index = side.index.map(plots.method_label)
-results.write_tables(side.reset_index(names='Method'), out_dir / 'table1_vs_paper')
-side
+tables = {}
+for protocol in ('tuned', 'paper'):
+    if protocols[protocol].empty:
+        print(f'{protocol}: no successful runs yet')
+        continue
+    tables[protocol] = results.table1(protocols[protocol])
+    formatted = results.format_table1(tables[protocol])
+    results.write_tables(formatted, out_dir / f'table1_{protocol}')
+    print(protocol)
+    display(formatted)
 """),
     ('code', """
-records = results.records_by_method(main)
-fig = plots.training_curves({plots.method_label(m): r for m, r in records.items()}, smooth=smooth)
-plots.save_figure(fig, out_dir / 'figure2_training_curves')
-plt.show()
-"""),
-    ('code', """
-paper_methods = {m: r for m, r in records.items() if m in ('lora', 'tou', 'tou_frozen_ffn')}
-if paper_methods:
-    fig = plots.training_curves({plots.method_label(m): r for m, r in paper_methods.items()}, smooth=smooth)
-    plots.save_figure(fig, out_dir / 'figure2_paper_methods')
+for protocol in tables:
+    records = results.records_by_method(protocols[protocol])
+    fig = plots.training_curves({plots.method_label(m): r for m, r in records.items()}, smooth=smooth)
+    fig.suptitle(f'{protocol} protocol', y=1.02)
+    plots.save_figure(fig, out_dir / f'figure2_{protocol}')
     plt.show()
 """),
+    ('md', "## The paper's claims, for both protocols"),
     ('code', """
-fig = plots.plot_costs(table)
-plots.save_figure(fig, out_dir / 'method_costs')
-plt.show()
+verdicts = pd.concat([claims.claims_table(protocols[p], n_boot=n_boot).assign(protocol=p) for p in tables],
+                     ignore_index=True) if tables else pd.DataFrame()
+if len(verdicts):
+    verdicts = verdicts[['protocol'] + [c for c in verdicts.columns if c != 'protocol']]
+    verdicts.round(3).to_csv(out_dir / 'claims.csv', index=False)
+    shown = verdicts.assign(**{'difference (95% CI)': [
+        f'{m:+.2f} [{lo:+.2f}, {hi:+.2f}] {u}' if pd.notna(m) and pd.notna(lo) else
+        (f'{m:+.2f} {u}' if pd.notna(m) else '') for m, lo, hi, u in zip(
+            verdicts.measured, verdicts.ci_low, verdicts.ci_high, verdicts.unit)]})
+    shown = shown[['protocol', 'claim', 'statement', 'comparison', 'difference (95% CI)', 'seeds', 'verdict']]
+    (out_dir / 'claims.md').write_text(shown.to_markdown(index=False) + '\\n')
+    display(shown)
+"""),
+    ('md', "The paper protocol next to the paper (different model and data: compare ratios to FT, not absolutes)."),
+    ('code', """
+if 'paper' in tables:
+    paper = results.PAPER_TABLE1.set_index('method')
+    ours = tables['paper'].set_index('method')
+    side = pd.DataFrame({
+        'trainable / total (ours)': (ours.trainable_params / ours.total_params).round(3),
+        'trainable / total (paper)': (paper.trainable_m / paper.total_m).round(3),
+        'accuracy - FT, points (ours)': ((ours.test_accuracy - ours.test_accuracy.get('ft', float('nan'))) * 100
+                                         ).round(2),
+        'accuracy - FT, points (paper)': (paper.accuracy - paper.accuracy['ft']).round(2),
+        'time / FT (ours)': ours.get('time_vs_ft', pd.Series(dtype=float)).round(2),
+        'time / FT (paper)': (paper.train_seconds / paper.train_seconds['ft']).round(2),
+        'memory / FT (ours: training memory)': ours.get('memory_vs_ft', pd.Series(dtype=float)).round(2),
+        'memory / FT (paper: CUDA peak)': (paper.memory_mib / paper.memory_mib['ft']).round(2),
+    }).reindex(ours.index)
+    side.index = side.index.map(plots.method_label)
+    results.write_tables(side.reset_index(names='Method'), out_dir / 'table1_vs_paper')
+    display(side)
+"""),
+    ('code', """
+if 'tuned' in tables:
+    fig = plots.plot_costs(tables['tuned'])
+    plots.save_figure(fig, out_dir / 'method_costs')
+    plt.show()
 """),
 ]
 
