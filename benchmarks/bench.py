@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-ALL_METHODS = ['ft', 'lora', 'pissa', 'tou', 'tou_frozen_ffn', 'svfit', 'delora', 'bitfit']
+from toukit import method_names
+from toukit.models import call_model
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,10 +51,6 @@ def _model_and_batch(args):
 
 def _to(inputs, device):
     return {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
-
-
-def _call(model, inputs):
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
 def _sync(device):
@@ -98,7 +96,7 @@ def worker_step(args):
         _sync(device)
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
-            loss = torch.nn.functional.cross_entropy(_call(model, inputs).float(), labels)
+            loss = torch.nn.functional.cross_entropy(call_model(model, inputs).float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -128,7 +126,7 @@ def worker_inference(args):
             for name, model in models.items():  # interleaved, so drift hits all three alike
                 _sync(device)
                 t = time.perf_counter()
-                _call(model, inputs)
+                call_model(model, inputs)
                 _sync(device)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - t)
@@ -341,7 +339,7 @@ def main(argv=None):
     common.add_argument('--steps', type=int, default=5)
     common.add_argument('--json', default=None, help='also write the results here')
     m = sub.add_parser('methods', parents=[common])
-    m.add_argument('--methods', nargs='+', default=ALL_METHODS)
+    m.add_argument('--methods', nargs='+', default=method_names())
     m.add_argument('--rounds', type=int, default=1)
     m.set_defaults(func=cmd_methods)
     sub.add_parser('inference', parents=[common]).set_defaults(func=cmd_inference)

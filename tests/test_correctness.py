@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import toukit
 from toukit import apply_method, data, models, results, train
@@ -168,7 +167,8 @@ def test_randomized_svd_leaves_the_global_rng_alone(mlp):
 
 @pytest.mark.parametrize('field, value, match', [
     ('device', 'tpu9', "device='tpu9'"), ('device', 'cuda:7', "device='cuda:7'"), ('seed', 1.5, 'seed=1.5'),
-    ('split_seed', '0', "split_seed='0'"), ('weight_decay', -1, 'weight_decay=-1'), ('num_workers', -1, 'num_workers=-1'),
+    ('split_seed', '0', "split_seed='0'"), ('weight_decay', -1, 'weight_decay=-1'),
+    ('num_workers', -1, 'num_workers=-1'),
     ('test_limit', 0, 'test_limit=0'), ('targets', [], 'targets=\\[\\]'), ('targets', 3, 'targets=3'),
     ('model', '', "model=''"), ('results_dir', '', "results_dir=''"), ('run_name', 'a/b', "run_name='a/b'"),
     ('pretrained', 'yes', "pretrained='yes'"), ('save_weights', 1, 'save_weights=1'), ('extra', [], 'extra=\\[\\]'),
@@ -212,7 +212,7 @@ def test_layer_knowledge_lives_in_targets_only():
             continue
         text = path.read_text()
         for pattern in (r'blocks\\\.', r'layer\\\.', r"'att'", r'attention\.self', r'mlp\.fc', r"['.]qkv'", r"== 'vit'"):
-            assert not re.search(pattern, text), f'{path.name} matches layer names ({pattern}): ask toukit.targets'
+            assert not re.search(pattern, text), f'{path.name} matches layer names ({pattern}): use targets.py'
 
 
 def test_method_order_comes_from_the_registry():

@@ -1,7 +1,4 @@
 """Every notebook headless with tiny parameters, through the one command that regenerates the figures."""
-import json
-from pathlib import Path
-
 import pandas as pd
 import pytest
 

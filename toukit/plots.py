@@ -1,6 +1,6 @@
 """Figures from tables and run records; no computation beyond smoothing for display."""
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import matplotlib
 import matplotlib.pyplot as plt

@@ -196,8 +196,10 @@ def history(record_or_path, kind: str = 'epochs') -> pd.DataFrame:
 # tables
 
 PAPER_TABLE1 = pd.DataFrame([  # the TOU paper's Table 1: ViT-B/16 on CIFAR-100, RTX 4070 Ti, 12 epochs
-    dict(method='ft', trainable_m=85.55, total_m=85.55, accuracy=92.06, train_seconds=2 * 3600 + 33 * 60, memory_mib=11982),
-    dict(method='lora', trainable_m=0.59, total_m=86.47, accuracy=89.46, train_seconds=3600 + 13 * 60, memory_mib=10976),
+    dict(method='ft', trainable_m=85.55, total_m=85.55, accuracy=92.06, train_seconds=2 * 3600 + 33 * 60,
+         memory_mib=11982),
+    dict(method='lora', trainable_m=0.59, total_m=86.47, accuracy=89.46, train_seconds=3600 + 13 * 60,
+         memory_mib=10976),
     dict(method='tou', trainable_m=24.83, total_m=48.72, accuracy=91.09, train_seconds=53 * 60, memory_mib=9752),
     dict(method='tou_frozen_ffn', trainable_m=11.51, total_m=48.72, accuracy=90.40, train_seconds=52 * 60,
          memory_mib=9408),

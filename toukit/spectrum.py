@@ -54,7 +54,8 @@ def spectrum_table(model: nn.Module, targets: Targets = None,
     spectra = singular_values_many([w for _, _, w in entries])
     rows = []
     for (name, part, weight), s in zip(entries, spectra):
-        row = dict(**_layer_columns(family, name, part), out_features=weight.shape[0], in_features=weight.shape[1], max_rank=min(weight.shape),
+        row = dict(**_layer_columns(family, name, part), out_features=weight.shape[0], in_features=weight.shape[1],
+                   max_rank=min(weight.shape),
                    fro_norm=float(s.square().sum().sqrt()), spectral_norm=float(s[0]),
                    stable_rank=stable_rank(s), effective_rank=effective_rank(s))
         for level in energy_levels:

@@ -1,6 +1,6 @@
 """Learning-rate sweeps and the two comparison protocols, built on `toukit.train.run` (the loop stays one loop).
 
-    toukit sweep --preset demo            # the grid on seed 0, each method at its best rate on 3 seeds, the paper's rate
+    toukit sweep --preset demo    # the grid on seed 0, each method at its best rate on 3 seeds, the paper's rate
 
 Three stages, each skipping runs whose successful record exists, so an interrupted sweep picks up where it
 stopped:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import DATASETS, load_dataset, num_classes_of
+from .data import load_dataset, num_classes_of
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
 from .models import call_model, create_model
 from .ranks import parse_rank
