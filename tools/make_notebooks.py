@@ -186,18 +186,24 @@ NOTEBOOKS['rank_selection.ipynb'] = [
     ('md', """
 # Rank selection: policies side by side
 
-A uniform rank, a fraction of min(out, in) and a per-layer energy threshold (`toukit.parse_rank`), compared on
-the same model: the parameters A and B keep and the reconstruction error left, per layer and in total.
+A uniform rank, a fraction of min(out, in), a per-layer energy threshold, Gavish and Donoho's optimal hard
+threshold ('ght') and per-layer ranks allocated under a parameter budget ('budget:B', a multiple of what the
+uniform rank 0.375 spends; `toukit.spectrum.allocate_ranks`), compared on the same model: the parameters A and B
+keep and the reconstruction error left, per layer and in total. At equal parameters, the budget allocation leaves
+the least summed relative error by construction (it minimises exactly that); whether that buys accuracy after
+fine-tuning is a training question, answered by run records, not here.
 """),
     ('code', IMPORTS),
     ('parameters', COMMON_MODEL + """fixed_ranks: list = [16, 32, 64, 128, 192, 256]  # uniform ranks (capped by no layer: too large raises)
 fractions: list = [0.05, 0.1, 0.2, 0.375, 0.5, 0.75]  # fractions of min(out, in); 0.375 is the paper's 288/768
 energy_thresholds: list = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]  # per-layer energy thresholds
-shown: list = ["0.375", "energy:0.9", "energy:0.99"]  # policies whose per-layer ranks are tabulated
+budgets: list = [0.25, 0.5, 1.0, 1.5, 2.0]  # parameter budgets, multiples of the uniform rank 0.375's cost
+shown: list = ["0.375", "budget:1.0", "energy:0.9", "ght"]  # policies whose per-layer ranks are tabulated
 """),
     ('code', SETUP_MODEL + """
 fixed_ranks = [r for r in fixed_ranks if r <= table.max_rank.min()]
-policies = list(fixed_ranks) + list(fractions) + [f'energy:{t}' for t in energy_thresholds]
+policies = (list(fixed_ranks) + list(fractions) + [f'energy:{t}' for t in energy_thresholds]
+            + [f'budget:{float(b)}' for b in budgets] + ['ght'])
 """),
     ('code', """
 comparison = spectrum.compare_policies(table, policies)

@@ -10,7 +10,8 @@ import torch
 
 __all__ = [
     'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy',
-    'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank',
+    'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank', 'whitening_factor',
+    'whitened_truncated_svd', 'optimal_hard_threshold_rank',
 ]
 
 
@@ -178,3 +179,45 @@ def relative_error(singular_values: torch.Tensor, rank: int) -> float:
     s = singular_values.to(torch.float64)
     check_rank(rank, (s.numel(), s.numel()), 'singular values')
     return float(((s[rank:] ** 2).sum() / (s ** 2).sum()).sqrt())
+
+
+def whitening_factor(inputs: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+    """Lower Cholesky factor L of X^T X + lambda I (float64), lambda = `damping` times the mean diagonal.
+
+    `inputs` (rows x in) are a layer's inputs; ||(W - W') L||_F = ||X (W - W')^T||_F up to the damping, so a
+    truncation that is optimal for W L is optimal for the layer's outputs on X (SVD-LLM, Wang et al. 2024).
+    """
+    x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
+    gram = x.T @ x
+    lam = damping * float(gram.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
+
+
+def whitened_truncated_svd(weight: torch.Tensor, factor: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware A (out x r) and B (r x in) with A B the rank-r matrix closest to W on the layer's inputs.
+
+    With L = `whitening_factor(X)`: the truncated SVD of W L is U_r S_r V_r^T; A = U_r S_r, B = V_r^T L^{-1}
+    (SVD-LLM's truncation-aware whitening; Wang et al., 2024, arXiv:2403.07378). By Eckart-Young on the whitened
+    problem, ||X (W - A B)^T||_F is the smallest any rank-r matrix reaches, so it never exceeds plain SVD's.
+    """
+    check_rank(rank, weight.shape[-2:])
+    if factor.shape != (weight.shape[-1], weight.shape[-1]):
+        raise ValueError(f'whitening factor of shape {tuple(factor.shape)} does not match the weight\'s input width '
+                         f'{weight.shape[-1]}')
+    w = weight.detach().to(torch.float64)
+    u, s, vh = torch.linalg.svd(w @ factor, full_matrices=False)
+    a = u[:, :rank] * s[:rank]
+    b = torch.linalg.solve_triangular(factor, vh[:rank], upper=False, left=False)  # V_r^T L^{-1}
+    return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
+
+
+def optimal_hard_threshold_rank(singular_values: torch.Tensor, shape: Tuple[int, int]) -> int:
+    """Gavish and Donoho's optimal hard threshold for an unknown noise level (IEEE Trans. Inf. Theory, 2014).
+
+    Keeps the singular values above omega(beta) * median(sigma), beta = min(shape) / max(shape), with their
+    approximation omega(beta) = 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43; at least 1.
+    """
+    s = singular_values.to(torch.float64)
+    beta = min(shape) / max(shape)
+    omega = 0.56 * beta ** 3 - 0.95 * beta ** 2 + 1.82 * beta + 1.43
+    return max(1, int((s > omega * s.median()).sum()))

@@ -8,14 +8,15 @@ import inspect
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
 from .linalg import check_finite, check_rank, svd_many
-from .ranks import RankSpec, parse_rank
+from .ranks import DEFAULT_FRACTION as DEFAULT_TOU_RANK, RankSpec, layer_policies, parse_rank
+from .spectrum import allocate_ranks, layer_whitening
 from .targets import (Targets, classifier_names, find_targets, fuse_qkv, fused_splits, get_submodule_parent,
                       layer_kind, model_family, output_projections, QKVSplit, require_family, split_qkv)
 
@@ -23,7 +24,6 @@ __all__ = ['DEFAULT_NOISE_SCALE', 'METHODS', 'apply_method', 'apply_tou', 'merge
            'method_names', 'method_label', 'is_prepared', 'has_method_layers', 'describe_preparation']
 
 DEFAULT_NOISE_SCALE = 1e-3  # alpha; chosen by the noise-scale study (notebooks/reconstruction.ipynb, README)
-DEFAULT_TOU_RANK = 0.375  # the paper's r = 288 on ViT-B/16's 768-wide matrices, as a fraction of min(out, in)
 
 
 def _is_peft_layer(module: nn.Module) -> bool:
@@ -98,55 +98,71 @@ def apply_tou(
         freeze_mlp: bool = False,
         seed: int = 0,
         svd_method: str = 'gram',
+        calibration=None,
 ) -> nn.Module:
     """Replace the targeted linears of `model` in place by TOU FactorizedLinear layers.
 
     Each weight W becomes A B by truncated SVD (A = U_r S_r frozen, B = V_r^T trained) plus N(0, noise_scale^2)
     noise on both. A fused q/k/v projection is factorized as three separate matrices with one forward. All
     same-shape matrices share one batched SVD. Parameters outside the targets keep their `requires_grad`.
+    With `calibration`, the factorization is activation-aware (SVD-LLM's whitening, `toukit.linalg.
+    whitened_truncated_svd`): A B is the rank-r matrix closest to W on the layer's calibration inputs.
 
     Args:
         model: a timm ViT, a BERT-like model, or any module (then every nn.Linear but the head is a target).
-        rank: an int, a fraction of min(out, in) or 'energy:T' (see `toukit.ranks.parse_rank`). With an
-            energy threshold, q, k and v of a fused projection share the largest of their three ranks.
+        rank: an int, a fraction of min(out, in), 'energy:T', 'ght' or 'budget:B' (see `toukit.ranks.parse_rank`;
+            a budget is allocated by `toukit.spectrum.allocate_ranks`), or a rank pattern {module name or
+            pattern: any of those but a budget} (see `layer_policies`). q, k and v of a fused projection share
+            the largest of their three ranks. With calibration, energy and ght read the whitened spectrum.
         targets: 'all', 'attention', 'mlp' or module-name patterns (see `toukit.targets.find_targets`).
         noise_scale: the paper's alpha.
         freeze_mlp: the paper's "TOU frozen FFN": MLP linears are factorized too, but nothing in them trains.
         seed: seeds the noise (layer i uses seed + i).
         svd_method: 'gram' (eigh of each Gram matrix, batched by shape: the fastest on CPUs, and as accurate as
             'exact' for the kept triplets; see `toukit.linalg.truncated_svd`), 'exact' (`torch.linalg.svd`) or
-            'randomized' (`torch.svd_lowrank`; needs a fixed or fractional rank).
+            'randomized' (`torch.svd_lowrank`; needs a fixed or fractional rank). Ignored with calibration.
+        calibration: model inputs (a batch or a list of a few training batches), or layer name -> inputs.
 
     Returns:
-        `model`, modified in place.
+        `model`, modified in place; `model.toukit_ranks` holds the rank of every factorized layer (JSON-ready, a
+        rank pattern that `apply_tou` replays).
     """
     _check_untouched(model)
-    policy = parse_rank(rank)
     found = find_targets(model, targets)
     family = require_family(model, 'freeze_mlp (TOU frozen FFN)') if freeze_mlp else model_family(model)
+    if not isinstance(rank, Mapping) and parse_rank(rank).model_level:
+        rank = allocate_ranks(model, parse_rank(rank).value, targets=list(found), calibration=calibration,
+                              objective='activation' if calibration is not None else 'weight')
+    policies = layer_policies(rank, found)
+    factors = layer_whitening(model, calibration, list(found)) if calibration is not None else {}
     blocks, owners = [], []
     for name, linear in found.items():
         check_finite(linear.weight, f'{name}.weight')
         splits = fused_splits(family, name, linear)
         out_f, in_f = linear.weight.shape
-        blocks.extend(linear.weight.detach().view(splits, out_f // splits, in_f).unbind(0))
+        weight = linear.weight.detach()
+        if factors:
+            weight = weight.double() @ factors[name]
+        blocks.extend(weight.view(splits, out_f // splits, in_f).unbind(0))
         owners.append((name, linear, splits))
-    if policy.needs_spectrum:
-        if svd_method == 'randomized':
-            raise ValueError(f"rank={policy}: svd_method='randomized' needs a fixed or fractional rank")
+    if any(p.needs_spectrum for p in policies.values()) or factors:
+        if svd_method == 'randomized' and not factors:
+            raise ValueError(f"rank={rank}: svd_method='randomized' needs a fixed or fractional rank")
         max_rank = None  # the whole spectrum decides each rank
     else:
-        names = [n for n, _, splits in owners for _ in range(splits)]
-        max_rank = max(policy.resolve(tuple(b.shape), name=n) for b, n in zip(blocks, names))
-    svds = svd_many(blocks, rank=max_rank, method=svd_method, seed=seed)
+        max_rank = max(policies[n].resolve((linear.out_features // splits, linear.in_features), name=n)
+                       for n, linear, splits in owners)
+    svds = svd_many(blocks, rank=max_rank, method='exact' if factors else svd_method, seed=seed)
     layers, start = {}, 0
     for i, (name, linear, splits) in enumerate(owners):  # every layer is built before the model changes
         parts = svds[start:start + splits]
         start += splits
         shape = (linear.out_features // splits, linear.in_features)
-        r = max(policy.resolve(shape, s, name=name) for _, s, _ in parts)
+        r = max(policies[name].resolve(shape, s, name=name) for _, s, _ in parts)
         a = torch.stack([u[:, :r] * s[:r] for u, s, _ in parts])
         b = torch.stack([vh[:r] for _, _, vh in parts])
+        if factors:  # B = V_r^T L^{-1}: back from the whitened coordinates
+            b = torch.linalg.solve_triangular(factors[name], b, upper=False, left=False)
         layer = FactorizedLinear.from_linear(linear, r, noise_scale=noise_scale, seed=seed + i, splits=splits,
                                              factors=(a.to(linear.weight.dtype), b.to(linear.weight.dtype)),
                                              name=name)
@@ -157,6 +173,7 @@ def apply_tou(
         raise ValueError(f'freeze_mlp=True but targets={targets!r} hold no MLP linear: nothing would be frozen')
     for name, layer in layers.items():
         _replace(model, name, layer)
+    model.toukit_ranks = {name: layer.rank for name, layer in layers.items()}
     return model
 
 
@@ -181,8 +198,9 @@ def merge(model: nn.Module) -> nn.Module:
             module.merge(safe_merge=True)
             _replace(model, name, module.get_base_layer())
     fuse_qkv(model)
-    if hasattr(model, 'toukit_method'):
-        del model.toukit_method
+    for mark in ('toukit_method', 'toukit_ranks'):
+        if hasattr(model, mark):
+            delattr(model, mark)
     return model
 
 
@@ -270,17 +288,19 @@ def pissa(model: nn.Module, rank: int = 8, targets: Targets = 'attention', alpha
 @_register('Full TOU', 'full TOU: truncated-SVD factors of attention and MLP, A frozen, B and all other parameters '
                        'train')
 def tou(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
-        noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram') -> None:
+        noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram', calibration=None) -> None:
     model.requires_grad_(True)
-    apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, seed=seed, svd_method=svd_method)
+    apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, seed=seed, svd_method=svd_method,
+              calibration=calibration)
 
 
 @_register('TOU frozen FFN', 'TOU frozen FFN: like tou, but nothing in the factorized MLP trains')
 def tou_frozen_ffn(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
-                   noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram') -> None:
+                   noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram',
+                   calibration=None) -> None:
     model.requires_grad_(True)
     apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, freeze_mlp=True, seed=seed,
-              svd_method=svd_method)
+              svd_method=svd_method, calibration=calibration)
 
 
 @_register('SVFit', 'SVFit: only the top-r singular values of each target train (r by energy threshold by default)')

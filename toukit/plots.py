@@ -146,7 +146,11 @@ def plot_rank_by_depth(table: pd.DataFrame):
 
 
 def threshold_explorer(table: pd.DataFrame, start: float = 0.9):
-    """An ipywidgets slider over the energy threshold that updates per-type ranks, parameters kept and error."""
+    """An ipywidgets slider over the energy threshold that updates per-type ranks, parameters kept and error.
+
+    The returned widget's `rank_pattern()` gives the ranks at the slider's current threshold, per layer, ready for
+    `toukit.apply_tou(model, rank=explorer.rank_pattern())`.
+    """
     import ipywidgets as widgets
     from IPython.display import display
     from .spectrum import rank_table, total_error
@@ -161,7 +165,15 @@ def threshold_explorer(table: pd.DataFrame, start: float = 0.9):
 
     slider = widgets.FloatSlider(value=start, min=0.5, max=0.999, step=0.005, description='energy',
                                  readout_format='.3f', continuous_update=False)
-    return widgets.VBox([slider, widgets.interactive_output(show, dict(threshold=slider))])
+    box = widgets.VBox([slider, widgets.interactive_output(show, dict(threshold=slider))])
+
+    def rank_pattern() -> Dict[str, int]:
+        """The ranks shown now, as a rank pattern for `toukit.apply_tou(model, rank=...)` (q, k, v of a fused
+        projection take the largest of their three, as apply_tou does)."""
+        ranks = rank_table(table, f'energy:{slider.value}')
+        return {name: int(r) for name, r in ranks.groupby('name', sort=False)['rank'].max().items()}
+    box.rank_pattern = rank_pattern
+    return box
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,24 +4,35 @@ One parser, `parse_rank`, turns what a user writes into a policy:
     288          a fixed rank on every layer (clipped to nothing: too large raises)
     0.375        a fraction of min(out, in), rounded, at least 1
     'energy:0.9' the smallest rank whose cumulative energy reaches 0.9, per layer
+    'ght'        Gavish and Donoho's optimal hard threshold, per layer
+    'budget:1.0' per-layer ranks chosen together under a parameter budget (`allocate_budget`; a float is a multiple
+                 of what the uniform rank 0.375 spends, an int a parameter count): a model-level policy,
+                 resolved by `toukit.spectrum.allocate_ranks`
+A mapping {module name or pattern: any of the above} gives each layer its own (a rank pattern, as PEFT's).
+
+`allocate_budget` is the allocation itself, on spectra alone.
 """
+import heapq
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .linalg import check_rank, rank_for_energy
+from .linalg import check_rank, optimal_hard_threshold_rank, rank_for_energy
+from .targets import matches
 
-__all__ = ['RankPolicy', 'parse_rank']
+__all__ = ['RankPolicy', 'parse_rank', 'allocate_budget', 'layer_policies', 'DEFAULT_FRACTION']
 
-RankSpec = Union[int, float, str, 'RankPolicy']
+DEFAULT_FRACTION = 0.375  # the paper's r = 288 on ViT-B/16's 768-wide matrices, as a fraction of min(out, in)
+
+RankSpec = Union[int, float, str, 'RankPolicy', Mapping[str, Union[int, float, str]]]
 
 
 @dataclass(frozen=True)
 class RankPolicy:
     """A rule mapping a layer (its shape and, for energy, its singular values) to a rank."""
-    kind: str  # 'fixed', 'fraction' or 'energy'
-    value: float
+    kind: str  # 'fixed', 'fraction', 'energy', 'ght' or 'budget'
+    value: float = 0.0
 
     def __post_init__(self):
         if self.kind == 'fixed':
@@ -34,12 +45,22 @@ class RankPolicy:
         elif self.kind == 'energy':
             if not 0 < self.value <= 1:
                 raise ValueError(f'energy threshold={self.value!r}: must be in (0, 1]')
-        else:
-            raise ValueError(f"rank policy kind={self.kind!r}: must be 'fixed', 'fraction' or 'energy'")
+        elif self.kind == 'budget':
+            if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not self.value > 0:
+                raise ValueError(f'budget={self.value!r}: must be a positive int (parameters) or float (a multiple '
+                                 f'of the uniform-rank cost)')
+        elif self.kind != 'ght':
+            raise ValueError(f"rank policy kind={self.kind!r}: must be 'fixed', 'fraction', 'energy', 'ght' or "
+                             f"'budget'")
 
     @property
     def needs_spectrum(self) -> bool:
-        return self.kind == 'energy'
+        return self.kind in ('energy', 'ght')
+
+    @property
+    def model_level(self) -> bool:
+        """Whether the policy chooses all layers' ranks together (resolved by `toukit.spectrum.allocate_ranks`)."""
+        return self.kind == 'budget'
 
     def resolve(self, shape: Tuple[int, int], singular_values: Optional[torch.Tensor] = None, name: str = 'weight'):
         """The rank this policy gives a layer of `shape` (out, in); energy policies need its singular values."""
@@ -47,13 +68,18 @@ class RankPolicy:
             return check_rank(int(self.value), shape, name)
         if self.kind == 'fraction':
             return max(1, int(round(self.value * min(shape))))
+        if self.model_level:
+            raise ValueError(f'{self} chooses all layers together: use toukit.spectrum.allocate_ranks')
         if singular_values is None:
             raise ValueError(f'{self} needs the singular values of {name}')
+        if self.kind == 'ght':
+            return optimal_hard_threshold_rank(singular_values, shape)
         return rank_for_energy(singular_values, self.value)
 
     def __str__(self):
         # repr of a float is the shortest text that reads back as the same float: no threshold is rounded
-        return {'fixed': '{:d}', 'fraction': '{!r}', 'energy': 'energy:{!r}'}[self.kind].format(self.value)
+        return {'fixed': '{:d}', 'fraction': '{!r}', 'energy': 'energy:{!r}', 'ght': 'ght',
+                'budget': 'budget:{!r}'}[self.kind].format(self.value)
 
 
 def parse_rank(spec: RankSpec) -> RankPolicy:
@@ -70,6 +96,14 @@ def parse_rank(spec: RankSpec) -> RankPolicy:
         return RankPolicy('fraction', spec)
     if isinstance(spec, str):
         text = spec.strip()
+        if text == 'ght':
+            return RankPolicy('ght')
+        if text.startswith('budget:'):
+            try:
+                number = float(text.split(':', 1)[1])
+            except ValueError:
+                raise ValueError(f'rank={spec!r}: budget is not a number') from None
+            return RankPolicy('budget', float(number) if '.' in text or 'e' in text.lower() else int(number))
         if text.startswith('energy:'):
             try:
                 return RankPolicy('energy', float(text.split(':', 1)[1]))
@@ -80,6 +114,80 @@ def parse_rank(spec: RankSpec) -> RankPolicy:
         try:
             number = float(text)
         except ValueError:
-            raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1) or "energy:T"') from None
+            raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1), "energy:T", "ght" or '
+                             f'"budget:B"') from None
         return parse_rank(int(number) if number.is_integer() and number >= 1 else number)
-    raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1) or "energy:T"')
+    raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1), "energy:T", "ght" or "budget:B"')
+
+
+def allocate_budget(gains: Sequence[torch.Tensor], costs: Sequence[float], budget: float) -> List[int]:
+    """Per-layer ranks that maximise the summed gain under a cost budget, every layer at rank 1 at least.
+
+    Args:
+        gains: per layer, the error each further rank removes, non-increasing (e.g. sigma_i^2 / ||W||_F^2 for
+            i = 1, 2, ...; entry 0 is the first rank's, which every layer gets).
+        costs: per layer, the parameters one rank costs (constant per layer).
+        budget: the parameters to spend.
+
+    Greedy by gain per parameter (water-filling on the singular values): it adds the rank with the largest
+    gain/cost while it fits and stops at the first that does not, so it spends within one rank step of the budget.
+    Every prefix of this order is exactly optimal for its own cost (it maximises gain - lambda * cost for the last
+    ratio lambda, and no allocation of lower or equal cost beats that), which `tests/test_ranks.py` checks
+    against brute force.
+
+    Raises:
+        ValueError: a budget below what rank 1 everywhere costs.
+    """
+    if len(gains) != len(costs) or not gains:
+        raise ValueError(f'allocate_budget: {len(gains)} layers of gains and {len(costs)} costs')
+    floor = float(sum(costs))
+    if not budget >= floor:
+        raise ValueError(f'budget={budget!r} is below the smallest possible allocation ({floor:.0f} parameters: rank 1 '
+                         f'on each of the {len(costs)} layers)')
+    ranks = [1] * len(gains)
+    spent = floor
+    heap = [(-float(g[1]) / c, i) for i, (g, c) in enumerate(zip(gains, costs)) if len(g) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        if spent + costs[i] > budget:
+            break
+        ranks[i] += 1
+        spent += costs[i]
+        if ranks[i] < len(gains[i]):
+            heapq.heappush(heap, (-float(gains[i][ranks[i]]) / costs[i], i))
+    return ranks
+
+
+def layer_policies(rank: RankSpec, names) -> Dict[str, RankPolicy]:
+    """Name -> rank policy for each of `names`, from one rank spec or a rank pattern {name or pattern: spec}.
+
+    In a pattern, a layer takes the first key that is its full name, a suffix of it, or a glob matching it; '*'
+    matches every layer no other key does.
+
+    Raises:
+        ValueError: a key that matches no layer, or a layer no key matches (and no '*').
+    """
+    names = list(names)
+    if not isinstance(rank, Mapping):
+        policy = parse_rank(rank)
+        return {n: policy for n in names}
+    if not rank:
+        raise ValueError('rank={}: an empty rank pattern')
+    policies = {k: parse_rank(v) for k, v in rank.items()}
+    model_level = [k for k, p in policies.items() if p.model_level]
+    if model_level:
+        raise ValueError(f'rank pattern {model_level[0]!r}: {policies[model_level[0]]} chooses all layers together; '
+                         f'pass it alone')
+    out, used = {}, set()
+    for name in names:
+        key = next((k for k in rank if k != '*' and matches(name, k)), '*' if '*' in rank else None)
+        if key is None:
+            raise ValueError(f'rank pattern {list(rank)} gives no rank to {name}: add its name or a "*" key')
+        out[name] = policies[key]
+        used.add(key)
+    unused = [k for k in rank if k not in used and k != '*']
+    if unused:
+        raise ValueError(f'rank pattern keys {unused} name no targeted module; targets are: '
+                         f'{", ".join(names[:12])}{" ..." if len(names) > 12 else ""}')
+    return out

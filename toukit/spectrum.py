@@ -2,7 +2,7 @@
 
 A fused q/k/v projection gives three rows (part 'q', 'k', 'v'), as the TOU paper counts its matrices.
 """
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .linalg import (effective_rank, energy_curve, rank_for_energy, relative_error, singular_values_many,
-                     stable_rank)
-from .ranks import RankSpec, parse_rank
+                     stable_rank, whitening_factor)
 from .models import call_model
+from .ranks import DEFAULT_FRACTION, RankSpec, allocate_budget, layer_policies, parse_rank
 from .targets import (QKV_PARTS, Family, Targets, block_index, find_targets, fused_splits, layer_kind, layer_type,
                       model_family)
 
@@ -40,9 +40,13 @@ def _layer_columns(family: Optional[Family], name: str, part: Optional[str]) -> 
                 kind=layer_kind(family, name) or 'other')
 
 
-def spectrum_table(model: nn.Module, targets: Targets = None,
-                   energy_levels: Sequence[float] = ENERGY_LEVELS) -> pd.DataFrame:
+def spectrum_table(model: nn.Module, targets: Targets = None, energy_levels: Sequence[float] = ENERGY_LEVELS,
+                   calibration=None) -> pd.DataFrame:
     """One row per targeted weight matrix with its spectrum's summary.
+
+    With `calibration` (model inputs, or layer name -> inputs; see `layer_whitening`) the spectrum is that of W L,
+    L the whitening factor of the layer's inputs: the spectrum of its outputs on those inputs, which is what an
+    activation-aware truncation keeps (`apply_tou(..., calibration=...)`).
 
     Columns: name (as `named_modules()` gives it), part (q/k/v of a fused projection, else None), type (the
     layer's name without its block index), block (depth), kind (attention/mlp/other), out_features,
@@ -51,6 +55,9 @@ def spectrum_table(model: nn.Module, targets: Targets = None,
     """
     family = model_family(model)
     entries = list(layer_matrices(model, targets))
+    if calibration is not None:
+        factors = layer_whitening(model, calibration, targets)
+        entries = [(name, part, w.double() @ factors[name]) for name, part, w in entries]
     spectra = singular_values_many([w for _, _, w in entries])
     rows = []
     for (name, part, weight), s in zip(entries, spectra):
@@ -68,19 +75,26 @@ def spectrum_table(model: nn.Module, targets: Targets = None,
 def rank_table(table: pd.DataFrame, rank: RankSpec) -> pd.DataFrame:
     """Per-layer rank, parameters kept and relative weight error a rank policy gives, from a spectrum table.
 
+    `rank` is any rank spec `apply_tou` takes: per layer ('energy:0.9', 'ght', ...), a budget ('budget:1.0',
+    allocated over the table's matrices by `allocate_from_table`) or a rank pattern.
+
     Adds columns: policy, rank, params_dense (out*in), params_factored (r*(out+in)), kept (their ratio),
     energy_kept, relative_error (= sqrt of the tail energy).
     """
-    policy = parse_rank(rank)
+    if not isinstance(rank, Mapping) and parse_rank(rank).model_level:
+        label, rank = str(parse_rank(rank)), allocate_from_table(table, parse_rank(rank).value)
+    else:
+        label = str(parse_rank(rank)) if not isinstance(rank, Mapping) else 'pattern'
+    policies = layer_policies(rank, dict.fromkeys(table.name))
     out = table.drop(columns=['singular_values']).copy()
     ranks, errors, energies = [], [], []
     for row in table.itertuples():
         s = torch.as_tensor(row.singular_values)
-        r = policy.resolve((row.out_features, row.in_features), s, name=row.name)
+        r = policies[row.name].resolve((row.out_features, row.in_features), s, name=row.name)
         ranks.append(r)
         errors.append(relative_error(s, r))
         energies.append(float(energy_curve(s)[r - 1]))
-    out['policy'] = str(policy)
+    out['policy'] = label
     out['rank'] = ranks
     out['params_dense'] = out.out_features * out.in_features
     out['params_factored'] = out['rank'] * (out.out_features + out.in_features)
@@ -133,19 +147,111 @@ def compare_policies(table: pd.DataFrame, policies: Sequence[RankSpec]) -> pd.Da
 
 
 def capture_layer_inputs(model: nn.Module, inputs, targets: Targets = None) -> Dict[str, torch.Tensor]:
-    """The input each targeted linear sees when `model` runs on `inputs` (flattened to rows x in_features)."""
+    """The input each targeted linear sees when `model` runs on `inputs` (flattened to rows x in_features).
+
+    `inputs` is one batch (a tensor or a dict of tensors) or a list of batches, whose rows are concatenated.
+    Padding positions of text batches are included (they pass through the linears like any token).
+    """
+    batches = inputs if isinstance(inputs, (list, tuple)) else [inputs]
     captured, hooks = {}, []
     for name, linear in find_targets(model, targets).items():
         def hook(module, args, _out, name=name):
-            captured[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+            captured.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
         hooks.append(linear.register_forward_hook(hook))
+    was_training = model.training
     try:
         with torch.no_grad():
-            call_model(model.eval(), inputs)
+            model.eval()
+            for i, batch in enumerate(batches):
+                try:
+                    call_model(model, batch)
+                except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+                    shape = ({k: tuple(v.shape) for k, v in batch.items()} if isinstance(batch, dict)
+                             else tuple(getattr(batch, 'shape', ())))
+                    raise ValueError(f'calibration batch {i} of shape {shape} does not fit the model: {e}') from None
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
-    return captured
+    return {name: torch.cat(rows) for name, rows in captured.items()}
+
+
+def layer_whitening(model: nn.Module, calibration, targets: Targets = None) -> Dict[str, torch.Tensor]:
+    """Name -> whitening factor L (`toukit.linalg.whitening_factor`) of each targeted linear's inputs.
+
+    Args:
+        calibration: model inputs (a batch or a list of batches, e.g. a few training batches), or a dict of
+            layer name -> that layer's inputs (rows x in_features).
+    """
+    found = find_targets(model, targets)
+    if isinstance(calibration, dict) and all(isinstance(v, torch.Tensor) for v in calibration.values()) and set(
+            calibration) & set(found):
+        inputs = calibration
+    else:
+        inputs = capture_layer_inputs(model, calibration, list(found))
+    factors = {}
+    for name, linear in found.items():
+        if name not in inputs:
+            raise ValueError(f'calibration has no inputs for {name}')
+        x = inputs[name]
+        if x.shape[-1] != linear.in_features:
+            raise ValueError(f'calibration inputs of {name} are {x.shape[-1]} wide; the layer takes '
+                             f'{linear.in_features}')
+        factors[name] = whitening_factor(x)
+    return factors
+
+
+def allocate_ranks(model: nn.Module, budget, targets: Targets = 'all', cost: str = 'trainable',
+                   objective: str = 'weight', calibration=None) -> Dict[str, int]:
+    """Per-layer TOU ranks that minimise the summed relative squared truncation error under a parameter budget.
+
+    Each targeted layer's error at rank r is ||W - W_r||_F^2 / ||W||_F^2 (objective 'weight'), or the same for
+    W L with L the whitening factor of its inputs (objective 'activation': the error of the layer's outputs on
+    the calibration inputs). Relative, so that every layer counts alike whatever its scale: with absolute errors
+    the few layers of largest norm would take the whole budget. A fused q/k/v projection is one layer of three
+    matrices sharing one rank (as `FactorizedLinear` holds it): its rank step removes the three matrices' k-th
+    singular values at once and costs three times.
+
+    Args:
+        model: the untouched model.
+        budget: parameters to spend (int), or a multiple of what uniform rank 0.375 of min(out, in) spends
+            (float; 1.0 spends the same).
+        targets: as `apply_tou`.
+        cost: 'trainable' (a rank costs `in` per matrix: B's row) or 'total' (`in + out`: A's column too).
+        objective: 'weight' or 'activation' (needs `calibration`).
+        calibration: model inputs, or layer name -> inputs (see `layer_whitening`).
+
+    Returns:
+        Layer name -> rank, in the model's order; `apply_tou(model, rank=...)` takes it as a rank pattern.
+    """
+    if objective not in ('weight', 'activation'):
+        raise ValueError(f"objective={objective!r}: must be 'weight' or 'activation'")
+    if objective == 'activation' and calibration is None:
+        raise ValueError("objective='activation' needs calibration inputs")
+    table = spectrum_table(model, targets, calibration=calibration if objective == 'activation' else None)
+    return allocate_from_table(table, budget, cost)
+
+
+def allocate_from_table(table: pd.DataFrame, budget, cost: str = 'trainable') -> Dict[str, int]:
+    """`allocate_ranks` on a spectrum table: layer name -> rank, the parts (q, k, v) of a name sharing one rank."""
+    if cost not in ('trainable', 'total'):
+        raise ValueError(f"cost={cost!r}: must be 'trainable' or 'total'")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ValueError(f'budget={budget!r}: must be a positive int (parameters) or float (a multiple of the '
+                         f'uniform-rank cost)')
+    gains, costs, uniform = [], [], 0.0
+    names = list(dict.fromkeys(table.name))
+    for name in names:
+        parts = table[table.name == name]
+        spectra = [torch.as_tensor(s).square() for s in parts.singular_values]
+        length = min(len(s) for s in spectra)
+        gains.append(sum(s[:length] for s in spectra) / sum(float(s.sum()) for s in spectra))
+        per_rank = int(parts.in_features.sum() + (parts.out_features.sum() if cost == 'total' else 0))
+        costs.append(per_rank)
+        uniform += per_rank * max(1, int(round(DEFAULT_FRACTION * length)))
+    spend = budget * uniform if isinstance(budget, float) else budget
+    return dict(zip(names, allocate_budget(gains, costs, spend)))
+
 
 
 def layer_output_errors(model: nn.Module, inputs, fractions: Sequence[float], targets: Targets = None) -> pd.DataFrame:
@@ -216,4 +322,4 @@ def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales
 
 
 __all__ += ['error_curves', 'total_error', 'compare_policies', 'capture_layer_inputs', 'layer_output_errors',
-            'tou_errors']
+            'tou_errors', 'layer_whitening', 'allocate_ranks', 'allocate_from_table']

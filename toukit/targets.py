@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = ['Targets', 'Family', 'FAMILIES', 'model_family', 'find_targets', 'fused_splits', 'classifier_names',
            'QKVSplit', 'split_qkv', 'fuse_qkv', 'get_submodule_parent', 'layer_kind', 'block_index', 'layer_type',
-           'output_projections', 'describe_linears', 'require_family', 'QKV_PARTS']
+           'output_projections', 'describe_linears', 'require_family', 'QKV_PARTS', 'matches']
 
 Targets = Union[str, Sequence[str], None]
 
@@ -127,7 +127,8 @@ def classifier_names(model: nn.Module) -> List[str]:
     return [c for c in candidates if c in modules]
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
+    """Whether module `name` is `pattern`, ends with '.' + `pattern`, or matches it as a glob."""
     return name == pattern or name.endswith('.' + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
@@ -158,7 +159,7 @@ def find_targets(model: nn.Module, targets: Targets = 'all', module_type=nn.Line
         patterns = [targets] if isinstance(targets, str) else list(targets)
         if not patterns or not all(isinstance(p, str) for p in patterns):
             raise ValueError(f'targets={targets!r}: expected "all", "attention", "mlp" or a list of name patterns')
-        found = [(n, m) for n, m in candidates if any(_matches(n, p) for p in patterns)]
+        found = [(n, m) for n, m in candidates if any(matches(n, p) for p in patterns)]
     if not found:
         raise ValueError(f'targets={targets!r} match no {getattr(module_type, "__name__", "module")} in the model; '
                          f'its linears are: {describe_linears(model)}')

@@ -73,7 +73,9 @@ class TrainConfig:
     preset: str = 'demo'
     model: Optional[str] = None
     dataset: Optional[str] = None
-    rank: Union[int, float, str, None] = None  # TOU/SVFit: int, fraction or 'energy:T'; LoRA/PiSSA/DeLoRA: int
+    # TOU/SVFit: int, fraction, 'energy:T', 'ght', 'budget:B' (TOU) or a rank pattern {name: rank}; LoRA/PiSSA/
+    # DeLoRA: int
+    rank: Union[int, float, str, Dict[str, Union[int, float, str]], None] = None
     noise_scale: Optional[float] = None  # TOU's alpha
     targets: Union[str, List[str], None] = None  # 'all', 'attention', 'mlp' or module-name patterns
     epochs: Optional[int] = None
@@ -87,6 +89,7 @@ class TrainConfig:
     val_limit: Optional[int] = None
     test_limit: Optional[int] = None
     max_steps_per_epoch: Optional[int] = None
+    calibration_batches: Optional[int] = None  # TOU: factorize activation-aware on this many training batches
     pretrained: Optional[bool] = None
     checkpoint: Optional[str] = None
     download: Optional[bool] = None
@@ -114,7 +117,7 @@ class TrainConfig:
         if self.preset not in PRESETS:
             bad('preset', f'unknown; choose one of {", ".join(PRESETS)}')
         for name in ('epochs', 'batch_size', 'max_length', 'train_limit', 'val_limit', 'test_limit',
-                     'max_steps_per_epoch'):
+                     'max_steps_per_epoch', 'calibration_batches'):
             optional(name, int, lambda v: v >= 1, 'must be an int >= 1')
         for name in ('seed', 'split_seed'):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
@@ -153,9 +156,12 @@ class TrainConfig:
         if unknown:
             bad('extra', f'method {self.method!r} takes no option {", ".join(sorted(unknown))}; its options are '
                          f'{", ".join(METHODS[self.method].defaults) or "none"}')
-        if self.rank is not None:
-            policy = parse_rank(self.rank)  # validates; '288' -> 288, '0.375' -> 0.375, 'energy:0.9' stays
-            self.rank = str(policy) if policy.needs_spectrum else policy.value
+        if self.calibration_batches is not None and 'calibration' not in METHODS[self.method].defaults:
+            bad('calibration_batches', f'method {self.method!r} takes no calibration')
+        if isinstance(self.rank, dict):
+            self.rank = {str(k): _normal_rank(v) for k, v in self.rank.items()}  # validated again by apply_tou
+        elif self.rank is not None:
+            self.rank = _normal_rank(self.rank)
 
     @property
     def name(self) -> str:
@@ -172,6 +178,12 @@ class TrainConfig:
         options = dict(rank=self.rank, noise_scale=self.noise_scale, targets=self.targets, seed=self.seed,
                        **self.extra)
         return {k: v for k, v in options.items() if k in takes and v is not None}
+
+
+def _normal_rank(rank):
+    """A rank spec validated and in its canonical JSON form: '288' -> 288, '0.375' -> 0.375, 'energy:0.9' stays."""
+    policy = parse_rank(rank)
+    return policy.value if policy.kind in ('fixed', 'fraction') else str(policy)
 
 
 def _check_device(device: str) -> None:
@@ -375,9 +387,13 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
     train_loader, eval_loaders = _loaders(config, data, device)
 
     model.to(device)
+    options = config.method_options()
+    if config.calibration_batches:  # the first training batches in file order: the same for every seed
+        calibration = DataLoader(data.train, batch_size=config.batch_size, shuffle=False)
+        options['calibration'] = [_to(b, device)[0] for b, _ in zip(calibration, range(config.calibration_batches))]
     memory = _Memory(device)
     t0 = time.perf_counter()
-    apply_method(model, config.method, **config.method_options())
+    apply_method(model, config.method, **options)
     _sync(device)
     factorize_seconds = time.perf_counter() - t0  # new layers are built on their weights' device
     trainable, total = count_parameters(model)
@@ -385,6 +401,8 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
                           memory_kind=memory.kind, num_workers=config.num_workers)
     record['data'] = dict(train_size=len(data.train), val_size=len(data.val), test_size=len(data.test),
                           classes=data.classes)
+    if getattr(model, 'toukit_ranks', None):
+        record['ranks'] = dict(model.toukit_ranks)  # a rank pattern: rank=record['ranks'] replays the allocation
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)  # constant lr

@@ -1,0 +1,203 @@
+"""Adaptive ranks: budget allocation (against brute force), the optimal hard threshold, rank patterns and
+activation-aware factorization."""
+import itertools
+
+import pytest
+import timm
+import torch
+from torch.testing import assert_close
+
+import toukit
+from toukit import data, spectrum
+from toukit.linalg import optimal_hard_threshold_rank, whitened_truncated_svd, whitening_factor
+from toukit.ranks import allocate_budget, parse_rank
+
+
+def _spectra(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.linalg.svdvals(torch.randn(*s, generator=g, dtype=torch.float64) * torch.rand(
+        s[1], generator=g, dtype=torch.float64)) for s in shapes]
+
+
+def _error(gains, ranks):
+    return sum(float(g[r:].sum()) for g, r in zip(gains, ranks))
+
+
+SHAPES = [(6, 5), (4, 6), (7, 3), (5, 4)]
+
+
+def test_greedy_allocation_matches_brute_force():
+    spectra = _spectra(SHAPES)
+    gains = [s.square() / s.square().sum() for s in spectra]
+    costs = [shape[1] for shape in SHAPES]  # TOU's trainable cost per rank: in
+    combos = list(itertools.product(*[range(1, len(g) + 1) for g in gains]))
+    floor = sum(costs)
+    previous = float('inf')
+    for budget in range(floor, floor + 60):
+        ranks = allocate_budget(gains, costs, budget)
+        spent = sum(r * c for r, c in zip(ranks, costs))
+        assert spent <= budget
+        if any(r < len(g) for r, g in zip(ranks, gains)):
+            assert budget - spent < max(costs)  # within one rank step of the budget
+        best = min(_error(gains, c) for c in combos if sum(r * k for r, k in zip(c, costs)) <= spent)
+        assert _error(gains, ranks) == pytest.approx(best, abs=1e-12), budget  # optimal for what it spends
+        assert _error(gains, ranks) <= previous + 1e-12  # a larger budget never gives a larger error
+        previous = _error(gains, ranks)
+
+
+@pytest.mark.parametrize('budget', [0, -5, 3])
+def test_budget_below_the_smallest_allocation_is_refused(budget):
+    gains = [s.square() for s in _spectra(SHAPES)]
+    with pytest.raises(ValueError, match=f'budget={budget}'):
+        allocate_budget(gains, [5, 6, 3, 4], budget)
+
+
+def test_allocate_ranks_spends_the_budget(tiny_bert):
+    targets = toukit.find_targets(tiny_bert)
+    for cost, per in (('trainable', lambda m: m.in_features), ('total', lambda m: m.in_features + m.out_features)):
+        uniform = sum(per(m) * round(0.375 * min(m.weight.shape)) for m in targets.values())
+        for budget in (0.5, 1.0, 1.5, 3000):
+            ranks = spectrum.allocate_ranks(tiny_bert, budget, cost=cost)
+            spend = budget * uniform if isinstance(budget, float) else budget
+            spent = sum(per(targets[n]) * r for n, r in ranks.items())
+            assert spend - max(per(m) for m in targets.values()) < spent <= spend, (cost, budget)
+    errors = []
+    table = toukit.spectrum_table(tiny_bert)
+    for budget in (0.5, 1.0, 1.5):
+        ranks = spectrum.allocate_ranks(tiny_bert, budget)
+        errors.append(sum(toukit.relative_error(torch.as_tensor(row.singular_values), ranks[row.name]) ** 2
+                          for row in table.itertuples()))
+        uniform = sum(toukit.relative_error(torch.as_tensor(row.singular_values), round(0.375 * row.max_rank)) ** 2
+                      for row in table.itertuples())
+        if budget == 1.0:
+            assert errors[-1] <= uniform + 1e-12  # the allocation never does worse than uniform at its cost
+    assert errors == sorted(errors, reverse=True)
+
+
+@pytest.mark.parametrize('budget, match', [(0, 'budget=0'), (-1.0, 'budget=-1.0'), (10, 'below the smallest'),
+                                           ('1', "budget='1'")])
+def test_allocate_ranks_bad_budgets(tiny_bert, budget, match):
+    with pytest.raises(ValueError, match=match):
+        spectrum.allocate_ranks(tiny_bert, budget)
+
+
+def test_fused_qkv_is_one_layer_of_three_matrices(test_vit):
+    ranks = spectrum.allocate_ranks(test_vit, 1.0)
+    assert 'blocks.0.attn.qkv' in ranks
+    toukit.apply_tou(test_vit, rank='budget:1.0', noise_scale=0.0)
+    assert test_vit.toukit_ranks == ranks
+
+
+def test_optimal_hard_threshold_finds_a_planted_rank():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(200, 5, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(120, 5, generator=g, dtype=torch.float64))
+    signal = u @ torch.diag(torch.tensor([40.0, 35, 30, 25, 20], dtype=torch.float64)) @ v.T
+    noisy = signal + torch.randn(200, 120, generator=g, dtype=torch.float64) * 0.1
+    assert optimal_hard_threshold_rank(torch.linalg.svdvals(noisy), (200, 120)) == 5
+    assert parse_rank('ght').resolve((200, 120), torch.linalg.svdvals(noisy)) == 5
+    assert str(parse_rank('ght')) == 'ght' and str(parse_rank('budget:1.0')) == 'budget:1.0'
+
+
+def test_rank_patterns(tiny_bert):
+    model = toukit.apply_tou(tiny_bert, rank={'query': 3, 'intermediate.dense': 'energy:0.9', '*': 0.25},
+                             noise_scale=0.0)
+    ranks = model.toukit_ranks
+    assert ranks['encoder.encoder.layer.0.attention.self.query'] == 3
+    assert ranks['encoder.encoder.layer.1.attention.self.key'] == round(0.25 * 32)
+    replay = toukit.apply_tou(toukit.create_model('tiny-bert', num_classes=3, seed=0), rank=ranks, noise_scale=0)
+    assert replay.toukit_ranks == ranks
+
+
+@pytest.mark.parametrize('rank, match', [
+    ({'query': 3, 'nope': 2, '*': 4}, r"\['nope'\] name no targeted module"),
+    ({'query': 3}, 'gives no rank to encoder.encoder.layer.0.attention.self.key'),
+    ({'*': 10_000}, 'rank=10000'), ({}, 'empty rank pattern'), ({'*': 'budget:1.0'}, 'pass it alone')])
+def test_bad_rank_patterns(tiny_bert, rank, match):
+    with pytest.raises(ValueError, match=match):
+        toukit.apply_tou(tiny_bert, rank=rank)
+    assert not toukit.is_prepared(tiny_bert)
+
+
+def test_whitened_truncation_never_loses_to_plain_svd():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 20, generator=g, dtype=torch.float64) * torch.linspace(0.01, 3, 20, dtype=torch.float64)
+    factor = whitening_factor(x)
+    for r in (1, 5, 10, 19):
+        a, b = whitened_truncated_svd(w, factor, r)
+        plain_a, plain_b = toukit.truncated_svd(w, r)
+        aware = torch.linalg.norm(x @ (w - a @ b).T)
+        plain = torch.linalg.norm(x @ (w - plain_a @ plain_b).T)
+        assert aware <= plain * (1 + 1e-9), r
+    with pytest.raises(ValueError, match='input width 20'):
+        whitened_truncated_svd(w, whitening_factor(x[:, :5]), 3)
+
+
+@pytest.fixture(scope='module')
+def minilm_batches():
+    model = toukit.create_model('minilm', num_classes=5, seed=0).eval()
+    bundle = data.load_dataset('bbc', model, max_length=64, train_limit=32, val_limit=16, test_limit=16)
+    loader = torch.utils.data.DataLoader(bundle.train, batch_size=16)
+    return model, [inputs for inputs, _ in loader]
+
+
+def test_activation_aware_factors_beat_plain_svd_on_minilm(minilm_batches):
+    import copy
+    model, batches = minilm_batches
+    inputs = spectrum.capture_layer_inputs(model, batches)
+    aware = toukit.apply_tou(copy.deepcopy(model), rank=0.25, noise_scale=0.0, calibration=batches)
+    plain = toukit.apply_tou(copy.deepcopy(model), rank=0.25, noise_scale=0.0)
+    aware_modules, plain_modules = dict(aware.named_modules()), dict(plain.named_modules())
+    originals = dict(model.named_modules())
+    wins = 0
+    for name, x in inputs.items():
+        reference = x.double() @ originals[name].weight.double().T
+        err = {k: float(torch.linalg.norm(x.double() @ m[name].weight.detach().double().T - reference))
+               for k, m in (('aware', aware_modules), ('plain', plain_modules))}
+        assert err['aware'] <= err['plain'] * (1 + 1e-4), name  # float32 factors: a hair of rounding
+        wins += err['aware'] < 0.95 * err['plain']
+    assert wins > len(inputs) // 2  # and usually by a margin
+
+
+def test_activation_aware_tou_merges_exactly(minilm_batches):
+    import copy
+    model, batches = minilm_batches
+    prepared = toukit.apply_tou(copy.deepcopy(model), rank=0.25, calibration=batches[:1])
+    with torch.no_grad():
+        before = prepared(**batches[1])
+        toukit.merge(prepared)
+        after = prepared(**batches[1])
+    assert_close(after, before, rtol=1e-4, atol=1e-5)
+    copy.deepcopy(model).load_state_dict(prepared.state_dict(), strict=True)
+
+
+def test_calibration_that_does_not_fit_is_refused(test_vit, tiny_bert):
+    with pytest.raises(ValueError, match='calibration batch 0'):
+        toukit.apply_tou(test_vit, rank=4, calibration=[torch.randn(2, 5, 7, 7)])
+    name = 'encoder.encoder.layer.0.attention.self.query'
+    bad = {n: torch.randn(10, 32) for n in toukit.find_targets(tiny_bert)}
+    bad[name] = torch.randn(10, 31)
+    with pytest.raises(ValueError, match=f'calibration inputs of {name} are 31 wide'):
+        toukit.apply_tou(tiny_bert, rank=4, calibration=bad)
+    assert not toukit.is_prepared(test_vit) and not toukit.is_prepared(tiny_bert)
+
+
+def test_budget_rank_in_a_run_record_replays(tmp_path):
+    from toukit import train
+    record = train.run(method='tou', preset='test', rank='budget:0.5', epochs=1, max_steps_per_epoch=1,
+                              calibration_batches=2, results_dir=str(tmp_path), progress=False)
+    assert record['run']['config']['rank'] == 'budget:0.5' and record['ranks']
+    model = timm.create_model('test_vit', num_classes=4)
+    toukit.apply_tou(model, rank=record['ranks'])
+    assert model.toukit_ranks == record['ranks']
+
+
+def test_explorer_exports_a_rank_pattern(tiny_bert):
+    table = toukit.spectrum_table(tiny_bert)
+    from toukit import plots
+    explorer = plots.threshold_explorer(table, start=0.9)
+    pattern = explorer.rank_pattern()
+    assert pattern == {row.name: row.rank_e90 for row in table.itertuples()}
+    toukit.apply_tou(tiny_bert, rank=pattern, noise_scale=0.0)
+    assert tiny_bert.toukit_ranks == pattern
