@@ -14,31 +14,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linalg import check_finite, check_rank, truncated_svd
+from .targets import dense_like, dense_weight, is_dense
 
 __all__ = ['ToukitLayer', 'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear']
 
 
 class ToukitLayer(nn.Module):
-    """Base of toukit's layers: an effective `weight`, a `bias`, and `merge()` back to nn.Linear."""
+    """Base of toukit's layers: an effective `weight` (out x in), a `bias`, and `merge()` back to the dense layer
+    they were built from (nn.Linear, or transformers' Conv1D for GPT-2)."""
     in_features: int
     out_features: int
     bias: Optional[nn.Parameter]
+    merge_class: type = nn.Linear
 
     @property
     def weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def merge(self) -> nn.Linear:
-        """A plain nn.Linear computing the same function; refuses non-finite weights."""
+    def merge(self) -> nn.Module:
+        """A plain dense layer of the original class computing the same function; refuses non-finite weights."""
         with torch.no_grad():
             weight = self.weight
             check_finite(weight, f'{type(self).__name__} weight at merge')
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                               device=weight.device, dtype=weight.dtype)
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+            return dense_like(self.merge_class, weight.detach(), None if self.bias is None else self.bias.detach())
 
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
@@ -48,11 +46,11 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def _copy_bias(linear: nn.Linear, trainable: Optional[bool] = None) -> Optional[nn.Parameter]:
-    if linear.bias is None:
-        return None
-    requires_grad = linear.bias.requires_grad if trainable is None else trainable
-    return nn.Parameter(linear.bias.detach().clone(), requires_grad=requires_grad)
+def _check_dense(linear: nn.Module, name: str) -> torch.Tensor:
+    """`linear`'s weight as (out x in), detached; a ValueError unless it is nn.Linear or Conv1D."""
+    if not is_dense(linear):
+        raise ValueError(f'{name}: expected nn.Linear or Conv1D, got {type(linear).__name__}')
+    return dense_weight(linear).detach()
 
 
 class FactorizedLinear(ToukitLayer):
@@ -101,17 +99,16 @@ class FactorizedLinear(ToukitLayer):
             svd_method: 'exact' or 'randomized' (see `toukit.linalg.truncated_svd`).
             name: the layer's name, for error messages.
         """
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f'{name}: expected nn.Linear, got {type(linear).__name__}')
+        weight = _check_dense(linear, name)
         if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
                 math.isfinite(noise_scale) and noise_scale >= 0):
             raise ValueError(f'noise_scale={noise_scale!r} for {name}: must be a finite number >= 0')
-        weight = linear.weight.detach()
         if factors is None:  # given factors come from a caller that checked the weight (apply_tou)
             check_finite(weight, f'{name}.weight')
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, rank, splits=splits,
                     bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        layer.merge_class = type(linear)
         if factors is None:
             a, b = truncated_svd(weight.view(splits, out_f // splits, in_f), rank, method=svd_method, seed=seed)
         else:
@@ -181,11 +178,12 @@ class SVFitLinear(ToukitLayer):
             svd: the weight's (U, S, Vh) in float64, e.g. from one batched SVD over many layers
                 (`toukit.linalg.svd_many`); computed here when None.
         """
-        weight = linear.weight.detach()
+        weight = _check_dense(linear, name)
         check_finite(weight, f'{name}.weight')
         out_f, in_f = weight.shape
         check_rank(rank, (out_f, in_f), name)
         layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        layer.merge_class = type(linear)
         u, s, vh = svd if svd is not None else torch.linalg.svd(weight.double(), full_matrices=False)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
         with torch.no_grad():
@@ -231,12 +229,13 @@ class DeLoRALinear(ToukitLayer):
     def from_linear(cls, linear: nn.Linear, rank: int, scaling: float = 1.0, seed: Optional[int] = None,
                     name: str = 'linear') -> 'DeLoRALinear':
         """Wrap `linear` with frozen N(0, 1/in) and N(0, 1/r) random factors and a zero r x r core."""
-        weight = linear.weight.detach()
+        weight = _check_dense(linear, name)
         check_finite(weight, f'{name}.weight')
         out_f, in_f = weight.shape
         check_rank(rank, (out_f, in_f), name)
         layer = cls(in_f, out_f, rank, scaling, bias=linear.bias is not None, device=weight.device,
                     dtype=weight.dtype)
+        layer.merge_class = type(linear)
         gen = torch.Generator(device='cpu')
         gen.manual_seed(0 if seed is None else seed)
         with torch.no_grad():
@@ -274,9 +273,9 @@ class AdapterLinear(nn.Module):
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f'adapter width={width!r}: must be an int >= 1')
         self.base, self.width = base, width
-        w = base.weight
-        self.adapter_down = nn.Linear(base.out_features, width, device=w.device, dtype=w.dtype)
-        self.adapter_up = nn.Linear(width, base.out_features, device=w.device, dtype=w.dtype)
+        w = dense_weight(base)
+        self.adapter_down = nn.Linear(w.shape[0], width, device=w.device, dtype=w.dtype)
+        self.adapter_up = nn.Linear(width, w.shape[0], device=w.device, dtype=w.dtype)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
 
@@ -284,8 +283,7 @@ class AdapterLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, width: int, seed: Optional[int] = None,
                     name: str = 'linear') -> 'AdapterLinear':
         """Wrap `linear` (kept as `base`, not copied) with a zero-started adapter of `width`; seeds `down`'s init."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f'{name}: expected nn.Linear, got {type(linear).__name__}')
+        _check_dense(linear, name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0 if seed is None else seed)
             return cls(linear, width)

@@ -17,8 +17,8 @@ from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, 
 from .linalg import check_finite, check_rank, svd_many
 from .ranks import DEFAULT_FRACTION as DEFAULT_TOU_RANK, RankSpec, layer_policies, parse_rank
 from .spectrum import allocate_ranks, layer_whitening
-from .targets import (Targets, classifier_names, find_targets, fuse_qkv, fused_splits, get_submodule_parent,
-                      layer_kind, model_family, output_projections, QKVSplit, require_family, split_qkv)
+from .targets import (Targets, classifier_names, dense_weight, find_targets, fuse_qkv, fused_splits,
+                      get_submodule_parent, layer_kind, model_family, output_projections, QKVSplit, require_family, split_qkv)
 
 __all__ = ['DEFAULT_NOISE_SCALE', 'METHODS', 'apply_method', 'apply_tou', 'merge', 'count_parameters',
            'method_names', 'method_label', 'is_prepared', 'has_method_layers', 'describe_preparation']
@@ -109,7 +109,8 @@ def apply_tou(
     whitened_truncated_svd`): A B is the rank-r matrix closest to W on the layer's calibration inputs.
 
     Args:
-        model: a timm ViT, a BERT-like model, or any module (then every nn.Linear but the head is a target).
+        model: a transformer (see `toukit.targets`: timm and Hugging Face families), or any module (then every
+            dense layer but the head is a target).
         rank: an int, a fraction of min(out, in), 'energy:T', 'ght' or 'budget:B' (see `toukit.ranks.parse_rank`;
             a budget is allocated by `toukit.spectrum.allocate_ranks`), or a rank pattern {module name or
             pattern: any of those but a budget} (see `layer_policies`). q, k and v of a fused projection share
@@ -137,27 +138,25 @@ def apply_tou(
     factors = layer_whitening(model, calibration, list(found)) if calibration is not None else {}
     blocks, owners = [], []
     for name, linear in found.items():
-        check_finite(linear.weight, f'{name}.weight')
+        weight = dense_weight(linear).detach()
+        check_finite(weight, f'{name}.weight')
         splits = fused_splits(family, name, linear)
-        out_f, in_f = linear.weight.shape
-        weight = linear.weight.detach()
+        out_f, in_f = weight.shape
         if factors:
             weight = weight.double() @ factors[name]
-        blocks.extend(weight.view(splits, out_f // splits, in_f).unbind(0))
-        owners.append((name, linear, splits))
+        blocks.extend(weight.reshape(splits, out_f // splits, in_f).unbind(0))
+        owners.append((name, linear, splits, (out_f // splits, in_f)))
     if any(p.needs_spectrum for p in policies.values()) or factors:
         if svd_method == 'randomized' and not factors:
             raise ValueError(f"rank={rank}: svd_method='randomized' needs a fixed or fractional rank")
         max_rank = None  # the whole spectrum decides each rank
     else:
-        max_rank = max(policies[n].resolve((linear.out_features // splits, linear.in_features), name=n)
-                       for n, linear, splits in owners)
+        max_rank = max(policies[n].resolve(shape, name=n) for n, _, _, shape in owners)
     svds = svd_many(blocks, rank=max_rank, method='exact' if factors else svd_method, seed=seed)
     layers, start = {}, 0
-    for i, (name, linear, splits) in enumerate(owners):  # every layer is built before the model changes
+    for i, (name, linear, splits, shape) in enumerate(owners):  # every layer is built before the model changes
         parts = svds[start:start + splits]
         start += splits
-        shape = (linear.out_features // splits, linear.in_features)
         r = max(policies[name].resolve(shape, s, name=name) for _, s, _ in parts)
         a = torch.stack([u[:, :r] * s[:r] for u, s, _ in parts])
         b = torch.stack([vh[:r] for _, _, vh in parts])
@@ -268,7 +267,7 @@ def _peft_lora(model: nn.Module, targets: Targets, **config) -> None:
     _split_view(model)
     found = find_targets(model, targets)
     for name, linear in found.items():
-        check_rank(config['r'], tuple(linear.weight.shape), name)
+        check_rank(config['r'], tuple(dense_weight(linear).shape), name)
     names = list(found)
     inject_adapter_in_model(LoraConfig(target_modules=names, bias='none', **config), model)
 
@@ -308,11 +307,12 @@ def svfit(model: nn.Module, rank: RankSpec = 'energy:0.99', targets: Targets = '
     policy = parse_rank(rank)
     _split_view(model)
     found = find_targets(model, targets)
-    for linear in found.values():
-        check_finite(linear.weight, 'SVFit target weight')
-    svds = svd_many([linear.weight.detach().double() for linear in found.values()], method='exact')
+    weights = {name: dense_weight(linear).detach() for name, linear in found.items()}
+    for name, weight in weights.items():
+        check_finite(weight, f'{name}.weight')
+    svds = svd_many([w.double() for w in weights.values()], method='exact')
     for (name, linear), svd in zip(found.items(), svds):
-        rank_ = policy.resolve(tuple(linear.weight.shape), svd[1], name)
+        rank_ = policy.resolve(tuple(weights[name].shape), svd[1], name)
         _replace(model, name, SVFitLinear.from_linear(linear, rank_, name=name, svd=svd))
 
 

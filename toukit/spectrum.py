@@ -13,8 +13,8 @@ from .linalg import (effective_rank, energy_curve, rank_for_energy, relative_err
                      stable_rank, whitening_factor)
 from .models import call_model
 from .ranks import DEFAULT_FRACTION, RankSpec, allocate_budget, layer_policies, parse_rank
-from .targets import (QKV_PARTS, Family, Targets, block_index, find_targets, fused_splits, layer_kind, layer_type,
-                      model_family)
+from .targets import (QKV_PARTS, Family, Targets, block_index, dense_weight, find_targets, fused_splits, layer_kind,
+                      layer_type, model_family)
 
 __all__ = ['layer_matrices', 'spectrum_table', 'rank_table', 'ENERGY_LEVELS']
 
@@ -25,7 +25,7 @@ def layer_matrices(model: nn.Module, targets: Targets = None) -> Iterator[Tuple[
     """(name, part, weight) for every targeted linear; a fused q/k/v projection yields its three blocks."""
     family = model_family(model)
     for name, linear in find_targets(model, targets).items():
-        weight = linear.weight.detach()
+        weight = dense_weight(linear).detach()
         splits = fused_splits(family, name, linear)
         if splits == 1:
             yield name, None, weight
@@ -194,9 +194,9 @@ def layer_whitening(model: nn.Module, calibration, targets: Targets = None) -> D
         if name not in inputs:
             raise ValueError(f'calibration has no inputs for {name}')
         x = inputs[name]
-        if x.shape[-1] != linear.in_features:
-            raise ValueError(f'calibration inputs of {name} are {x.shape[-1]} wide; the layer takes '
-                             f'{linear.in_features}')
+        width = dense_weight(linear).shape[1]
+        if x.shape[-1] != width:
+            raise ValueError(f'calibration inputs of {name} are {x.shape[-1]} wide; the layer takes {width}')
         factors[name] = whitening_factor(x)
     return factors
 

@@ -1,110 +1,193 @@
 """Which linears a method touches, per model family, and the q/k/v view of a fused attention projection.
 
-Everything toukit knows about a model's layout lives here, in one `Family` description per model family:
-which module names mark the family, which block a layer belongs to, which linears are attention and which MLP,
-which are the blocks' attention and MLP output projections, and which projection fuses q, k and v. The rest of
-toukit asks these functions (`model_family`, `layer_kind`, `block_index`, `layer_type`, `fused_splits`,
-`output_projections`) and never matches layer names itself. A model of no known family exposes every
-nn.Linear but its head under `targets='all'`; anything that needs layer kinds on it raises with its linears listed.
+Everything toukit knows about a model's layout lives here, in one `Family` description computed from the model's
+module tree: which block a layer belongs to, which linears are attention and which MLP, which are the blocks'
+attention and MLP output projections, and which projection fuses q, k and v. The rest of toukit asks these
+functions (`model_family`, `layer_kind`, `block_index`, `layer_type`, `fused_splits`, `output_projections`) and
+never matches layer names itself.
+
+The description comes from structure, not from per-model name lists, so timm ViTs, BERT/RoBERTa/DeBERTa,
+DistilBERT, GPT-2, GPT-NeoX, BLOOM, OPT, Llama, Mistral, Qwen2, T5, BART, HF ViT, DeiT and Swin all resolve the
+same way: a *block* is an element of a ModuleList (or Sequential) of same-class modules that holds an attention
+module, the innermost such; inside a block, every dense layer (nn.Linear or transformers' Conv1D) under a module
+whose class name says attention ('Attention', 'Attn') is attention, and every other one is MLP; dense layers
+outside blocks (embedding projections, poolers, heads, patch merging) are neither and are never targets by
+default, nor is anything that shares its weight with an embedding or is the model's output embedding. A model with
+no block exposes every dense layer but its head under `targets='all'`; anything that needs layer kinds on it raises
+with its linears listed.
 """
 import fnmatch
 import re
+import sys
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ['Targets', 'Family', 'FAMILIES', 'model_family', 'find_targets', 'fused_splits', 'classifier_names',
+__all__ = ['Targets', 'Family', 'model_family', 'find_targets', 'fused_splits', 'classifier_names',
            'QKVSplit', 'split_qkv', 'fuse_qkv', 'get_submodule_parent', 'layer_kind', 'block_index', 'layer_type',
-           'output_projections', 'describe_linears', 'require_family', 'QKV_PARTS', 'matches']
+           'output_projections', 'describe_linears', 'require_family', 'QKV_PARTS', 'matches', 'dense_types',
+           'is_dense', 'dense_weight', 'dense_like', 'FUSED_QKV_NAMES']
 
 Targets = Union[str, Sequence[str], None]
+ATTENTION_CLASS = re.compile(r'Attention|Attn')  # class names of attention modules, in timm and transformers
+FUSED_QKV_NAMES = ('qkv', 'c_attn', 'query_key_value', 'Wqkv')  # projections that stack q, k and v (out = 3 * in)
+CLASSIFIER_NAMES = ('head', 'classifier', 'fc', 'head.fc', 'lm_head', 'score')
+QKV_PARTS = ('q', 'k', 'v')
+
+
+def dense_types() -> tuple:
+    """The dense layer classes: nn.Linear, and transformers' Conv1D (GPT-2) once transformers is imported."""
+    pytorch_utils = sys.modules.get('transformers.pytorch_utils')  # no Conv1D exists before transformers loads
+    return (nn.Linear,) + ((pytorch_utils.Conv1D,) if pytorch_utils is not None else ())
+
+
+def is_dense(module: nn.Module) -> bool:
+    return isinstance(module, dense_types())
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A dense layer's weight as (out x in), whatever its layout (Conv1D stores in x out; toukit's layers give
+    their effective weight)."""
+    conv1d = dense_types()[1:]
+    return module.weight.T if conv1d and isinstance(module, conv1d) else module.weight
+
+
+def dense_like(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
+    """A new dense layer of `module`'s class (nn.Linear or Conv1D) computing x W^T + b, W given as (out x in)."""
+    out_f, in_f = weight.shape
+    if isinstance(module, nn.Linear) or module is nn.Linear:
+        layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+    else:
+        conv1d = module if isinstance(module, type) else type(module)
+        layer = conv1d(out_f, in_f).to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight.T)
+    if bias is not None:
+        with torch.no_grad():
+            layer.bias.copy_(bias)
+    return layer
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family's layout, as regular expressions searched in full module names.
+    """A model's layout, computed from its module tree (`model_family`).
 
     Attributes:
-        name: the family's name.
-        detect: a module name only this family has.
-        block: captures a layer's block (depth) index as group 1.
-        attention: the attention linears (q, k, v or a fused q/k/v, and the output projection).
-        mlp: the MLP (feed-forward) linears.
-        attention_output: the attention output projection of each block (where an adapter goes).
-        mlp_output: the MLP output projection of each block.
-        fused_qkv: a projection that holds q, k and v stacked (out = 3 * in), or None.
+        name: `config.model_type` when the model has a transformers config (also inside a wrapper), else the
+            model's class name.
+        kinds: dense layer name -> 'attention' or 'mlp', for every dense layer inside a block.
+        blocks: dense layer name -> (the block's module name, its index in its block list).
+        attention_outputs: the last dense layer of each attention module (where an adapter goes).
+        mlp_outputs: the last MLP dense layer of each block.
+        fused_qkv: the attention projections that stack q, k and v.
     """
     name: str
-    detect: str
-    block: str
-    attention: str
-    mlp: str
-    attention_output: str
-    mlp_output: str
-    fused_qkv: Optional[str] = None
+    kinds: Dict[str, str] = field(default_factory=dict)
+    blocks: Dict[str, Tuple[str, int]] = field(default_factory=dict)
+    attention_outputs: Tuple[str, ...] = ()
+    mlp_outputs: Tuple[str, ...] = ()
+    fused_qkv: Tuple[str, ...] = ()
 
 
-FAMILIES = {
-    'vit': Family(  # timm VisionTransformer and relatives: blocks.N.attn.qkv / proj, blocks.N.mlp.fc1 / fc2
-        name='vit',
-        detect=r'(^|\.)blocks\.\d+\.attn\.qkv$',
-        block=r'(?:^|\.)blocks\.(\d+)\.',
-        attention=r'(^|\.)blocks\.\d+\.attn\.(qkv|q|k|v|qkv\.[qkv]|proj)$',
-        mlp=r'(^|\.)blocks\.\d+\.mlp\.fc[12]$',
-        attention_output=r'(^|\.)blocks\.\d+\.attn\.proj$',
-        mlp_output=r'(^|\.)blocks\.\d+\.mlp\.fc2$',
-        fused_qkv=r'(^|\.)blocks\.\d+\.attn\.qkv$',
-    ),
-    'bert': Family(  # Hugging Face BERT / RoBERTa / MiniLM encoders
-        name='bert',
-        detect=r'(^|\.)layer\.\d+\.attention\.self\.query$',
-        block=r'(?:^|\.)layer\.(\d+)\.',
-        attention=r'(^|\.)layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)$',
-        mlp=r'(^|\.)layer\.\d+\.(intermediate\.dense|output\.dense)$',
-        attention_output=r'(^|\.)layer\.\d+\.attention\.output\.dense$',
-        mlp_output=r'(^|\.)layer\.\d+\.output\.dense$',
-    ),
-}
-CLASSIFIER_NAMES = ('head', 'classifier', 'fc', 'head.fc')
-QKV_PARTS = ('q', 'k', 'v')
+def _block_lists(model: nn.Module) -> List[Tuple[str, List[Tuple[str, nn.Module]]]]:
+    """(list name, [(element name, element)]) of every ModuleList / Sequential of same-class elements with
+    attention inside."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
+            continue
+        elements = list(module.named_children())
+        if len({type(m) for _, m in elements}) != 1:
+            continue
+        if any(ATTENTION_CLASS.search(type(sub).__name__) for _, m in elements for sub in m.modules()):
+            prefix = f'{name}.' if name else ''
+            found.append((name, [(prefix + n, m) for n, m in elements]))
+    return found
 
 
-def model_family(model: nn.Module) -> Optional[Family]:
-    """The model's `Family` (found from its module names), or None."""
-    names = [n for n, _ in model.named_modules()]
-    for family in FAMILIES.values():
-        if any(re.search(family.detect, n) for n in names):
-            return family
+def _model_type(model: nn.Module) -> Optional[str]:
+    for module in model.modules():
+        config = getattr(module, 'config', None)
+        if getattr(config, 'model_type', None):
+            return config.model_type
     return None
 
 
-def layer_kind(family: Optional[Family], name: str) -> Optional[str]:
-    """'attention', 'mlp' or None (no family, or a linear outside the blocks' attention and MLP)."""
-    if family is None:
+def model_family(model: nn.Module) -> Optional[Family]:
+    """The model's `Family` (its blocks and the kind of every dense layer in them), or None if it has no block."""
+    block_of = {}  # element name -> index, for the innermost block lists
+    lists = _block_lists(model)
+    list_names = {n for n, _ in lists}
+    for _, elements in lists:
+        for index, (name, element) in enumerate(elements):
+            inner = any(isinstance(m, (nn.ModuleList, nn.Sequential)) and f'{name}.{n}' in list_names
+                        for n, m in element.named_modules() if n)
+            if not inner:
+                block_of[name] = index
+    if not block_of:
         return None
-    if re.search(family.mlp, name):
-        return 'mlp'
-    return 'attention' if re.search(family.attention, name) else None
+    modules = dict(model.named_modules())
+    kinds, blocks, attention_outputs, mlp_last, fused = {}, {}, {}, {}, []
+    for name, module in modules.items():
+        if not (is_dense(module) or hasattr(module, 'merge_class')):  # a toukit layer stands for its dense layer
+            continue
+        parts = name.split('.')
+        ancestors = ['.'.join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]  # nearest first
+        block = next((a for a in ancestors if a in block_of), None)
+        if block is None:
+            continue
+        inside = ancestors[:ancestors.index(block)]
+        # the outermost attention module in the block (BERT's BertAttention holds BertSelfAttention and its output)
+        attention = next((a for a in reversed(inside) if ATTENTION_CLASS.search(type(modules[a]).__name__)), None)
+        kinds[name] = 'attention' if attention else 'mlp'
+        blocks[name] = (block, block_of[block])
+        if attention:
+            attention_outputs[attention] = name  # the last dense layer registered under it
+            weight = dense_weight(module)
+            if parts[-1] in FUSED_QKV_NAMES and weight.shape[0] == 3 * weight.shape[1]:
+                fused.append(name)
+        else:
+            mlp_last[block] = name
+    return Family(name=_model_type(model) or type(model).__name__, kinds=kinds, blocks=blocks,
+                  attention_outputs=tuple(attention_outputs.values()), mlp_outputs=tuple(mlp_last.values()),
+                  fused_qkv=tuple(fused))
+
+
+def layer_kind(family: Optional[Family], name: str) -> Optional[str]:
+    """'attention', 'mlp' or None (no family, or a dense layer outside the blocks)."""
+    return None if family is None else family.kinds.get(name)
 
 
 def block_index(family: Optional[Family], name: str) -> Optional[int]:
-    """The block (depth) a layer belongs to, or None."""
-    match = re.search(family.block, name) if family is not None else None
-    return int(match.group(1)) if match else None
+    """The block (depth) a layer belongs to, within its block list, or None."""
+    entry = None if family is None else family.blocks.get(name)
+    return None if entry is None else entry[1]
 
 
 def layer_type(family: Optional[Family], name: str, part: Optional[str] = None) -> str:
-    """A layer's type independent of its depth, e.g. 'attn.qkv[q]' or 'attention.self.query'."""
-    short = name[re.search(family.block, name).end():] if block_index(family, name) is not None else name
+    """A layer's type independent of its depth, e.g. 'attn.qkv[q]' or 'attention.self.query'.
+
+    With several block lists (an encoder and a decoder), the list's name stays in front: 'decoder.block.*.x'.
+    """
+    entry = None if family is None else family.blocks.get(name)
+    short = name
+    if entry is not None:
+        block, _ = entry
+        short = name[len(block) + 1:]
+        lists = {b.rsplit('.', 1)[0] if '.' in b else '' for b, _ in family.blocks.values()}
+        if len(lists) > 1:
+            short = f'{block.rsplit(".", 1)[0]}.*.{short}'
     return f'{short}[{part}]' if part else short
 
 
 def describe_linears(model: nn.Module, limit: int = 12) -> str:
-    """The model's nn.Linear names, for error messages."""
-    have = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """The model's dense layer names, for error messages."""
+    have = [n for n, m in model.named_modules() if is_dense(m)]
     shown = ', '.join(have[:limit]) + (f', ... ({len(have)} in all)' if len(have) > limit else '')
     return shown or 'none'
 
@@ -113,9 +196,10 @@ def require_family(model: nn.Module, what: str) -> Family:
     """The model's family, or a ValueError saying `what` needs one and listing the model's linears."""
     family = model_family(model)
     if family is None:
-        raise ValueError(f'{what} needs to know which linears are attention and which MLP, and this model is of no '
-                         f'known family ({", ".join(FAMILIES)}); its linears are: {describe_linears(model)}. '
-                         f'Pass targets as a list of module-name patterns instead')
+        raise ValueError(f'{what} needs to know which linears are attention and which MLP, and this model has no '
+                         f'transformer block toukit recognises (a list of same-class modules with an attention '
+                         f'module inside); its linears are: {describe_linears(model)}. Pass targets as a list of '
+                         f'module-name patterns instead')
     return family
 
 
@@ -132,54 +216,69 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith('.' + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
-def find_targets(model: nn.Module, targets: Targets = 'all', module_type=nn.Linear) -> 'OrderedDict[str, nn.Module]':
-    """The modules of `module_type` a method should touch, in `named_modules()` order.
+def head_names(model: nn.Module) -> List[str]:
+    """Dense layers that are a head: the classifier, the output embeddings, or tied to any embedding's weight."""
+    heads = set(classifier_names(model))
+    output = getattr(model, 'get_output_embeddings', None)
+    output = output() if callable(output) else None
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in model.named_modules():
+        if is_dense(module) and (module is output or id(module.weight) in tied):
+            heads.add(name)
+    return sorted(heads)
+
+
+def find_targets(model: nn.Module, targets: Targets = 'all', module_type=None) -> 'OrderedDict[str, nn.Module]':
+    """The dense layers a method should touch, in `named_modules()` order.
 
     Args:
         model: any nn.Module.
-        targets: 'all' (every linear inside the transformer blocks: not embeddings, not the head), 'attention',
+        targets: 'all' (every dense layer inside the transformer blocks: not embeddings, not the head), 'attention',
             'mlp', or a list of module-name patterns (a full name, a name suffix such as 'fc1', or a glob).
-        module_type: the class (or tuple) of modules to return.
+        module_type: the class (or tuple) of modules to return; default nn.Linear and Conv1D.
 
     Raises:
-        ValueError: targets that match nothing; the message lists the linears the model has.
+        ValueError: targets that match nothing, or that match a head (a classifier, an LM head, a layer tied to an
+            embedding: never factorized); the message lists the model's linears.
     """
     targets = 'all' if targets is None else targets
+    module_type = module_type or dense_types()
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, module_type)]
+    heads = set(head_names(model))
     if isinstance(targets, str) and targets in ('all', 'attention', 'mlp'):
         family = model_family(model)
         if family is None and targets == 'all':
-            head = set(classifier_names(model))
-            found = [(n, m) for n, m in candidates if n not in head]
+            found = [(n, m) for n, m in candidates if n not in heads]
         else:
             family = require_family(model, f'targets={targets!r}')
             kinds = ('attention', 'mlp') if targets == 'all' else (targets,)
-            found = [(n, m) for n, m in candidates if layer_kind(family, n) in kinds]
+            found = [(n, m) for n, m in candidates if layer_kind(family, n) in kinds and n not in heads]
     else:
         patterns = [targets] if isinstance(targets, str) else list(targets)
         if not patterns or not all(isinstance(p, str) for p in patterns):
             raise ValueError(f'targets={targets!r}: expected "all", "attention", "mlp" or a list of name patterns')
         found = [(n, m) for n, m in candidates if any(matches(n, p) for p in patterns)]
+        hit = [n for n, _ in found if n in heads]
+        if hit:
+            raise ValueError(f'targets={targets!r} match the head {", ".join(hit)} (a classifier, an LM head or a '
+                             f'layer tied to an embedding): heads are never factorized; its other linears are: '
+                             f'{describe_linears(model)}')
     if not found:
-        raise ValueError(f'targets={targets!r} match no {getattr(module_type, "__name__", "module")} in the model; '
-                         f'its linears are: {describe_linears(model)}')
+        raise ValueError(f'targets={targets!r} match no {getattr(module_type, "__name__", "dense layer")} in the '
+                         f'model; its linears are: {describe_linears(model)}')
     return OrderedDict(found)
 
 
-def output_projections(model: nn.Module) -> 'OrderedDict[str, nn.Linear]':
-    """Every block's attention output and MLP output projection (where bottleneck adapters go), in order."""
+def output_projections(model: nn.Module) -> 'OrderedDict[str, nn.Module]':
+    """Every attention module's output projection and every block's MLP output (where adapters go), in order."""
     family = require_family(model, 'the adapter method')
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and (re.search(family.attention_output, n) or re.search(family.mlp_output, n))]
-    return OrderedDict(found)
+    wanted = set(family.attention_outputs) | set(family.mlp_outputs)
+    return OrderedDict((n, m) for n, m in model.named_modules() if n in wanted)
 
 
 def fused_splits(family: Optional[Family], name: str, module: nn.Module) -> int:
-    """How many equal matrices a linear fuses: 3 for its family's q/k/v projection, else 1."""
-    if (family is not None and family.fused_qkv and re.search(family.fused_qkv, name)
-            and isinstance(module, nn.Linear) and module.out_features == 3 * module.in_features):
-        return 3
-    return 1
+    """How many equal matrices a dense layer fuses: 3 for a q/k/v projection of its family, else 1."""
+    return 3 if family is not None and name in family.fused_qkv and is_dense(module) else 1
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
@@ -200,38 +299,33 @@ class QKVSplit(nn.Module):
         self.q, self.k, self.v = q, k, v
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> 'QKVSplit':
-        d_in, d_out = linear.in_features, linear.out_features // 3
+    def from_linear(cls, linear: nn.Module) -> 'QKVSplit':
+        """Split a fused dense layer (nn.Linear or Conv1D) into three nn.Linear; `to_linear` restores its class."""
+        weight = dense_weight(linear)
+        d_out = weight.shape[0] // 3
         parts = []
         for i in range(3):
-            part = nn.Linear(d_in, d_out, bias=linear.bias is not None, device=linear.weight.device,
-                             dtype=linear.weight.dtype)
-            with torch.no_grad():
-                part.weight.copy_(linear.weight[i * d_out:(i + 1) * d_out])
-                if linear.bias is not None:
-                    part.bias.copy_(linear.bias[i * d_out:(i + 1) * d_out])
+            bias = linear.bias[i * d_out:(i + 1) * d_out] if linear.bias is not None else None
+            part = dense_like(nn.Linear, weight[i * d_out:(i + 1) * d_out].detach(),
+                              None if bias is None else bias.detach())
             part.weight.requires_grad_(linear.weight.requires_grad)
             if part.bias is not None:
                 part.bias.requires_grad_(linear.bias.requires_grad)
             parts.append(part)
-        return cls(*parts)
+        split = cls(*parts)
+        split.fused_class = type(linear)
+        return split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
-    def to_linear(self) -> nn.Linear:
+    def to_linear(self) -> nn.Module:
+        """The fused layer again, of its original class (nn.Linear or Conv1D)."""
         parts = [self.q, self.k, self.v]
         if not all(isinstance(p, nn.Linear) for p in parts):
             raise ValueError('QKVSplit.to_linear: merge the q, k, v layers into nn.Linear first (toukit.merge)')
-        d_in, d_out = parts[0].in_features, parts[0].out_features
-        has_bias = parts[0].bias is not None
-        w = parts[0].weight
-        linear = nn.Linear(d_in, 3 * d_out, bias=has_bias, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(torch.cat([p.weight for p in parts]))
-            if has_bias:
-                linear.bias.copy_(torch.cat([p.bias for p in parts]))
-        return linear
+        bias = torch.cat([p.bias for p in parts]).detach() if parts[0].bias is not None else None
+        return dense_like(getattr(self, 'fused_class', nn.Linear), torch.cat([p.weight for p in parts]).detach(), bias)
 
 
 def split_qkv(model: nn.Module) -> List[str]:
