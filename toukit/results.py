@@ -14,6 +14,7 @@ A run's id (`run_id`) is readable and unique: `{preset}_{method}_lr{lr}_s{seed}_
 field that changes the result. A sweep (`toukit.sweep`) writes a manifest `<preset>.sweep.json` beside the records
 naming the runs of each protocol; `load_runs` reads it into the `protocol` column.
 """
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -42,11 +43,15 @@ def run_id(config: dict) -> str:
 
     The 8-hex-digit hash covers every config field but `IDENTITY_EXCLUDED`, so two runs that differ in rank,
     noise scale, targets, epochs or anything else that changes the result get different ids (and record files).
+    Fields left at None (unset options) are left out, so a field added to `TrainConfig` later changes no id.
     An explicit `run_name` replaces the whole id.
     """
     if config.get('run_name'):
         return config['run_name']
-    identity = {k: v for k, v in sorted(config.items()) if k not in IDENTITY_EXCLUDED}
+    from .train import TrainConfig  # the defaults: a field at its default is left out, so adding a field later
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keeps every existing id
+    identity = {k: v for k, v in sorted(config.items())
+                if k not in IDENTITY_EXCLUDED and not (k in defaults and v == defaults[k] and v is None)}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f'{config["preset"]}_{config["method"]}_lr{config["lr"]:g}_s{config["seed"]}_{digest}'
 
