@@ -94,10 +94,13 @@ def test_rank_policies_parse_and_resolve():
     s = linalg.singular_values(random_weight())
     assert parse_rank('energy:0.9').resolve((40, 30), s) == rank_for_energy(s, 0.9)
     assert str(parse_rank('energy:0.9')) == 'energy:0.9'
+    # 1.0 is a fraction like any float: full rank, never a fixed rank of 1
+    assert parse_rank(1.0).resolve((40, 30)) == 30 and parse_rank('1.0').resolve((40, 30)) == 30
+    assert parse_rank(1).resolve((40, 30)) == 1 and parse_rank('1').resolve((40, 30)) == 1
 
 
 @pytest.mark.parametrize('spec, match', [
-    (1.5, 'fraction=1.5'), (0.0, 'fraction=0.0'), ('energy:1.2', 'threshold=1.2'),
+    (1.5, 'fraction=1.5'), (0.0, 'fraction=0.0'), (2.0, 'rank=2.0: a float is a fraction'), ('288.0', 'rank=288.0'), ('energy:1.2', 'threshold=1.2'),
     ('energy:0', 'threshold=0.0'), ('energy:x', 'not a number'), ('high', "rank='high'"), (True, 'rank=True'),
 ])
 def test_rank_policy_rejects_bad_values(spec, match):

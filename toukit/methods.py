@@ -6,6 +6,7 @@ architecture: toukit layers and peft LoRA layers become nn.Linear, split q/k/v p
 """
 import inspect
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
@@ -269,7 +270,9 @@ def _peft_lora(model: nn.Module, targets: Targets, **config) -> None:
     for name, linear in found.items():
         check_rank(config['r'], tuple(dense_weight(linear).shape), name)
     names = list(found)
-    inject_adapter_in_model(LoraConfig(target_modules=names, bias='none', **config), model)
+    with warnings.catch_warnings():  # GPT-2 mixes Conv1D and split nn.Linear targets: peft sets fan_in_fan_out
+        warnings.filterwarnings('ignore', message='fan_in_fan_out is set to')  # per layer, and says so each time
+        inject_adapter_in_model(LoraConfig(target_modules=names, bias='none', **config), model)
 
 
 @_register('LoRA', 'LoRA through peft on the target linears (q, k, v as separate matrices)')

@@ -2,7 +2,8 @@
 
 One parser, `parse_rank`, turns what a user writes into a policy:
     288          a fixed rank on every layer (clipped to nothing: too large raises)
-    0.375        a fraction of min(out, in), rounded, at least 1
+    0.375        a fraction of min(out, in), rounded, at least 1; 1.0 is full rank. Other integral floats (2.0)
+                 are refused: a rank is an int, and a float means a fraction
     'energy:0.9' the smallest rank whose cumulative energy reaches 0.9, per layer
     'ght'        Gavish and Donoho's optimal hard threshold, per layer
     'budget:1.0' per-layer ranks chosen together under a parameter budget (`allocate_budget`; a float is a multiple
@@ -40,8 +41,8 @@ class RankPolicy:
                 raise ValueError(f'rank={self.value!r}: a fixed rank must be an int')
             # the range [1, min(out, in)] is checked per layer by resolve(), so the message names the layer
         elif self.kind == 'fraction':
-            if not 0 < self.value < 1:
-                raise ValueError(f'rank fraction={self.value!r}: must be in (0, 1)')
+            if not 0 < self.value <= 1:
+                raise ValueError(f'rank fraction={self.value!r}: must be in (0, 1] (1.0: full rank)')
         elif self.kind == 'energy':
             if not 0 < self.value <= 1:
                 raise ValueError(f'energy threshold={self.value!r}: must be in (0, 1]')
@@ -83,7 +84,8 @@ class RankPolicy:
 
 
 def parse_rank(spec: RankSpec) -> RankPolicy:
-    """Parse an int (fixed rank), a float in (0, 1) (fraction of min(out, in)) or 'energy:T' into a RankPolicy."""
+    """Parse an int (fixed rank), a float in (0, 1] (fraction of min(out, in); 1.0 is full rank), 'energy:T',
+    'ght' or 'budget:B' into a RankPolicy (see the module's docstring)."""
     if isinstance(spec, RankPolicy):
         return spec
     if isinstance(spec, bool):
@@ -91,8 +93,9 @@ def parse_rank(spec: RankSpec) -> RankPolicy:
     if isinstance(spec, int):
         return RankPolicy('fixed', spec)
     if isinstance(spec, float):
-        if spec.is_integer() and spec >= 1:
-            return RankPolicy('fixed', int(spec))
+        if spec.is_integer() and spec > 1:
+            raise ValueError(f'rank={spec!r}: a float is a fraction of min(out, in) in (0, 1] (1.0: full rank); '
+                             f'pass an int for a fixed rank')
         return RankPolicy('fraction', spec)
     if isinstance(spec, str):
         text = spec.strip()
@@ -116,7 +119,8 @@ def parse_rank(spec: RankSpec) -> RankPolicy:
         except ValueError:
             raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1), "energy:T", "ght" or '
                              f'"budget:B"') from None
-        return parse_rank(int(number) if number.is_integer() and number >= 1 else number)
+        return parse_rank(int(number) if number.is_integer() and '.' not in text and 'e' not in text.lower()
+                          else number)
     raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1), "energy:T", "ght" or "budget:B"')
 
 
