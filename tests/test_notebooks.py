@@ -51,7 +51,7 @@ def test_figures_and_tables_written(reproduced):
     noise = pd.read_csv(out / 'noise_scale_errors.csv')
     assert (noise.weight_error.diff().dropna() >= -1e-9).all(), 'more noise, more weight error'
     policies = pd.read_csv(out / 'rank_policies.csv')
-    assert {'fixed', 'fraction', 'energy'} == set(policies.kind)
+    assert {'fixed', 'fraction', 'energy', 'budget', 'ght'} == set(policies.kind)
 
 
 def test_reproduce_skips_successful_runs(reproduced, capsys):
