@@ -65,6 +65,7 @@ train_limit: int = None  # keep only this many training examples (quick runs)
 val_limit: int = None  # keep only this many validation examples
 test_limit: int = None  # keep only this many test examples
 max_steps_per_epoch: int = None  # stop each epoch early (quick runs)
+calibration_batches: int = None  # TOU: factorize activation-aware on this many training batches
 pretrained: bool = None  # None: the preset's
 checkpoint: str = None  # local weights file for the model
 device: str = "auto"  # auto, cpu or cuda
@@ -74,6 +75,9 @@ results_dir: str = "results"  # where the run record goes
 run_name: str = None  # None: the run's id, {preset}_{method}_lr{lr}_s{seed}_{hash of the other settings}
 save_weights: bool = False  # also write the merged model's weights (safetensors)
 overwrite: bool = False  # replace a successful record of the same run (otherwise the run refuses)
+resume: bool = False  # continue the run from its checkpoint (after a kill or a failure)
+checkpoint_every: int = None  # also checkpoint every N steps (always after every epoch)
+log_with: str = None  # an accelerate tracker for the metrics, e.g. 'tensorboard' (under results_dir/trackers)
 """),
     ('code', """
 # every parameter is checked here, before any work: a bad one raises a ValueError naming it
@@ -81,13 +85,14 @@ config = train.resolve_config(train.TrainConfig(
     method=method, preset=preset, model=model, dataset=dataset,
     rank=rank, noise_scale=noise_scale, targets=targets, epochs=epochs, batch_size=batch_size, lr=lr,
     weight_decay=weight_decay, seed=seed, split_seed=split_seed, max_length=max_length, train_limit=train_limit,
-    val_limit=val_limit, test_limit=test_limit, max_steps_per_epoch=max_steps_per_epoch, pretrained=pretrained,
-    checkpoint=checkpoint, device=device, precision=precision, num_workers=num_workers, results_dir=results_dir,
-    run_name=run_name, save_weights=save_weights))
+    val_limit=val_limit, test_limit=test_limit, max_steps_per_epoch=max_steps_per_epoch,
+    calibration_batches=calibration_batches, pretrained=pretrained, checkpoint=checkpoint, device=device,
+    precision=precision, num_workers=num_workers, results_dir=results_dir, run_name=run_name,
+    save_weights=save_weights, checkpoint_every=checkpoint_every, log_with=log_with))
 pd.Series({k: v for k, v in vars(config).items()}, dtype=object).to_frame('value')
 """),
     ('code', """
-record = train.run(config, overwrite=overwrite)
+record = train.run(config, overwrite=overwrite, resume=resume)
 print('record written to', config.record_path)
 """),
     ('code', """

@@ -1,5 +1,7 @@
 """The `toukit` command: sweeps, runs, analyses and figures; a model's spectrum table.
 
+    toukit train --method tou --preset demo   one run (the parameters of notebooks/train.ipynb); --resume continues
+                                          a killed run from its checkpoint
     toukit sweep                          the learning-rate sweep and both protocols on the demo preset
                                           (toukit.sweep; runs whose successful record exists are skipped)
     toukit reproduce                      the sweep, the noise-scale runs, the analysis and figures notebooks
@@ -8,10 +10,12 @@
     toukit spectrum --model minilm        the spectrum table of a model's linears
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .checkpoint import can_resume
 from .methods import DEFAULT_NOISE_SCALE, METHODS
 from .notebooks import run_notebook
 from .results import read_record
@@ -61,13 +65,48 @@ def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, see
             print(f'skip {config.name}: {config.record_path} exists')
             continue
         print(f'run {config.name}')
-        run_notebook('train.ipynb', executed / f'{config.name}.ipynb', dict(params, overwrite=redo), cwd_path)
+        resume = not redo and can_resume(config.record_path)
+        run_notebook('train.ipynb', executed / f'{config.name}.ipynb', dict(params, overwrite=redo, resume=resume),
+                     cwd_path)
     if not analysis:
         return
     for name in tqdm(ANALYSIS_NOTEBOOKS + ('figures.ipynb',), desc='analysis and figures'):
         params = dict(preset=preset, results_dir=str(results), figures_dir=str(cwd_path / figures_dir),
                       **(analysis_parameters or {}).get(name, {}))
         run_notebook(name, executed / f'{preset}_{name}', params, cwd_path)
+
+
+def _train_parser(sub) -> None:
+    """`toukit train`: one option per TrainConfig field, named as the notebook's parameters."""
+    import dataclasses
+    trn = sub.add_parser('train', help='one training run (the parameters of notebooks/train.ipynb)')
+    for f in dataclasses.fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        if f.name == 'extra':
+            trn.add_argument(flag, type=json.loads, default={}, help='more method options, as JSON')
+        elif f.name == 'targets':
+            trn.add_argument(flag, nargs='+', default=None, help="'all', 'attention', 'mlp' or module-name patterns")
+        elif f.type in (bool, 'bool'):
+            trn.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.type in (Optional[bool], 'Optional[bool]'):
+            trn.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {Optional[int]: int, int: int, Optional[float]: float, float: float}.get(f.type, str)
+            trn.add_argument(flag, type=kind, default=f.default if f.default is not dataclasses.MISSING else None)
+    trn.add_argument('--resume', action='store_true', help='continue from the run\'s checkpoint')
+    trn.add_argument('--redo', action='store_true', help='replace a successful record of the same run')
+    trn.add_argument('--quiet', action='store_true', help='no progress bars')
+
+
+def _train(args) -> None:
+    import dataclasses
+    from .train import run
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if fields['targets'] is not None and len(fields['targets']) == 1:
+        fields['targets'] = fields['targets'][0]
+    record = run(TrainConfig(**fields), progress=not args.quiet, overwrite=args.redo, resume=args.resume)
+    final = record['metrics']['final']
+    print(f'{record["run"]["id"]}: test accuracy {final["test_accuracy"]:.4f} (validation {final["val_accuracy"]:.4f})')
 
 
 def _spectrum(args) -> None:
@@ -83,6 +122,7 @@ def _spectrum(args) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='toukit', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
+    _train_parser(sub)
     swp = sub.add_parser('sweep', help='learning-rate grid, each method at its best rate, and the paper protocol')
     swp.add_argument('--preset', default='demo')
     swp.add_argument('--methods', nargs='+', default=None, help=f'default: all ({", ".join(METHODS)})')
@@ -109,7 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, 'threads', None):
         import torch
         torch.set_num_threads(args.threads)
-    if args.command == 'sweep':
+    if args.command == 'train':
+        _train(args)
+    elif args.command == 'sweep':
         sweep(args.preset, args.methods, args.seeds, results_dir=args.results_dir, redo=args.redo, stages=args.stages)
     elif args.command == 'reproduce':
         reproduce(args.preset, args.methods, args.seeds, args.noise_scales, args.results_dir, args.figures_dir,

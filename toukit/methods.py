@@ -16,7 +16,8 @@ from torch import nn
 
 from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
 from .linalg import check_finite, check_rank, svd_many
-from .ranks import DEFAULT_FRACTION as DEFAULT_TOU_RANK, RankSpec, layer_policies, parse_rank
+from .ranks import DEFAULT_FRACTION as DEFAULT_TOU_RANK
+from .ranks import RankSpec, layer_policies, parse_rank
 from .spectrum import allocate_ranks, layer_whitening
 from .targets import (Targets, classifier_names, dense_weight, find_targets, fuse_qkv, fused_splits,
                       get_submodule_parent, layer_kind, model_family, output_projections, QKVSplit, require_family, split_qkv)

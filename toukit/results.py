@@ -21,11 +21,12 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import pandas as pd
 
@@ -34,7 +35,8 @@ __all__ = ['write_record', 'read_record', 'load_runs', 'history', 'environment',
            'IDENTITY_EXCLUDED']
 
 # config fields that never change a run's result: they are left out of its id
-IDENTITY_EXCLUDED = ('results_dir', 'run_name', 'save_weights', 'num_workers', 'data_root', 'download', 'device')
+IDENTITY_EXCLUDED = ('results_dir', 'run_name', 'save_weights', 'num_workers', 'data_root', 'download', 'device',
+                     'checkpoint_every', 'log_with')
 MANIFEST_SUFFIX = '.sweep.json'
 
 
@@ -109,12 +111,22 @@ def read_record(path: Union[str, Path]) -> dict:
         return json.load(f)
 
 
+def _status(record: dict) -> Optional[str]:
+    """The record's status; 'interrupted' for a 'running' record whose process (on this host) is gone."""
+    status, env = record.get('status'), record.get('env', {})
+    if status == 'running' and env.get('pid') and env.get('host') == socket.gethostname():
+        from .checkpoint import process_alive
+        if not process_alive(env['pid']):
+            return 'interrupted'
+    return status
+
+
 def _row(record: dict, path: Path) -> dict:
     config = record['run']['config']
     final = record.get('metrics', {}).get('final', {})
     cost = record.get('cost', {})
     return dict(
-        run_id=record['run']['id'], status=record.get('status'), method=config.get('method'),
+        run_id=record['run']['id'], status=_status(record), method=config.get('method'),
         preset=config.get('preset'), model=config.get('model'), dataset=config.get('dataset'),
         seed=config.get('seed'), split_seed=config.get('split_seed'), rank=str(config.get('rank')),
         noise_scale=config.get('noise_scale'), targets=str(config.get('targets')), epochs=config.get('epochs'),

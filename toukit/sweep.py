@@ -3,7 +3,7 @@
     toukit sweep --preset demo    # the grid on seed 0, each method at its best rate on 3 seeds, the paper's rate
 
 Three stages, each skipping runs whose successful record exists, so an interrupted sweep picks up where it
-stopped:
+stopped (a run that was killed continues from its last checkpoint):
 1. grid: every method at every learning rate of its grid (the preset's `lr_grid`), on the first seed;
 2. tuned: each method at the rate with the best final validation accuracy of stage 1 (ties: the first rate in the
    grid), on every seed; the first seed's run is stage 1's;
@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .checkpoint import can_resume
 from .methods import METHODS
 from .notebooks import run_notebook
 from .results import MANIFEST_SUFFIX, now, read_record, write_record
@@ -173,7 +174,8 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
             if name in done or (not redo and _status(config) is not None):
                 continue
             parameters = dict(method=config.method, preset=preset, lr=config.lr, seed=config.seed,
-                              results_dir=results_dir, overwrite=redo, **manifest['overrides'])
+                              results_dir=results_dir, overwrite=redo, resume=not redo and can_resume(
+                                  config.record_path), **manifest['overrides'])
             try:
                 run_notebook('train.ipynb', Path(results_dir) / 'notebooks' / f'{name}.ipynb', parameters,
                              cwd=Path(results_dir).parent, progress=progress)

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import random
+import socket
 import threading
 import time
 import traceback
@@ -31,9 +32,12 @@ from .data import load_dataset, num_classes_of
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
 from .models import call_model, create_model
 from .ranks import parse_rank
-from .results import environment, now, read_record, run_id, write_record
+from .checkpoint import (RunLock, RunLockedError, checkpoint_dir, has_checkpoint, load_checkpoint, remove_checkpoint,
+                         rng_states, save_checkpoint, set_rng_states)
+from .results import IDENTITY_EXCLUDED, environment, now, read_record, run_id, write_record
 
-__all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'run', 'evaluate', 'set_seed', 'RecordExistsError']
+__all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'run', 'evaluate', 'set_seed', 'RecordExistsError',
+           'RunLockedError']
 
 # Presets fill the fields a user leaves as None; any explicit value overrides its preset.
 FULL_GRID = (1e-5, 5e-5, 2e-4, 1e-3)  # FT and TOU: every weight (or B of every weight) trains
@@ -100,6 +104,8 @@ class TrainConfig:
     run_name: Optional[str] = None  # default: toukit.results.run_id of the config
     save_weights: bool = False  # write the merged model's weights next to the record (safetensors)
     num_workers: Optional[int] = None  # DataLoader worker processes; None: the preset's
+    checkpoint_every: Optional[int] = None  # also checkpoint every N steps (always after every epoch)
+    log_with: Optional[str] = None  # an accelerate tracker for per-step and per-epoch metrics, e.g. 'tensorboard'
     extra: Dict[str, object] = field(default_factory=dict)  # more method options, e.g. {'svd_method': ...}
 
     def __post_init__(self):
@@ -117,7 +123,7 @@ class TrainConfig:
         if self.preset not in PRESETS:
             bad('preset', f'unknown; choose one of {", ".join(PRESETS)}')
         for name in ('epochs', 'batch_size', 'max_length', 'train_limit', 'val_limit', 'test_limit',
-                     'max_steps_per_epoch', 'calibration_batches'):
+                     'max_steps_per_epoch', 'calibration_batches', 'checkpoint_every'):
             optional(name, int, lambda v: v >= 1, 'must be an int >= 1')
         for name in ('seed', 'split_seed'):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
@@ -128,7 +134,7 @@ class TrainConfig:
         if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not (
                 0 <= self.weight_decay < math.inf):
             bad('weight_decay', 'must be a finite number >= 0')
-        for name in ('model', 'dataset', 'checkpoint', 'run_name'):
+        for name in ('model', 'dataset', 'checkpoint', 'run_name', 'log_with'):
             optional(name, str, lambda v: v.strip() != '', 'must be a non-empty string or None')
         for name in ('data_root', 'results_dir'):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
@@ -328,15 +334,24 @@ class _Memory:
         return max(self.train_peak, _rss_mib()) - self.baseline
 
 
-def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: bool = False, **overrides) -> dict:
+def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: bool = False, resume: bool = False,
+        **overrides) -> dict:
     """Fine-tune one model with one method and write its run record; returns the record.
 
     The record goes to `results_dir/<run id>.json`, the id built from every config field that changes the result
     (`toukit.results.run_id`), so runs that differ in any of them never share a file. A run that raises leaves a
-    record with status 'failed', the error and the history so far.
+    record with status 'failed', the error and the history so far. The run checkpoints after every epoch (and
+    every `checkpoint_every` steps) into `results_dir/<run id>.ckpt/` (`toukit.checkpoint`), deleted on success,
+    and holds the lock `<run id>.lock` while it runs.
+
+    Args:
+        resume: continue from the run's checkpoint (after a kill, a crash or a failure); on the CPU the result is
+            bitwise the one an uninterrupted run gives.
 
     Raises:
         RecordExistsError: a successful record of this run exists and `overwrite` is False (nothing is written).
+        RunLockedError: another live process runs the same run.
+        ValueError: resume without a checkpoint, or with one made by a different configuration.
     """
     config = resolve_config(config, **overrides)
     device = _device(config.device)
@@ -349,33 +364,44 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
         if existing == 'ok':
             raise RecordExistsError(f'{path}: a successful record of this run exists; pass overwrite=True '
                                     f'(toukit: --redo) to run it again and replace it')
-    record = dict(run=dict(id=config.name, created=now(), config=dataclasses.asdict(config)), status='running',
-                  metrics=dict(epochs=[], steps=[], final={}), cost={}, env=environment(str(device)))
-    try:
-        _train(config, device, record, progress, path)
-        record['status'] = 'ok'
-    except BaseException as e:
-        record['status'] = 'failed'
-        record['error'] = ''.join(traceback.format_exception_only(type(e), e)).strip()
-        record['traceback'] = traceback.format_exc()
-        raise
-    finally:
-        record['finished'] = now()
-        write_record(record, path)
+    if resume and not has_checkpoint(path):
+        raise ValueError(f'resume=True but {config.name} has no checkpoint ({checkpoint_dir(path)}); run it without '
+                         f'resume')
+    with RunLock(path):
+        record = dict(run=dict(id=config.name, created=now(), config=dataclasses.asdict(config)), status='running',
+                      metrics=dict(epochs=[], steps=[], final={}), cost={},
+                      env=dict(environment(str(device)), pid=os.getpid(), host=socket.gethostname()))
+        try:
+            _train(config, device, record, progress, path, resume)
+            record['status'] = 'ok'
+            remove_checkpoint(path)
+        except BaseException as e:
+            record['status'] = 'failed'
+            record['error'] = ''.join(traceback.format_exception_only(type(e), e)).strip()
+            record['traceback'] = traceback.format_exc()
+            raise
+        finally:
+            record['finished'] = now()
+            write_record(record, path)
     return record
 
 
 def _loaders(config: TrainConfig, data, device: torch.device):
     workers = dict(num_workers=config.num_workers, pin_memory=device.type == 'cuda',
                    persistent_workers=config.num_workers > 0)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # the data order: its state at an epoch's start decides it
     train = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator, **workers)
     evals = {split: DataLoader(getattr(data, split), batch_size=config.batch_size * 2, **workers)
              for split in ('val', 'test')}
-    return train, evals
+    return train, evals, generator
 
 
-def _train(config: TrainConfig, device: torch.device, record: dict, progress: bool, path: Path) -> None:
+def _identity(config: TrainConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in IDENTITY_EXCLUDED}
+
+
+def _train(config: TrainConfig, device: torch.device, record: dict, progress: bool, path: Path,
+           resume: bool = False) -> None:
     from tqdm.auto import tqdm
     set_seed(config.seed)
     model = create_model(config.model, num_classes_of(config.dataset), pretrained=config.pretrained,
@@ -384,7 +410,7 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
                         max_length=config.max_length, train_limit=config.train_limit, val_limit=config.val_limit,
                         test_limit=config.test_limit, download=config.download)
     set_seed(config.seed)  # the data's own draws (limits) never shift the seeded stream the run uses
-    train_loader, eval_loaders = _loaders(config, data, device)
+    train_loader, eval_loaders, generator = _loaders(config, data, device)
 
     model.to(device)
     options = config.method_options()
@@ -408,19 +434,41 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)  # constant lr
     steps_per_epoch = len(train_loader) if config.max_steps_per_epoch is None else min(
         len(train_loader), config.max_steps_per_epoch)
-    step, train_seconds, data_seconds = 0, 0.0, 0.0
+    step, train_seconds, data_seconds, start_epoch, skip = 0, 0.0, 0.0, 1, 0
     metrics = record['metrics']
+    if resume:  # everything above is rebuilt deterministically; the checkpoint brings what training changed
+        state = load_checkpoint(path, _identity(config), model, optimizer)
+        step, start_epoch, skip = state['step'], state['epoch'], state['step_in_epoch']
+        train_seconds, data_seconds = state['train_seconds'], state['data_seconds']
+        record['metrics'] = metrics = state['metrics']
+        record['resumed'] = record.get('resumed', []) + [dict(at_step=step, time=now())]
+        generator.set_state(state['generator'])
+        set_rng_states(state['rng'])
+
+    def checkpoint(epoch: int, step_in_epoch: int, epoch_generator: torch.Tensor) -> None:
+        save_checkpoint(path, model, optimizer, dict(
+            identity=_identity(config), step=step, epoch=epoch, step_in_epoch=step_in_epoch,
+            generator=epoch_generator, rng=rng_states(), metrics=metrics, train_seconds=train_seconds,
+            data_seconds=data_seconds))
+
+    tracker = _tracker(config, path)
     memory.start_training()
+    evals = None
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(start_epoch, config.epochs + 1):
             model.train()
-            bar = tqdm(total=steps_per_epoch, desc=f'{config.method} epoch {epoch}/{config.epochs}',
+            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f'{config.method} epoch {epoch}/{config.epochs}',
                        disable=not progress, leave=False)
-            losses, epoch_seconds, epoch_data = [], 0.0, 0.0
+            losses = [s['loss'] for s in metrics['steps'] if s['epoch'] == epoch]  # those before a resume
+            epoch_seconds, epoch_data = 0.0, 0.0
+            epoch_generator = generator.get_state()  # the data order of this epoch is drawn from it
             batches = iter(train_loader)
-            for _ in range(steps_per_epoch):
+            for i in range(steps_per_epoch):
                 t_data = time.perf_counter()
-                inputs, labels = _to(next(batches), device)
+                batch = next(batches)
+                if i < skip:  # done before the resume: the same order, without training on it again
+                    continue
+                inputs, labels = _to(batch, device)
                 t_step = time.perf_counter()
                 with _autocast(device, config.precision):
                     loss = F.cross_entropy(call_model(model, inputs).float(), labels)
@@ -434,18 +482,27 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
                 if not math.isfinite(losses[-1]):
                     raise FloatingPointError(f'training loss is {losses[-1]} at step {step} (epoch {epoch})')
                 metrics['steps'].append(dict(step=step, epoch=epoch, loss=losses[-1]))
+                if tracker:
+                    tracker.log(dict(train_loss=losses[-1]), step=step)
                 bar.set_postfix(loss=f'{losses[-1]:.4f}')
                 bar.update()
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                    checkpoint(epoch, i + 1, epoch_generator)
             del batches
             bar.close()
+            skip = 0
             train_seconds, data_seconds = train_seconds + epoch_seconds, data_seconds + epoch_data
             evals = {split: evaluate(model, loader, device, config.precision) for split, loader in eval_loaders.items()}
             metrics['epochs'].append(dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)),
                                           val_loss=evals['val']['loss'], val_accuracy=evals['val']['accuracy'],
                                           test_loss=evals['test']['loss'], test_accuracy=evals['test']['accuracy'],
                                           train_seconds=epoch_seconds, data_seconds=epoch_data))
+            if tracker:
+                tracker.log({f'epoch_{k}': v for k, v in metrics['epochs'][-1].items() if k not in ('epoch', 'step')},
+                            step=step)
             record['cost'].update(train_seconds=train_seconds, data_seconds=data_seconds,
                                   peak_memory_mib=memory.peak_mib())
+            checkpoint(epoch + 1, 0, generator.get_state())
             write_record(record, path)  # a partial record after every epoch: a dead run loses at most one epoch
             if progress:
                 print(f'epoch {epoch}: train loss {np.mean(losses):.4f}  val loss {evals["val"]["loss"]:.4f}  '
@@ -453,6 +510,10 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
                       f'({epoch_seconds:.1f}s)')
     finally:
         record['cost']['train_memory_mib'] = memory.stop_training()
+        if tracker:
+            tracker.end_training()
+    if evals is None:  # resumed after the last epoch: evaluate the restored model again (deterministic)
+        evals = {split: evaluate(model, loader, device, config.precision) for split, loader in eval_loaders.items()}
 
     last = metrics['epochs'][-1]
     test_predictions = evals['test']['logits'].argmax(-1)
@@ -480,6 +541,16 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
         if METHODS[config.method].mergeable:
             merge(model)  # a no-op when already merged (or never prepared: ft, bitfit)
         save_model(model, str(path.with_suffix('.safetensors')))
+
+
+def _tracker(config: TrainConfig, path: Path):
+    """An accelerate Accelerator logging to `config.log_with` under `<results_dir>/trackers/`, or None."""
+    if not config.log_with:
+        return None
+    from accelerate import Accelerator
+    accelerator = Accelerator(log_with=config.log_with, project_dir=str(path.parent / 'trackers'))
+    accelerator.init_trackers(config.name, config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    return accelerator
 
 
 def _sync(device: torch.device) -> None:

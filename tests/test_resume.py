@@ -1,0 +1,148 @@
+"""Runs that survive being killed: checkpoints, bitwise resume, locks, stale and corrupt files, trackers."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import toukit
+from toukit import checkpoint, results, train
+
+KW = dict(method='tou', preset='test', epochs=2, checkpoint_every=1, save_weights=True)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path.with_suffix('.safetensors')))
+
+
+def _same_outcome(a: dict, b: dict):
+    assert [s['loss'] for s in a['metrics']['steps']] == [s['loss'] for s in b['metrics']['steps']]
+    for ea, eb in zip(a['metrics']['epochs'], b['metrics']['epochs'], strict=True):
+        assert (ea['val_accuracy'], ea['val_loss'], ea['test_loss']) == (eb['val_accuracy'], eb['val_loss'],
+                                                                          eb['test_loss'])
+    fa, fb = a['metrics']['final'], b['metrics']['final']
+    assert fa['test_predictions'] == fb['test_predictions'] and fa['test_loss'] == fb['test_loss']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('reference')
+    record = train.run(results_dir=str(folder), progress=False, **KW)
+    return record, folder / f'{record["run"]["id"]}.json'
+
+
+def test_kill_at_a_random_step_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+    reference, reference_path = uninterrupted
+    total = len(reference['metrics']['steps'])
+    kill_after = random.Random(os.getpid()).randint(2, total - 2)  # any step: mid-epoch or at an epoch's end
+    code = (f'from toukit import train; train.run(results_dir={str(tmp_path)!r}, progress=False, '
+            f'**{KW!r})')
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = tmp_path / reference_path.name
+    state = checkpoint.checkpoint_dir(path) / 'state.pt'
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if state.exists():
+            try:
+                if torch.load(state, weights_only=False)['step'] >= kill_after:
+                    break
+            except Exception:  # noqa: BLE001 - caught mid-replace: look again
+                pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    runs = results.load_runs(tmp_path)
+    if len(runs):  # killed after the first epoch's partial record: it reads as interrupted, not running
+        assert runs.status.tolist() == ['interrupted']
+    resumed = train.run(results_dir=str(tmp_path), progress=False, resume=True, **KW)
+    assert resumed['resumed'][0]['at_step'] >= kill_after
+    _same_outcome(resumed, reference)
+    mine, theirs = _weights(path), _weights(reference_path)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert not checkpoint.checkpoint_dir(path).exists()  # a finished run leaves no checkpoint
+    assert not path.with_suffix('.lock').exists()
+
+
+def test_resume_without_checkpoint_or_from_another_config_is_refused(tmp_path):
+    with pytest.raises(ValueError, match='has no checkpoint'):
+        train.run(results_dir=str(tmp_path), progress=False, resume=True, **KW)
+    with pytest.raises(KeyboardInterrupt):  # leave a checkpoint behind: stop after the first epoch
+        _interrupt_after_first_epoch(tmp_path, run_name='mine', rank=4)
+    with pytest.raises(ValueError, match='different configuration .*rank'):
+        train.run(results_dir=str(tmp_path), progress=False, resume=True, **dict(KW, run_name='mine', rank=6))
+    record = train.run(results_dir=str(tmp_path), progress=False, resume=True, **dict(KW, run_name='mine', rank=4))
+    assert record['status'] == 'ok' and record['resumed'][0]['at_step'] >= 1
+
+
+def _interrupt_after_first_epoch(folder, **kw):
+    real = checkpoint.save_checkpoint
+
+    def save_then_stop(path, model, optimizer, state):
+        real(path, model, optimizer, state)
+        if state['step_in_epoch'] == 0:  # the end-of-epoch checkpoint
+            raise KeyboardInterrupt
+    train.save_checkpoint, saved = save_then_stop, train.save_checkpoint
+    try:
+        train.run(results_dir=str(folder), progress=False, **dict(KW, **kw))
+    finally:
+        train.save_checkpoint = saved
+
+
+def test_a_second_process_on_the_same_run_refuses(tmp_path):
+    config = train.resolve_config(results_dir=str(tmp_path), **KW)
+    with checkpoint.RunLock(config.record_path):
+        with pytest.raises(train.RunLockedError, match='already running'):
+            train.run(config, progress=False)
+    # a lock left by a dead process is taken over
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    import socket
+    config.record_path.with_suffix('.lock').write_text(json.dumps(dict(host=socket.gethostname(),
+                                                                        pid=int(dead.stdout))))
+    assert train.run(config, progress=False)['status'] == 'ok'
+
+
+def test_corrupt_files_are_reported_by_name_and_skipped_or_redone(tmp_path, capsys):
+    config = train.resolve_config(results_dir=str(tmp_path), **KW)
+    config.record_path.write_text('{"run": {"id": "trunc')  # a truncated record
+    folder = checkpoint.checkpoint_dir(config.record_path)
+    folder.mkdir()
+    (folder / 'state.pt').write_bytes(b'not a checkpoint')
+    with pytest.warns(UserWarning, match=config.record_path.name):
+        runs = toukit.load_runs(tmp_path)
+    assert runs.empty and config.record_path.name in runs.attrs['skipped'][0]
+    with pytest.raises(ValueError, match='unreadable'):
+        train.run(config, progress=False, resume=True)
+    assert checkpoint.can_resume(config.record_path) is False  # reported and removed: the sweep starts over
+    assert 'unreadable' in capsys.readouterr().out and not folder.exists()
+    assert train.run(config, progress=False)['status'] == 'ok'
+
+
+def test_tensorboard_gets_the_logged_scalars(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    record = train.run(method='ft', preset='test', epochs=1, max_steps_per_epoch=3, log_with='tensorboard',
+                       results_dir=str(tmp_path), progress=False)
+    scalars = {}
+    for events in (tmp_path / 'trackers').rglob('events.out.tfevents.*'):  # accelerate writes hparams apart
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        scalars.update({tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']})
+    assert {'train_loss', 'epoch_val_accuracy', 'epoch_test_accuracy', 'epoch_train_loss'} <= set(scalars)
+    losses = scalars['train_loss']
+    assert losses == pytest.approx([s['loss'] for s in record['metrics']['steps']])
+
+
+def test_train_command_takes_the_notebook_parameters(tmp_path):
+    from toukit import cli
+    cli.main(['train', '--method', 'lora', '--preset', 'test', '--epochs', '1', '--max-steps-per-epoch', '2',
+              '--rank', '2', '--targets', 'attention', '--results-dir', str(tmp_path), '--quiet'])
+    [record] = [json.loads(p.read_text()) for p in tmp_path.glob('*.json')]
+    assert record['status'] == 'ok' and record['run']['config']['rank'] == 2
+    with pytest.raises(ValueError, match='has no checkpoint'):
+        cli.main(['train', '--method', 'ft', '--preset', 'test', '--results-dir', str(tmp_path), '--resume'])
