@@ -6,7 +6,9 @@ one invocation (these machines are noisy; compare nothing across invocations).
     python benchmarks/bench.py factorize --model vit_base_patch16_224
     python benchmarks/bench.py inference --model vit_base_patch16_224 --batch-size 8
     python benchmarks/bench.py layer     --batch-size 8                 (one block's linears, dense vs TOU)
-    python benchmarks/bench.py rank-sweep --model vit_base_patch16_224 --batch-size 8 --figure figures/benchmarks/rank_sweep
+    python benchmarks/bench.py rank-sweep --model vit_base_patch16_224 --batch-size 8 \
+        --figure figures/benchmarks/rank_sweep
+    python benchmarks/bench.py scaling   --preset test --batch-size 16  (1 vs 2 processes through torchrun)
 
 Add --device cuda [--precision bf16] on a GPU machine. Random weights are used for timing (shapes decide cost).
 """
@@ -312,6 +314,35 @@ def _rank_sweep_figure(points, ft, args):
     save_figure(fig, args.figure)
 
 
+def cmd_scaling(args):
+    """The training loop on 1 and on N processes (torchrun; gloo on the CPU, NCCL on GPUs) at one global batch."""
+    import tempfile
+    from toukit.train import PRESETS
+    args.model = args.preset_model or PRESETS[args.preset]['model']
+    header(args, f'toukit train on 1 and {args.processes} processes, global batch {args.batch_size}, '
+                 f'{args.train_steps} steps of {args.method} on preset {args.preset}')
+    rows = {}
+    for n in (1, args.processes):
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={n}', '-m', 'toukit.cli', 'train',
+                   '--method', args.method, '--preset', args.preset, '--epochs', '1', '--batch-size',
+                   str(args.batch_size), '--max-steps-per-epoch', str(args.train_steps), '--device', args.device,
+                   '--precision', args.precision, '--results-dir', out, '--quiet']
+            if args.preset_model:
+                cmd += ['--model', args.preset_model]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(done.stderr[-2000:])
+            [record] = [json.loads(p.read_text()) for p in Path(out).glob('*.json')]
+        step = record['cost']['train_seconds'] / len(record['metrics']['steps'])
+        rows[n] = dict(processes=n, step_s=step, samples_per_s=args.batch_size / step,
+                       threads_per_process=record['env']['device'])
+    print(f'{"processes":>10} {"step (s)":>10} {"samples/s":>10} {"vs 1":>6}')
+    for n, r in rows.items():
+        print(f'{n:>10} {r["step_s"]:>10.4f} {r["samples_per_s"]:>10.1f} {rows[1]["step_s"] / r["step_s"]:>6.2f}')
+    _save(args, 'scaling', rows)
+
+
 def _save(args, name, data):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -351,6 +382,13 @@ def main(argv=None):
     r.add_argument('--ranks', nargs='+', type=int, default=[32, 96, 192, 288, 384, 480, 576, 768])
     r.add_argument('--figure', default=None, help='write the figure here (png and pdf)')
     r.set_defaults(func=cmd_rank_sweep)
+    c = sub.add_parser('scaling', parents=[common], help='step time and samples/s on 1 and N processes')
+    c.add_argument('--processes', type=int, default=2)
+    c.add_argument('--method', default='tou')
+    c.add_argument('--preset', default='test')
+    c.add_argument('--preset-model', default=None, help="a model other than the preset's")
+    c.add_argument('--train-steps', type=int, default=10)
+    c.set_defaults(func=cmd_scaling)
     args = p.parse_args(argv)
     args.func(args)
 

@@ -10,6 +10,7 @@ preparing the model (factorizing, for TOU), peak memory (CUDA max_memory_allocat
 RSS on the CPU), the memory the training steps themselves add (`train_memory_mib`), and parameter counts.
 Methods that change the architecture are merged back after training and evaluated again.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -258,8 +259,13 @@ def _autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = 'fp32') -> dict:
-    """Accuracy, mean loss, the logits and labels (on the CPU) and the seconds it took, of `model` on `loader`."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = 'fp32',
+             engine=None) -> dict:
+    """Accuracy, mean loss, the logits and labels (on the CPU) and the seconds it took, of `model` on `loader`.
+
+    With an accelerate `engine` of several processes, each evaluates its shard and the logits and labels of all
+    are gathered (`gather_for_metrics`), so every process gets the metrics of the whole set.
+    """
     model.eval()
     correct, total, loss_sum, all_logits, all_labels = 0, 0, 0.0, [], []
     t0 = time.perf_counter()
@@ -267,6 +273,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
         inputs, labels = _to(batch, device)
         with _autocast(device, precision):
             logits = call_model(model, inputs).float()
+        if engine is not None and engine.num_processes > 1:
+            logits, labels = engine.gather_for_metrics((logits.contiguous(), labels))
         loss_sum += F.cross_entropy(logits, labels, reduction='sum').item()
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
@@ -367,14 +375,16 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
     if resume and not has_checkpoint(path):
         raise ValueError(f'resume=True but {config.name} has no checkpoint ({checkpoint_dir(path)}); run it without '
                          f'resume')
-    with RunLock(path):
+    main = int(os.environ.get('RANK', '0')) == 0  # under torchrun / accelerate launch only rank 0 writes
+    with (RunLock(path) if main else contextlib.nullcontext()):
         record = dict(run=dict(id=config.name, created=now(), config=dataclasses.asdict(config)), status='running',
                       metrics=dict(epochs=[], steps=[], final={}), cost={},
                       env=dict(environment(str(device)), pid=os.getpid(), host=socket.gethostname()))
         try:
-            _train(config, device, record, progress, path, resume)
+            _train(config, device, record, progress and main, path, resume)
             record['status'] = 'ok'
-            remove_checkpoint(path)
+            if main:
+                remove_checkpoint(path)
         except BaseException as e:
             record['status'] = 'failed'
             record['error'] = ''.join(traceback.format_exception_only(type(e), e)).strip()
@@ -382,7 +392,8 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
             raise
         finally:
             record['finished'] = now()
-            write_record(record, path)
+            if main:
+                write_record(record, path)
     return record
 
 
@@ -410,6 +421,14 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
                         max_length=config.max_length, train_limit=config.train_limit, val_limit=config.val_limit,
                         test_limit=config.test_limit, download=config.download)
     set_seed(config.seed)  # the data's own draws (limits) never shift the seeded stream the run uses
+    engine = _engine(config, path)
+    distributed = engine is not None and engine.num_processes > 1
+    main = engine is None or engine.is_main_process
+    if distributed:
+        if config.batch_size % engine.num_processes:
+            raise ValueError(f'batch_size={config.batch_size} does not split over {engine.num_processes} processes: '
+                             f'the global batch must be a multiple of the world size')
+        device = engine.device
     train_loader, eval_loaders, generator = _loaders(config, data, device)
 
     model.to(device)
@@ -445,13 +464,20 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
         generator.set_state(state['generator'])
         set_rng_states(state['rng'])
 
+    if distributed:  # DDP, and each process gets its share of every global batch (split_batches)
+        model, optimizer, train_loader, *loaders = engine.prepare(model, optimizer, train_loader,
+                                                                  *eval_loaders.values())
+        eval_loaders = dict(zip(eval_loaders, loaders))
+
     def checkpoint(epoch: int, step_in_epoch: int, epoch_generator: torch.Tensor) -> None:
-        save_checkpoint(path, model, optimizer, dict(
+        if not main:
+            return
+        save_checkpoint(path, engine.unwrap_model(model) if distributed else model, optimizer, dict(
             identity=_identity(config), step=step, epoch=epoch, step_in_epoch=step_in_epoch,
             generator=epoch_generator, rng=rng_states(), metrics=metrics, train_seconds=train_seconds,
             data_seconds=data_seconds))
 
-    tracker = _tracker(config, path)
+    tracker = engine if config.log_with else None
     memory.start_training()
     evals = None
     try:
@@ -473,8 +499,13 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
                 with _autocast(device, config.precision):
                     loss = F.cross_entropy(call_model(model, inputs).float(), labels)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if distributed:
+                    engine.backward(loss)
+                else:
+                    loss.backward()
                 optimizer.step()
+                if distributed:  # the global batch's loss: the mean of the processes' equal shares
+                    loss = engine.reduce(loss.detach(), reduction='mean')
                 losses.append(loss.item())  # .item() waits for the device: the step is done
                 epoch_seconds += time.perf_counter() - t_step
                 epoch_data += t_step - t_data
@@ -492,7 +523,8 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
             bar.close()
             skip = 0
             train_seconds, data_seconds = train_seconds + epoch_seconds, data_seconds + epoch_data
-            evals = {split: evaluate(model, loader, device, config.precision) for split, loader in eval_loaders.items()}
+            evals = {split: evaluate(model, loader, device, config.precision, engine)
+                     for split, loader in eval_loaders.items()}
             metrics['epochs'].append(dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)),
                                           val_loss=evals['val']['loss'], val_accuracy=evals['val']['accuracy'],
                                           test_loss=evals['test']['loss'], test_accuracy=evals['test']['accuracy'],
@@ -503,7 +535,8 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
             record['cost'].update(train_seconds=train_seconds, data_seconds=data_seconds,
                                   peak_memory_mib=memory.peak_mib())
             checkpoint(epoch + 1, 0, generator.get_state())
-            write_record(record, path)  # a partial record after every epoch: a dead run loses at most one epoch
+            if main:
+                write_record(record, path)  # a partial record after every epoch: a dead run loses at most one epoch
             if progress:
                 print(f'epoch {epoch}: train loss {np.mean(losses):.4f}  val loss {evals["val"]["loss"]:.4f}  '
                       f'val accuracy {evals["val"]["accuracy"]:.4f}  test accuracy {evals["test"]["accuracy"]:.4f}  '
@@ -512,8 +545,11 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
         record['cost']['train_memory_mib'] = memory.stop_training()
         if tracker:
             tracker.end_training()
+    if distributed:
+        model = engine.unwrap_model(model)  # every process holds the same weights: each merges its copy
     if evals is None:  # resumed after the last epoch: evaluate the restored model again (deterministic)
-        evals = {split: evaluate(model, loader, device, config.precision) for split, loader in eval_loaders.items()}
+        evals = {split: evaluate(model, loader, device, config.precision, engine)
+                 for split, loader in eval_loaders.items()}
 
     last = metrics['epochs'][-1]
     test_predictions = evals['test']['logits'].argmax(-1)
@@ -527,7 +563,8 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
     elif has_method_layers(model):
         # merge back into the original architecture and check nothing changed against the last evaluation
         merge(model)
-        merged = {split: evaluate(model, loader, device, config.precision) for split, loader in eval_loaders.items()}
+        merged = {split: evaluate(model, loader, device, config.precision, engine)
+                  for split, loader in eval_loaders.items()}
         final.update(merge='merged', merged_val_accuracy=merged['val']['accuracy'],
                      merged_test_accuracy=merged['test']['accuracy'], merged_params=count_parameters(model)[1],
                      merged_max_abs_logit_diff=max(float((merged[k]['logits'] - evals[k]['logits']).abs().max())
@@ -536,21 +573,32 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
     else:
         final['merge'] = 'nothing to merge: the architecture never changed'
     metrics['final'] = final
-    if config.save_weights:
+    if config.save_weights and main:
         from safetensors.torch import save_model
         if METHODS[config.method].mergeable:
             merge(model)  # a no-op when already merged (or never prepared: ft, bitfit)
         save_model(model, str(path.with_suffix('.safetensors')))
 
 
-def _tracker(config: TrainConfig, path: Path):
-    """An accelerate Accelerator logging to `config.log_with` under `<results_dir>/trackers/`, or None."""
-    if not config.log_with:
+def _engine(config: TrainConfig, path: Path):
+    """The run's accelerate Accelerator, set up in this one place, or None for a plain single process.
+
+    Under `torchrun --nproc_per_node=N` or `accelerate launch` (WORLD_SIZE > 1) it runs DDP with each global batch
+    of `batch_size` split over the processes; with `log_with` it logs to that tracker under
+    `<results_dir>/trackers/`. A single process without a tracker trains without it (the same arithmetic).
+    """
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1 and not config.log_with:
         return None
     from accelerate import Accelerator
-    accelerator = Accelerator(log_with=config.log_with, project_dir=str(path.parent / 'trackers'))
-    accelerator.init_trackers(config.name, config={k: str(v) for k, v in dataclasses.asdict(config).items()})
-    return accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    on_cpu = config.device == 'cpu' or (config.device == 'auto' and not torch.cuda.is_available())
+    engine = Accelerator(cpu=on_cpu, log_with=config.log_with or None,  # cpu: gloo processes, not a silent one
+                         project_dir=str(path.parent / 'trackers'),
+                         dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if config.log_with:
+        engine.init_trackers(config.name, config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    return engine
 
 
 def _sync(device: torch.device) -> None:
