@@ -1,5 +1,4 @@
 """Run by tests/test_fsdp.py under torchrun: TOU under FSDP2 (fully_shard) on CPU ranks, then merge on rank 0."""
-import json
 import sys
 
 import timm

@@ -1,6 +1,4 @@
 """A TOU-prepared model in the field's own tools: transformers' Trainer, accelerate, save/from_pretrained, timm."""
-import copy
-
 import pytest
 import torch
 

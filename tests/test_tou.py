@@ -1,14 +1,11 @@
-import math
-
 import pytest
 import timm
 import torch
 from torch import nn
 from torch.testing import assert_close
 
-import toukit
 from toukit import FactorizedLinear, apply_tou, count_parameters, merge
-from conftest import TwoLayerMLP, bert_inputs
+from conftest import bert_inputs
 
 
 def test_from_linear_full_rank_zero_noise_is_exact():

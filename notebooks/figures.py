@@ -1,0 +1,139 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Every figure and table from run records
+#
+# Reads run records only (no training) and the sweep's manifest (`<preset>.sweep.json`, written by `toukit sweep`):
+#
+# - the learning-rate sweep (validation accuracy vs learning rate per method, the chosen rate ringed);
+# - for each protocol, *tuned* (each method at its own best validation rate) and *paper* (every method at the
+#   paper's shared constant rate): Table 1 (CSV, Markdown, LaTeX; test accuracy mean ± std over seeds) and
+#   Figure 2 (training loss over steps and validation accuracy per epoch, mean and min-max band over seeds);
+# - the verdicts on the paper's claims for both protocols, with 95% confidence intervals (`toukit.claims`);
+# - the paper protocol's numbers next to the paper's as ratios to FT, and the cost bars.
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from IPython.display import display
+
+from toukit import claims, plots, results, sweep
+
+# %% tags=["parameters"]
+results_dir: str = "results"  # run records
+figures_dir: str = "figures"  # outputs go under figures_dir/preset
+preset: str = "demo"  # which preset's runs
+smooth: int = 10  # moving-average window of the loss curves
+n_boot: int = 4000  # bootstrap replicates of the accuracy claims
+
+# %%
+out_dir = Path(figures_dir) / preset
+out_dir.mkdir(parents=True, exist_ok=True)
+runs = results.load_runs(results_dir)
+runs = runs[runs.preset == preset]
+manifest_path = sweep.manifest_path(results_dir, preset)
+manifest = results.read_record(manifest_path) if manifest_path.exists() else {}
+protocols = {p: results.with_protocol(runs, p) for p in sweep.PROTOCOLS}
+print(f'{len(runs)} records for preset {preset!r}; successful runs per protocol: '
+      f'{ {p: len(r) for p, r in protocols.items()} }; chosen rates: {manifest.get("selected_lr", {})}; '
+      f'skipped files: {runs.attrs.get("skipped", [])}')
+
+# %% [markdown]
+# ## The learning-rate sweep (seed 0; validation accuracy, which alone chooses)
+
+# %%
+grid = protocols['grid']
+if len(grid):
+    fig = plots.plot_lr_sweep(grid, manifest.get('selected_lr'))
+    plots.save_figure(fig, out_dir / 'lr_sweep')
+    plt.show()
+    sweep_table = grid.pivot_table(index='method', columns='lr', values='val_accuracy', sort=False) * 100
+    sweep_table.index = sweep_table.index.map(plots.method_label)
+    results.write_tables(sweep_table.round(2).reset_index(names='Method'), out_dir / 'lr_sweep')
+    display(sweep_table.round(2))
+
+# %% [markdown]
+# ## Table 1 and Figure 2 for each protocol
+#
+# *tuned*: each method at its own learning rate chosen on validation. *paper*: every method at the paper's shared
+# constant rate. Accuracy is on the test split, mean ± std over seeds; time is training time (evaluation and data
+# waiting excluded); training memory is what the training steps add above the model at rest (see the README).
+
+# %%
+tables = {}
+for protocol in ('tuned', 'paper'):
+    if protocols[protocol].empty:
+        print(f'{protocol}: no successful runs yet')
+        continue
+    tables[protocol] = results.table1(protocols[protocol])
+    formatted = results.format_table1(tables[protocol])
+    results.write_tables(formatted, out_dir / f'table1_{protocol}')
+    print(protocol)
+    display(formatted)
+
+# %%
+for protocol in tables:
+    records = results.records_by_method(protocols[protocol])
+    fig = plots.training_curves({plots.method_label(m): r for m, r in records.items()}, smooth=smooth)
+    fig.suptitle(f'{protocol} protocol', y=1.02)
+    plots.save_figure(fig, out_dir / f'figure2_{protocol}')
+    plt.show()
+
+# %% [markdown]
+# ## The paper's claims, for both protocols
+
+# %%
+verdicts = pd.concat([claims.claims_table(protocols[p], n_boot=n_boot).assign(protocol=p) for p in tables],
+                     ignore_index=True) if tables else pd.DataFrame()
+if len(verdicts):
+    verdicts = verdicts[['protocol'] + [c for c in verdicts.columns if c != 'protocol']]
+    verdicts.round(3).to_csv(out_dir / 'claims.csv', index=False)
+    shown = verdicts.assign(**{'difference (95% CI)': [
+        f'{m:+.2f} [{lo:+.2f}, {hi:+.2f}] {u}' if pd.notna(m) and pd.notna(lo) else
+        (f'{m:+.2f} {u}' if pd.notna(m) else '') for m, lo, hi, u in zip(
+            verdicts.measured, verdicts.ci_low, verdicts.ci_high, verdicts.unit)]})
+    shown = shown[['protocol', 'claim', 'statement', 'comparison', 'difference (95% CI)', 'seeds', 'verdict']]
+    (out_dir / 'claims.md').write_text(shown.to_markdown(index=False) + '\n')
+    display(shown)
+
+# %% [markdown]
+# The paper protocol next to the paper (different model and data: compare ratios to FT, not absolutes).
+
+# %%
+if 'paper' in tables:
+    paper = results.PAPER_TABLE1.set_index('method')
+    ours = tables['paper'].set_index('method')
+    side = pd.DataFrame({
+        'trainable / total (ours)': (ours.trainable_params / ours.total_params).round(3),
+        'trainable / total (paper)': (paper.trainable_m / paper.total_m).round(3),
+        'accuracy - FT, points (ours)': ((ours.test_accuracy - ours.test_accuracy.get('ft', float('nan'))) * 100
+                                         ).round(2),
+        'accuracy - FT, points (paper)': (paper.accuracy - paper.accuracy['ft']).round(2),
+        'time / FT (ours)': ours.get('time_vs_ft', pd.Series(dtype=float)).round(2),
+        'time / FT (paper)': (paper.train_seconds / paper.train_seconds['ft']).round(2),
+        'memory / FT (ours: training memory)': ours.get('memory_vs_ft', pd.Series(dtype=float)).round(2),
+        'memory / FT (paper: CUDA peak)': (paper.memory_mib / paper.memory_mib['ft']).round(2),
+    }).reindex(ours.index)
+    side.index = side.index.map(plots.method_label)
+    results.write_tables(side.reset_index(names='Method'), out_dir / 'table1_vs_paper')
+    display(side)
+
+# %%
+if 'tuned' in tables:
+    fig = plots.plot_costs(tables['tuned'])
+    plots.save_figure(fig, out_dir / 'method_costs')
+    plt.show()

@@ -1,0 +1,78 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Rank selection: policies side by side
+#
+# A uniform rank, a fraction of min(out, in), a per-layer energy threshold, Gavish and Donoho's optimal hard
+# threshold ('ght') and per-layer ranks allocated under a parameter budget ('budget:B', a multiple of what the
+# uniform rank 0.375 spends; `toukit.spectrum.allocate_ranks`), compared on the same model: the parameters A and B
+# keep and the reconstruction error left, per layer and in total. At equal parameters, the budget allocation leaves
+# the least summed relative error by construction (it minimises exactly that); whether that buys accuracy after
+# fine-tuning is a training question, answered by run records, not here.
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+import toukit
+from toukit import plots, spectrum, train
+from toukit.data import num_classes_of
+
+# %% tags=["parameters"]
+preset: str = "demo"  # the model and data come from this preset (demo: MiniLM on BBC News)
+model: str = None  # None: the preset's; 'minilm' or a timm model name (its pretrained weights must be reachable)
+pretrained: bool = None  # None: the preset's; False: random weights (smoke tests)
+targets: str = "all"  # 'all', 'attention', 'mlp' or a list of module-name patterns
+results_dir: str = "results"  # run records (read only)
+figures_dir: str = "figures"  # figures and tables are written under figures_dir/preset
+fixed_ranks: list = [16, 32, 64, 128, 192, 256]  # uniform ranks (capped by no layer: too large raises)
+fractions: list = [0.05, 0.1, 0.2, 0.375, 0.5, 0.75]  # fractions of min(out, in); 0.375 is the paper's 288/768
+energy_thresholds: list = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]  # per-layer energy thresholds
+budgets: list = [0.25, 0.5, 1.0, 1.5, 2.0]  # parameter budgets, multiples of the uniform rank 0.375's cost
+shown: list = ["0.375", "budget:1.0", "energy:0.9", "ght"]  # policies whose per-layer ranks are tabulated
+
+# %%
+config = train.resolve_config(train.TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
+out_dir = Path(figures_dir) / preset
+out_dir.mkdir(parents=True, exist_ok=True)
+net = toukit.create_model(config.model, num_classes=num_classes_of(config.dataset), pretrained=config.pretrained)
+table = toukit.spectrum_table(net, targets=targets)
+print(f'{config.model}: {len(table)} weight matrices, {table.out_features.mul(table.in_features).sum() / 1e6:.2f}M '
+      f'parameters in the targets')
+
+fixed_ranks = [r for r in fixed_ranks if r <= table.max_rank.min()]
+policies = (list(fixed_ranks) + list(fractions) + [f'energy:{t}' for t in energy_thresholds]
+            + [f'budget:{float(b)}' for b in budgets] + ['ght'])
+
+# %%
+comparison = spectrum.compare_policies(table, policies)
+comparison.to_csv(out_dir / 'rank_policies.csv', index=False)
+comparison.round(4)
+
+# %%
+fig = plots.plot_policy_tradeoff(comparison)
+plots.save_figure(fig, out_dir / 'rank_policy_tradeoff')
+plt.show()
+
+# %% [markdown]
+# Per-layer ranks, parameters kept and error of a few policies (mean over depth, by layer type).
+
+# %%
+per_layer = pd.concat([spectrum.rank_table(table, p) for p in shown])
+by_type = per_layer.pivot_table(index='type', columns='policy', values=['rank', 'relative_error'], sort=False)
+per_layer.to_csv(out_dir / 'rank_per_layer.csv', index=False)
+by_type.round(3)
