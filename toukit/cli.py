@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 from .checkpoint import can_resume
 from .methods import DEFAULT_NOISE_SCALE, METHODS
 from .notebooks import run_notebook
-from .results import read_record
+from .results import successful_record
 from .sweep import PROTOCOLS, sweep
 from .train import TrainConfig, resolve_config
 
@@ -29,10 +29,7 @@ NOISE_SCALES = (0.0, 1e-4, 1e-3, 1e-2, 3e-2)  # the study's sweep; the default a
 
 
 def _done(record_path: Path) -> bool:
-    try:
-        return read_record(record_path).get('status') == 'ok'
-    except (OSError, ValueError):
-        return False
+    return successful_record(record_path) is not None
 
 
 def noise_runs(preset: str, seed: int, noise_scales: Sequence[float]) -> List[dict]:

@@ -30,7 +30,7 @@ from typing import Optional, Union
 
 import pandas as pd
 
-__all__ = ['write_record', 'read_record', 'load_runs', 'history', 'environment', 'now', 'run_id', 'table1',
+__all__ = ['write_record', 'read_record', 'successful_record', 'load_runs', 'history', 'environment', 'now', 'run_id', 'table1',
            'format_table1', 'write_tables', 'records_by_method', 'with_protocol', 'PAPER_TABLE1', 'MANIFEST_SUFFIX',
            'IDENTITY_EXCLUDED']
 
@@ -109,6 +109,20 @@ def write_record(record: dict, path: Union[str, Path]) -> Path:
 def read_record(path: Union[str, Path]) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def successful_record(path: Union[str, Path]) -> Optional[dict]:
+    """The record at `path` if its run succeeded, else None; a file there that cannot be read is reported by name
+    (a warning) and counts as not done, so the run is made again rather than the command failing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = read_record(path)
+    except (OSError, ValueError) as e:
+        warnings.warn(f'{path}: unreadable run record ({type(e).__name__}: {e}); the run will be made again')
+        return None
+    return record if record.get('status') == 'ok' else None
 
 
 def _status(record: dict) -> Optional[str]:

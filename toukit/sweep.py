@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 from .checkpoint import can_resume
 from .methods import METHODS
 from .notebooks import run_notebook
-from .results import MANIFEST_SUFFIX, now, read_record, write_record
+from .results import MANIFEST_SUFFIX, now, successful_record, write_record
 from .train import PRESETS, TrainConfig, resolve_config
 
 __all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS']
@@ -74,11 +74,7 @@ def _config(preset: str, method: str, lr: float, seed: int, results_dir: str, ov
 
 def _status(config: TrainConfig) -> Optional[dict]:
     """The run's record if it finished successfully, else None."""
-    try:
-        record = read_record(config.record_path)
-    except (OSError, ValueError):
-        return None
-    return record if record.get('status') == 'ok' else None
+    return successful_record(config.record_path)
 
 
 def select_lr(records: Dict[float, Optional[dict]]) -> Optional[float]:
