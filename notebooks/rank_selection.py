@@ -23,14 +23,16 @@
 # fine-tuning is a training question, answered by run records, not here.
 
 # %%
+import itertools
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import torch
 import pandas as pd
 
 import toukit
 from toukit import plots, spectrum, train
-from toukit.data import num_classes_of
+from toukit.data import load_dataset, num_classes_of
 
 # %% tags=["parameters"]
 preset: str = "demo"  # the model and data come from this preset (demo: MiniLM on BBC News)
@@ -44,6 +46,10 @@ fractions: list = [0.05, 0.1, 0.2, 0.375, 0.5, 0.75]  # fractions of min(out, in
 energy_thresholds: list = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]  # per-layer energy thresholds
 budgets: list = [0.25, 0.5, 1.0, 1.5, 2.0]  # parameter budgets, multiples of the uniform rank 0.375's cost
 shown: list = ["0.375", "budget:1.0", "energy:0.9", "ght"]  # policies whose per-layer ranks are tabulated
+study_budgets: list = [0.5, 1.0, 1.5]  # budgets of the equal-budget study (multiples of uniform 0.375's cost)
+batch_size: int = 16  # examples per batch of the study
+calibration_batches: int = 4  # training batches the activation-aware policy sees
+heldout_batches: int = 2  # validation batches the study measures on (never seen by the calibration)
 
 # %%
 config = train.resolve_config(train.TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
@@ -76,3 +82,25 @@ per_layer = pd.concat([spectrum.rank_table(table, p) for p in shown])
 by_type = per_layer.pivot_table(index='type', columns='policy', values=['rank', 'relative_error'], sort=False)
 per_layer.to_csv(out_dir / 'rank_per_layer.csv', index=False)
 by_type.round(3)
+
+# %% [markdown]
+# ## Adaptive against uniform ranks at equal budget, before training
+#
+# At each budget (trainable parameters of B, as a multiple of what uniform rank 0.375 spends): uniform rank, the
+# energy threshold that fits the budget, the budget allocation on weights, and the budget allocation on the
+# layers' inputs with activation-aware factors (calibrated on training batches). Errors are measured on held-out
+# validation batches: the weights, each layer's outputs on the inputs it sees, and the model's logits. Whether
+# smaller errors buy accuracy after fine-tuning is the study's part (b), answered by training runs.
+
+# %%
+bundle = load_dataset(config.dataset, net, max_length=config.max_length)
+def batches(split, n):
+    loader = torch.utils.data.DataLoader(getattr(bundle, split), batch_size=batch_size)
+    return [inputs for inputs, _ in itertools.islice(loader, n)]
+study = spectrum.budget_study(net, study_budgets, heldout=batches('val', heldout_batches),
+                              calibration=batches('train', calibration_batches), targets=targets)
+study.to_csv(out_dir / 'rank_budget_study.csv', index=False)
+fig = plots.plot_budget_study(study)
+plots.save_figure(fig, out_dir / 'rank_budget_study')
+plt.show()
+study.round(4)

@@ -201,3 +201,19 @@ def test_explorer_exports_a_rank_pattern(tiny_bert):
     assert pattern == {row.name: row.rank_e90 for row in table.itertuples()}
     toukit.apply_tou(tiny_bert, rank=pattern, noise_scale=0.0)
     assert tiny_bert.toukit_ranks == pattern
+
+
+def test_budget_study_compares_policies_at_equal_budget(tiny_bert):
+    from conftest import bert_inputs
+    calibration = [bert_inputs(batch=4, length=12, seed=s) for s in (1, 2)]
+    study = spectrum.budget_study(tiny_bert, [0.5, 1.0], heldout=[bert_inputs(seed=3)], calibration=calibration)
+    assert len(study) == 8 and set(study.policy) == {'uniform', 'energy threshold', 'budget (weights)',
+                                                     'budget (activations)'}
+    targets = toukit.find_targets(tiny_bert)
+    uniform = sum(m.in_features * round(0.375 * min(m.weight.shape)) for m in targets.values())
+    for row in study.itertuples():
+        if row.policy != 'uniform':
+            assert row.trainable <= row.budget * uniform, row
+    weights = study[study.policy == 'budget (weights)'].sort_values('budget')
+    assert weights.weight_error.is_monotonic_decreasing
+    assert (study[['weight_error', 'output_error', 'logit_error']] >= 0).all().all()

@@ -11,7 +11,8 @@ from .methods import method_label, method_names
 
 __all__ = ['training_curves', 'save_figure', 'method_label', 'plot_spectra', 'plot_energy_curves',
            'plot_rank_heatmap', 'plot_rank_by_depth', 'threshold_explorer', 'plot_policy_tradeoff',
-           'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs', 'plot_lr_sweep']
+           'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs', 'plot_lr_sweep',
+           'plot_budget_study']
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -255,6 +256,22 @@ def plot_lr_sweep(grid_runs: pd.DataFrame, selected: Optional[Dict[str, float]] 
            title='Learning-rate sweep (seed 0; ring: chosen on validation)')
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=8, ncol=2)
+    return fig
+
+
+def plot_budget_study(study: pd.DataFrame):
+    """Weight, layer-output and logit error vs trainable parameters, one line per rank policy
+    (`toukit.spectrum.budget_study`)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, col, title in zip(axes, ('weight_error', 'output_error', 'logit_error'),
+                              ('weights', 'layer outputs (held-out inputs)', 'logits (held-out inputs)')):
+        for policy, group in study.groupby('policy', sort=False):
+            group = group.sort_values('trainable')
+            ax.plot(group.trainable / 1e6, group[col], marker='o', label=policy)
+        ax.set(xlabel='trainable parameters of B (M)', ylabel='relative error', title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    plt.tight_layout()
     return fig
 
 

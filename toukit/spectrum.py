@@ -321,5 +321,76 @@ def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales
     return pd.DataFrame(layer_rows), pd.DataFrame(total_rows)
 
 
+def _pattern_cost(table: pd.DataFrame, ranks: Dict[str, int]) -> int:
+    """Trainable parameters of TOU's B under a rank pattern: rank times `in` for every matrix of every layer."""
+    return int(sum(ranks[name] * int(parts.in_features.sum()) for name, parts in table.groupby('name', sort=False)))
+
+
+def _energy_for_budget(table: pd.DataFrame, spend: float, iterations: int = 40) -> str:
+    """The largest energy threshold whose ranks (q, k, v sharing their largest, as apply_tou does) cost <= spend."""
+    def cost(threshold):
+        return _pattern_cost(table, rank_table(table, f'energy:{threshold!r}').groupby('name', sort=False)['rank']
+                             .max().to_dict())
+    low, high = 1e-6, 1.0
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cost(mid) <= spend else (low, mid)
+    return f'energy:{low!r}'
+
+
+def budget_study(model: nn.Module, budgets: Sequence[float], heldout, calibration, targets: Targets = 'all'
+                 ) -> pd.DataFrame:
+    """Rank policies at equal trainable-parameter budgets, before any training (the adaptive-rank study, part a).
+
+    For each budget b (a multiple of what uniform rank 0.375 spends on B): uniform rank 0.375 b, the energy
+    threshold whose cost fits the budget, the budget allocation on weights, and the budget allocation on
+    activations with activation-aware factors (`calibration`). Each is applied with zero noise and measured on
+    `heldout` inputs the calibration never saw.
+
+    Returns:
+        One row per (budget, policy): trainable (B's parameters), weight_error (relative, all targets together),
+        output_error (every layer alone on the inputs it sees in the untouched model, relative, all together) and
+        logit_error (relative, the whole factorized model).
+    """
+    import copy
+    from .methods import apply_tou
+    table = spectrum_table(model, targets)
+    names = list(dict.fromkeys(table.name))
+    uniform = _pattern_cost(table, {
+        n: max(1, int(round(DEFAULT_FRACTION * int(table[table.name == n].max_rank.min())))) for n in names})
+    inputs = capture_layer_inputs(model, heldout, names)
+    with torch.no_grad():
+        reference = torch.cat([call_model(model.eval(), batch) for batch in (
+            heldout if isinstance(heldout, (list, tuple)) else [heldout])])
+    modules = dict(model.named_modules())
+    rows = []
+    for budget in budgets:
+        spend = budget * uniform
+        policies = {'uniform': (DEFAULT_FRACTION * budget, None),
+                    'energy threshold': (_energy_for_budget(table, spend), None),
+                    'budget (weights)': (allocate_from_table(table, float(budget)), None),
+                    'budget (activations)': (allocate_ranks(model, float(budget), targets, objective='activation',
+                                                            calibration=calibration), calibration)}
+        for policy, (rank, cal) in policies.items():
+            prepared = apply_tou(copy.deepcopy(model), rank=rank, targets=targets, noise_scale=0.0, calibration=cal)
+            factored = dict(prepared.named_modules())
+            w_num = w_den = o_num = o_den = 0.0
+            with torch.no_grad():
+                for name in names:
+                    w = dense_weight(modules[name]).double()
+                    approx = factored[name].weight.double()
+                    x = inputs[name].double()
+                    w_num += float((approx - w).square().sum())
+                    w_den += float(w.square().sum())
+                    o_num += float((x @ (approx - w).T).square().sum())
+                    o_den += float((x @ w.T).square().sum())
+                logits = torch.cat([call_model(prepared.eval(), batch) for batch in (
+                    heldout if isinstance(heldout, (list, tuple)) else [heldout])])
+            rows.append(dict(budget=budget, policy=policy, trainable=_pattern_cost(table, prepared.toukit_ranks),
+                             weight_error=(w_num / w_den) ** 0.5, output_error=(o_num / o_den) ** 0.5,
+                             logit_error=_relative(logits, reference)))
+    return pd.DataFrame(rows)
+
+
 __all__ += ['error_curves', 'total_error', 'compare_policies', 'capture_layer_inputs', 'layer_output_errors',
-            'tou_errors', 'layer_whitening', 'allocate_ranks', 'allocate_from_table']
+            'tou_errors', 'layer_whitening', 'allocate_ranks', 'allocate_from_table', 'budget_study']
