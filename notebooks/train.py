@@ -18,8 +18,8 @@
 # `papermill notebooks/train.ipynb out.ipynb -p method tou` runs the whole pipeline: create the model, prepare it
 # with the method, train with AdamW at a constant learning rate, evaluate on validation and test every epoch, merge
 # back into the original architecture, and write a run record under `results_dir` (named by the run's id: preset,
-# method, learning rate, seed and a hash of every other setting that changes the result). `papermill --help-notebook notebooks/train.ipynb` lists
-# the parameters. `None` means: take the value from the preset (`demo`: MiniLM on BBC News, offline on a CPU;
+# method, learning rate, seed and a hash of every other setting that changes the result).
+# `papermill --help-notebook notebooks/train.ipynb` lists the parameters. `None` means: take the value from the preset (`demo`: MiniLM on BBC News, offline on a CPU;
 # `paper`: ViT-B/16 on CIFAR-100, the TOU paper's setting, needs a GPU and internet; `test`: seconds).
 
 # %%
@@ -50,6 +50,8 @@ max_steps_per_epoch: int = None  # stop each epoch early (quick runs)
 calibration_batches: int = None  # TOU: factorize activation-aware on this many training batches
 pretrained: bool = None  # None: the preset's
 checkpoint: str = None  # local weights file for the model
+data_root: str = "data"  # where downloadable datasets (cifar100, fashion_mnist) live
+download: bool = None  # let torchvision download the dataset; None: the preset's
 device: str = "auto"  # auto, cpu or cuda
 precision: str = "fp32"  # fp32 or bf16 (autocast)
 num_workers: int = None  # DataLoader worker processes; None: the preset's
@@ -68,9 +70,9 @@ config = train.resolve_config(train.TrainConfig(
     rank=rank, noise_scale=noise_scale, targets=targets, epochs=epochs, batch_size=batch_size, lr=lr,
     weight_decay=weight_decay, seed=seed, split_seed=split_seed, max_length=max_length, train_limit=train_limit,
     val_limit=val_limit, test_limit=test_limit, max_steps_per_epoch=max_steps_per_epoch,
-    calibration_batches=calibration_batches, pretrained=pretrained, checkpoint=checkpoint, device=device,
-    precision=precision, num_workers=num_workers, results_dir=results_dir, run_name=run_name,
-    save_weights=save_weights, checkpoint_every=checkpoint_every, log_with=log_with))
+    calibration_batches=calibration_batches, pretrained=pretrained, checkpoint=checkpoint, data_root=data_root,
+    download=download, device=device, precision=precision, num_workers=num_workers, results_dir=results_dir,
+    run_name=run_name, save_weights=save_weights, checkpoint_every=checkpoint_every, log_with=log_with))
 pd.Series({k: v for k, v in vars(config).items()}, dtype=object).to_frame('value')
 
 # %%

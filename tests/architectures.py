@@ -30,7 +30,8 @@ ARCHITECTURES = {
     'deberta-v2': ('DebertaV2Config', 'DebertaV2ForSequenceClassification', dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4), 'text'),
     'vit': ('ViTConfig', 'ViTForImageClassification', dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                           num_attention_heads=4, image_size=32, patch_size=8), 'image'),
+                                                           num_attention_heads=4, image_size=32, patch_size=8),
+            'image'),
     'deit': ('DeiTConfig', 'DeiTForImageClassification', dict(hidden_size=32, intermediate_size=64,
                                                               num_hidden_layers=2, num_attention_heads=4,
                                                               image_size=32, patch_size=8), 'image'),

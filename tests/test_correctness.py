@@ -211,7 +211,8 @@ def test_layer_knowledge_lives_in_targets_only():
         if path.name == 'targets.py':
             continue
         text = path.read_text()
-        for pattern in (r'blocks\\\.', r'layer\\\.', r"'att'", r'attention\.self', r'mlp\.fc', r"['.]qkv'", r"== 'vit'"):
+        patterns = (r'blocks\\\.', r'layer\\\.', r"'att'", r'attention\.self', r'mlp\.fc', r"['.]qkv'", r"== 'vit'")
+        for pattern in patterns:
             assert not re.search(pattern, text), f'{path.name} matches layer names ({pattern}): use targets.py'
 
 

@@ -100,7 +100,8 @@ def test_rank_policies_parse_and_resolve():
 
 
 @pytest.mark.parametrize('spec, match', [
-    (1.5, 'fraction=1.5'), (0.0, 'fraction=0.0'), (2.0, 'rank=2.0: a float is a fraction'), ('288.0', 'rank=288.0'), ('energy:1.2', 'threshold=1.2'),
+    (1.5, 'fraction=1.5'), (0.0, 'fraction=0.0'), (2.0, 'rank=2.0: a float is a fraction'), ('288.0', 'rank=288.0'),
+    ('energy:1.2', 'threshold=1.2'),
     ('energy:0', 'threshold=0.0'), ('energy:x', 'not a number'), ('high', "rank='high'"), (True, 'rank=True'),
 ])
 def test_rank_policy_rejects_bad_values(spec, match):

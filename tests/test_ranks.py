@@ -217,3 +217,13 @@ def test_budget_study_compares_policies_at_equal_budget(tiny_bert):
     weights = study[study.policy == 'budget (weights)'].sort_values('budget')
     assert weights.weight_error.is_monotonic_decreasing
     assert (study[['weight_error', 'output_error', 'logit_error']] >= 0).all().all()
+
+
+def test_budget_as_text_keeps_a_parameter_count(tiny_bert):
+    assert parse_rank('budget:3000').value == 3000 and isinstance(parse_rank('budget:3000').value, int)
+    assert parse_rank('budget:1.0').value == 1.0 and isinstance(parse_rank('budget:1.0').value, float)
+    from toukit import train
+    assert train.TrainConfig(rank='budget:3000').rank == 'budget:3000'
+    expected = spectrum.allocate_ranks(tiny_bert, 3000)
+    toukit.apply_tou(tiny_bert, rank='budget:3000', noise_scale=0.0)
+    assert tiny_bert.toukit_ranks == expected

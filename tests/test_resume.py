@@ -116,9 +116,8 @@ def test_corrupt_files_are_reported_by_name_and_skipped_or_redone(tmp_path, caps
     with pytest.warns(UserWarning, match=config.record_path.name):
         runs = toukit.load_runs(tmp_path)
     assert runs.empty and config.record_path.name in runs.attrs['skipped'][0]
-    from toukit import sweep
     with pytest.warns(UserWarning, match=f'{config.record_path.name}: unreadable run record'):
-        assert sweep._status(config) is None  # the sweep and reproduce make the run again
+        assert results.finished_record(config.record_path) is None  # the sweep and reproduce make the run again
     with pytest.raises(ValueError, match='unreadable'):
         train.run(config, progress=False, resume=True)
     assert checkpoint.can_resume(config.record_path) is False  # reported and removed: the sweep starts over

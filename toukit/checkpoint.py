@@ -39,7 +39,7 @@ def has_checkpoint(record_path: Path) -> bool:
     return (checkpoint_dir(record_path) / 'state.pt').exists()
 
 
-def rng_states(generator: Optional[torch.Generator] = None) -> dict:
+def rng_states() -> dict:
     states = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
         states['cuda'] = torch.cuda.get_rng_state_all()
@@ -98,7 +98,9 @@ def load_checkpoint(record_path: Path, identity: dict, model: torch.nn.Module,
                          f'{", ".join(diff)}); refusing to load it')
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != set(params):
-        raise ValueError(f'resume: the checkpoint {folder} holds other trainable parameters than the model')
+        missing, extra = sorted(set(trainable) - set(params)), sorted(set(params) - set(trainable))
+        raise ValueError(f'resume: the checkpoint {folder} holds other trainable parameters than the model '
+                         f'(missing: {missing[:5]}, unexpected: {extra[:5]})')
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(params[name])

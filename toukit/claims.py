@@ -21,7 +21,7 @@ __all__ = ['claims_table', 'paired_bootstrap', 'paired_t_interval', 'verdict', '
 
 # (id, claim, the measured quantity, rival methods, kind, threshold, the side on which the claim holds)
 CLAIMS = [
-    ('a', 'Full TOU is within 1 point of FT', ('ft', 'tou'), 'accuracy', 1.0, 'below'),
+    ('a', 'Full TOU is at most 1 point below FT', ('ft', 'tou'), 'accuracy', 1.0, 'below'),
     ('b', 'TOU frozen FFN is more accurate than LoRA', ('tou_frozen_ffn', 'lora'), 'accuracy', 0.0, 'above'),
     ('c', 'Full TOU is more accurate than LoRA', ('tou', 'lora'), 'accuracy', 0.0, 'above'),
     ('d', 'Full TOU trains faster than LoRA', ('tou', 'lora'), 'train_seconds', 0.0, 'below'),
@@ -90,6 +90,10 @@ def claims_table(runs: pd.DataFrame, n_boot: int = 4000, load: Optional[Callable
         ci_method, seeds, verdict. A claim whose methods have no common seed is 'not measured'.
     """
     load = load or read_record
+    for column in ('preset', 'model', 'dataset'):
+        if column in runs and runs[column].nunique() > 1:
+            raise ValueError(f'claims_table: runs of several {column}s ({sorted(runs[column].unique())}): pass one '
+                             f'preset\'s runs (e.g. runs[runs.preset == "demo"])')
     rows = []
     for claim, statement, (a, b), kind, threshold, side in CLAIMS:
         ra, rb = _by_seed(runs, a), _by_seed(runs, b)

@@ -11,6 +11,7 @@
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -18,7 +19,7 @@ from typing import List, Optional, Sequence
 from .checkpoint import can_resume
 from .methods import DEFAULT_NOISE_SCALE, METHODS
 from .notebooks import run_notebook
-from .results import successful_record
+from .results import finished_record
 from .sweep import PROTOCOLS, sweep
 from .train import TrainConfig, resolve_config
 
@@ -26,10 +27,6 @@ __all__ = ['main', 'reproduce', 'noise_runs']
 
 ANALYSIS_NOTEBOOKS = ('spectrum.ipynb', 'rank_selection.ipynb', 'reconstruction.ipynb')
 NOISE_SCALES = (0.0, 1e-4, 1e-3, 1e-2, 3e-2)  # the study's sweep; the default alpha's point is the plain tou run
-
-
-def _done(record_path: Path) -> bool:
-    return successful_record(record_path) is not None
 
 
 def noise_runs(preset: str, seed: int, noise_scales: Sequence[float]) -> List[dict]:
@@ -58,7 +55,7 @@ def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, see
     for params in tqdm(noise_runs(preset, seeds[0], noise_scales), desc='noise-scale runs'):
         params = dict(params, results_dir=str(results), **(extra or {}))
         config = resolve_config(TrainConfig(**params))
-        if not redo and _done(config.record_path):
+        if not redo and finished_record(config.record_path) is not None:
             print(f'skip {config.name}: {config.record_path} exists')
             continue
         print(f'run {config.name}')
@@ -143,9 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     spec.add_argument('--targets', default='all')
     spec.add_argument('--random-weights', action='store_true')
     args = parser.parse_args(argv)
-    if getattr(args, 'threads', None):
-        import torch
-        torch.set_num_threads(args.threads)
+    if getattr(args, 'threads', None):  # every run is a fresh kernel: it reads the thread count from the environment
+        os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(args.threads)
     if args.command == 'train':
         _train(args)
     elif args.command == 'sweep':

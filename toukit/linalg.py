@@ -11,7 +11,7 @@ import torch
 __all__ = [
     'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy',
     'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank', 'whitening_factor',
-    'whitened_truncated_svd', 'optimal_hard_threshold_rank',
+    'whitened_truncated_svd', 'unwhiten', 'optimal_hard_threshold_rank',
 ]
 
 
@@ -207,8 +207,12 @@ def whitened_truncated_svd(weight: torch.Tensor, factor: torch.Tensor, rank: int
     w = weight.detach().to(torch.float64)
     u, s, vh = torch.linalg.svd(w @ factor, full_matrices=False)
     a = u[:, :rank] * s[:rank]
-    b = torch.linalg.solve_triangular(factor, vh[:rank], upper=False, left=False)  # V_r^T L^{-1}
-    return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
+    return a.to(weight.dtype).contiguous(), unwhiten(vh[:rank], factor).to(weight.dtype).contiguous()
+
+
+def unwhiten(right: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """V^T L^{-1}: right singular vectors of W L (rows, or a batch of them) back in W's input coordinates."""
+    return torch.linalg.solve_triangular(factor, right, upper=False, left=False)
 
 
 def optimal_hard_threshold_rank(singular_values: torch.Tensor, shape: Tuple[int, int]) -> int:

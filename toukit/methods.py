@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
-from .linalg import check_finite, check_rank, svd_many
+from .linalg import check_finite, check_rank, svd_many, unwhiten
 from .ranks import DEFAULT_FRACTION as DEFAULT_TOU_RANK
 from .ranks import RankSpec, layer_policies, parse_rank
 from .spectrum import allocate_ranks, layer_whitening
 from .targets import (Targets, classifier_names, dense_weight, find_targets, fuse_qkv, fused_splits,
-                      get_submodule_parent, layer_kind, model_family, output_projections, QKVSplit, require_family, split_qkv)
+                      get_submodule_parent, layer_kind, model_family, output_projections, QKVSplit, require_family,
+                      split_qkv)
 
 __all__ = ['DEFAULT_NOISE_SCALE', 'METHODS', 'apply_method', 'apply_tou', 'merge', 'count_parameters',
            'method_names', 'method_label', 'is_prepared', 'has_method_layers', 'describe_preparation']
@@ -163,7 +164,7 @@ def apply_tou(
         a = torch.stack([u[:, :r] * s[:r] for u, s, _ in parts])
         b = torch.stack([vh[:r] for _, _, vh in parts])
         if factors:  # B = V_r^T L^{-1}: back from the whitened coordinates
-            b = torch.linalg.solve_triangular(factors[name], b, upper=False, left=False)
+            b = unwhiten(b, factors[name])
         layer = FactorizedLinear.from_linear(linear, r, noise_scale=noise_scale, seed=seed + i, splits=splits,
                                              factors=(a.to(linear.weight.dtype), b.to(linear.weight.dtype)),
                                              name=name)

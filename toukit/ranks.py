@@ -89,7 +89,7 @@ def parse_rank(spec: RankSpec) -> RankPolicy:
     if isinstance(spec, RankPolicy):
         return spec
     if isinstance(spec, bool):
-        raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1) or "energy:T"')
+        raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1], "energy:T", "ght" or "budget:B"')
     if isinstance(spec, int):
         return RankPolicy('fixed', spec)
     if isinstance(spec, float):
@@ -102,11 +102,14 @@ def parse_rank(spec: RankSpec) -> RankPolicy:
         if text == 'ght':
             return RankPolicy('ght')
         if text.startswith('budget:'):
+            value = text.split(':', 1)[1].strip()
             try:
-                number = float(text.split(':', 1)[1])
+                number = float(value)
             except ValueError:
                 raise ValueError(f'rank={spec!r}: budget is not a number') from None
-            return RankPolicy('budget', float(number) if '.' in text or 'e' in text.lower() else int(number))
+            # 'budget:3000' is a parameter count, 'budget:1.0' a multiple of the uniform-rank cost
+            is_count = number.is_integer() and '.' not in value and 'e' not in value.lower()
+            return RankPolicy('budget', int(number) if is_count else number)
         if text.startswith('energy:'):
             try:
                 return RankPolicy('energy', float(text.split(':', 1)[1]))
@@ -117,11 +120,11 @@ def parse_rank(spec: RankSpec) -> RankPolicy:
         try:
             number = float(text)
         except ValueError:
-            raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1), "energy:T", "ght" or '
+            raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1], "energy:T", "ght" or '
                              f'"budget:B"') from None
         return parse_rank(int(number) if number.is_integer() and '.' not in text and 'e' not in text.lower()
                           else number)
-    raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1), "energy:T", "ght" or "budget:B"')
+    raise ValueError(f'rank={spec!r}: expected an int, a float in (0, 1], "energy:T", "ght" or "budget:B"')
 
 
 def allocate_budget(gains: Sequence[torch.Tensor], costs: Sequence[float], budget: float) -> List[int]:

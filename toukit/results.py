@@ -14,7 +14,6 @@ A run's id (`run_id`) is readable and unique: `{preset}_{method}_lr{lr}_s{seed}_
 field that changes the result. A sweep (`toukit.sweep`) writes a manifest `<preset>.sweep.json` beside the records
 naming the runs of each protocol; `load_runs` reads it into the `protocol` column.
 """
-import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -30,9 +29,9 @@ from typing import Optional, Union
 
 import pandas as pd
 
-__all__ = ['write_record', 'read_record', 'successful_record', 'load_runs', 'history', 'environment', 'now', 'run_id', 'table1',
-           'format_table1', 'write_tables', 'records_by_method', 'with_protocol', 'PAPER_TABLE1', 'MANIFEST_SUFFIX',
-           'IDENTITY_EXCLUDED']
+__all__ = ['write_record', 'read_record', 'finished_record', 'identity', 'load_runs', 'history', 'environment',
+           'now', 'run_id', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol',
+           'PAPER_TABLE1', 'MANIFEST_SUFFIX', 'IDENTITY_EXCLUDED']
 
 # config fields that never change a run's result: they are left out of its id
 IDENTITY_EXCLUDED = ('results_dir', 'run_name', 'save_weights', 'num_workers', 'data_root', 'download', 'device',
@@ -40,21 +39,24 @@ IDENTITY_EXCLUDED = ('results_dir', 'run_name', 'save_weights', 'num_workers', '
 MANIFEST_SUFFIX = '.sweep.json'
 
 
+def identity(config: dict) -> dict:
+    """The config fields that make a run what it is: all but `IDENTITY_EXCLUDED` and those left at None (unset
+    options), so a field added to TrainConfig later changes no run's identity (its id, its checkpoint's check)."""
+    return {k: v for k, v in sorted(config.items()) if k not in IDENTITY_EXCLUDED and v is not None}
+
+
 def run_id(config: dict) -> str:
     """A run's id from its resolved config: `{preset}_{method}_lr{lr:g}_s{seed}_{hash}`.
 
     The 8-hex-digit hash covers every config field but `IDENTITY_EXCLUDED`, so two runs that differ in rank,
     noise scale, targets, epochs or anything else that changes the result get different ids (and record files).
-    Fields left at None (unset options) are left out, so a field added to `TrainConfig` later changes no id.
+    Fields left at None (unset options) are left out (`identity`), so a field added to `TrainConfig` later changes
+    no id.
     An explicit `run_name` replaces the whole id.
     """
     if config.get('run_name'):
         return config['run_name']
-    from .train import TrainConfig  # the defaults: a field at its default is left out, so adding a field later
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # keeps every existing id
-    identity = {k: v for k, v in sorted(config.items())
-                if k not in IDENTITY_EXCLUDED and not (k in defaults and v == defaults[k] and v is None)}
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(identity(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f'{config["preset"]}_{config["method"]}_lr{config["lr"]:g}_s{config["seed"]}_{digest}'
 
 
@@ -111,9 +113,10 @@ def read_record(path: Union[str, Path]) -> dict:
         return json.load(f)
 
 
-def successful_record(path: Union[str, Path]) -> Optional[dict]:
-    """The record at `path` if its run succeeded, else None; a file there that cannot be read is reported by name
-    (a warning) and counts as not done, so the run is made again rather than the command failing."""
+def finished_record(path: Union[str, Path]) -> Optional[dict]:
+    """The record at `path` if its run finished (status 'ok', or 'diverged': its loss became non-finite, a result
+    of its learning rate), else None; a file there that cannot be read is reported by name (a warning) and counts
+    as not done, so the run is made again rather than the command failing."""
     path = Path(path)
     if not path.exists():
         return None
@@ -122,7 +125,7 @@ def successful_record(path: Union[str, Path]) -> Optional[dict]:
     except (OSError, ValueError) as e:
         warnings.warn(f'{path}: unreadable run record ({type(e).__name__}: {e}); the run will be made again')
         return None
-    return record if record.get('status') == 'ok' else None
+    return record if record.get('status') in ('ok', 'diverged') else None
 
 
 def _status(record: dict) -> Optional[str]:

@@ -87,10 +87,15 @@ def rank_table(table: pd.DataFrame, rank: RankSpec) -> pd.DataFrame:
         label = str(parse_rank(rank)) if not isinstance(rank, Mapping) else 'pattern'
     policies = layer_policies(rank, dict.fromkeys(table.name))
     out = table.drop(columns=['singular_values']).copy()
+    per_name = {}  # q, k and v of a fused projection share the largest of their ranks, as apply_tou builds them
+    for row in table.itertuples():
+        r = policies[row.name].resolve((row.out_features, row.in_features), torch.as_tensor(row.singular_values),
+                                       name=row.name)
+        per_name[row.name] = max(per_name.get(row.name, 0), r)
     ranks, errors, energies = [], [], []
     for row in table.itertuples():
         s = torch.as_tensor(row.singular_values)
-        r = policies[row.name].resolve((row.out_features, row.in_features), s, name=row.name)
+        r = per_name[row.name]
         ranks.append(r)
         errors.append(relative_error(s, r))
         energies.append(float(energy_curve(s)[r - 1]))
@@ -239,17 +244,15 @@ def allocate_from_table(table: pd.DataFrame, budget, cost: str = 'trainable') ->
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ValueError(f'budget={budget!r}: must be a positive int (parameters) or float (a multiple of the '
                          f'uniform-rank cost)')
-    gains, costs, uniform = [], [], 0.0
+    gains, costs = [], []
     names = list(dict.fromkeys(table.name))
     for name in names:
         parts = table[table.name == name]
         spectra = [torch.as_tensor(s).square() for s in parts.singular_values]
         length = min(len(s) for s in spectra)
         gains.append(sum(s[:length] for s in spectra) / sum(float(s.sum()) for s in spectra))
-        per_rank = int(parts.in_features.sum() + (parts.out_features.sum() if cost == 'total' else 0))
-        costs.append(per_rank)
-        uniform += per_rank * max(1, int(round(DEFAULT_FRACTION * length)))
-    spend = budget * uniform if isinstance(budget, float) else budget
+        costs.append(int(parts.in_features.sum() + (parts.out_features.sum() if cost == 'total' else 0)))
+    spend = budget * _uniform_cost(table, cost) if isinstance(budget, float) else budget
     return dict(zip(names, allocate_budget(gains, costs, spend)))
 
 
@@ -321,9 +324,17 @@ def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales
     return pd.DataFrame(layer_rows), pd.DataFrame(total_rows)
 
 
-def _pattern_cost(table: pd.DataFrame, ranks: Dict[str, int]) -> int:
-    """Trainable parameters of TOU's B under a rank pattern: rank times `in` for every matrix of every layer."""
-    return int(sum(ranks[name] * int(parts.in_features.sum()) for name, parts in table.groupby('name', sort=False)))
+def _pattern_cost(table: pd.DataFrame, ranks: Dict[str, int], cost: str = 'trainable') -> int:
+    """Parameters TOU spends under a rank pattern: rank times `in` (B's row) for every matrix of every layer,
+    plus `out` (A's column) with cost='total'."""
+    return int(sum(ranks[name] * int(parts.in_features.sum() + (parts.out_features.sum() if cost == 'total' else 0))
+                   for name, parts in table.groupby('name', sort=False)))
+
+
+def _uniform_cost(table: pd.DataFrame, cost: str = 'trainable') -> int:
+    """What uniform rank 0.375 of min(out, in) spends: the unit of a budget given as a float."""
+    return _pattern_cost(table, {name: max(1, int(round(DEFAULT_FRACTION * int(parts.max_rank.min()))))
+                                 for name, parts in table.groupby('name', sort=False)}, cost)
 
 
 def _energy_for_budget(table: pd.DataFrame, spend: float, iterations: int = 40) -> str:
@@ -356,8 +367,7 @@ def budget_study(model: nn.Module, budgets: Sequence[float], heldout, calibratio
     from .methods import apply_tou
     table = spectrum_table(model, targets)
     names = list(dict.fromkeys(table.name))
-    uniform = _pattern_cost(table, {
-        n: max(1, int(round(DEFAULT_FRACTION * int(table[table.name == n].max_rank.min())))) for n in names})
+    uniform = _uniform_cost(table)
     inputs = capture_layer_inputs(model, heldout, names)
     with torch.no_grad():
         reference = torch.cat([call_model(model.eval(), batch) for batch in (

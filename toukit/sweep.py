@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 from .checkpoint import can_resume
 from .methods import METHODS
 from .notebooks import run_notebook
-from .results import MANIFEST_SUFFIX, now, successful_record, write_record
+from .results import MANIFEST_SUFFIX, finished_record, now, write_record
 from .train import PRESETS, TrainConfig, resolve_config
 
 __all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS']
@@ -72,20 +72,18 @@ def _config(preset: str, method: str, lr: float, seed: int, results_dir: str, ov
                                       **overrides))
 
 
-def _status(config: TrainConfig) -> Optional[dict]:
-    """The run's record if it finished successfully, else None."""
-    return successful_record(config.record_path)
-
-
 def select_lr(records: Dict[float, Optional[dict]]) -> Optional[float]:
     """The learning rate whose record has the best final validation accuracy; None while any record is missing.
 
     Ties go to the first rate in `records`' order. Only `metrics.final.val_accuracy` is read, never test accuracy.
+    A rate whose run diverged (status 'diverged') is finished but never chosen.
     """
     if not records or any(r is None for r in records.values()):
         return None
     best, best_acc = None, -1.0
     for lr, record in records.items():
+        if record.get('status') == 'diverged':
+            continue
         acc = record['metrics']['final']['val_accuracy']
         if acc > best_acc:
             best, best_acc = lr, acc
@@ -110,8 +108,8 @@ def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: S
     overrides = dict(overrides or {})
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {'extra'}
     for key in overrides:
-        if key in ('method', 'preset', 'lr', 'seed', 'results_dir'):
-            raise ValueError(f'overrides: {key!r} is set by the sweep itself')
+        if key in ('method', 'preset', 'lr', 'seed', 'results_dir', 'run_name'):
+            raise ValueError(f'overrides: {key!r} is set by the sweep itself (run_name: every run has its own id)')
         if key not in fields:
             raise ValueError(f'overrides: {key!r} is not a training parameter; choose from {", ".join(sorted(fields))}')
     paper_lr = resolve_config(TrainConfig(preset=preset)).lr
@@ -120,7 +118,7 @@ def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: S
     for method in methods:
         grid_configs = {lr: _config(preset, method, lr, seeds[0], results_dir, overrides) for lr in grid[method]}
         runs['grid'][method] = [c.name for c in grid_configs.values()]
-        best = select_lr({lr: _status(c) for lr, c in grid_configs.items()})
+        best = select_lr({lr: finished_record(c.record_path) for lr, c in grid_configs.items()})
         tuned = []
         if best is not None:
             selected[method] = best
@@ -167,14 +165,14 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
         ids = [i for by_method in manifest['runs'][stage].values() for i in by_method]
         for name in tqdm(ids, desc=f'sweep {preset}: {stage}', disable=not progress):
             config = manifest['configs'][name]
-            if name in done or (not redo and _status(config) is not None):
+            if name in done or (not redo and finished_record(config.record_path) is not None):
                 continue
             parameters = dict(method=config.method, preset=preset, lr=config.lr, seed=config.seed,
                               results_dir=results_dir, overwrite=redo, resume=not redo and can_resume(
                                   config.record_path), **manifest['overrides'])
             try:
                 run_notebook('train.ipynb', Path(results_dir) / 'notebooks' / f'{name}.ipynb', parameters,
-                             cwd=Path(results_dir).parent, progress=progress)
+                             cwd=Path.cwd(), progress=progress)
             except Exception as e:  # noqa: BLE001 - the run's own record says why; the sweep goes on
                 failures.append(f'{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}')
             done.add(name)

@@ -33,7 +33,9 @@ __all__ = ['Targets', 'Family', 'model_family', 'find_targets', 'fused_splits', 
 
 Targets = Union[str, Sequence[str], None]
 ATTENTION_CLASS = re.compile(r'Attention|Attn')  # class names of attention modules, in timm and transformers
-FUSED_QKV_NAMES = ('qkv', 'c_attn', 'query_key_value', 'Wqkv')  # projections that stack q, k and v (out = 3 * in)
+# projections that stack q, k and v as three contiguous row blocks (out = 3 * in). GPT-NeoX's and BLOOM's
+# query_key_value interleave them per head, so they are not split: each stays one matrix
+FUSED_QKV_NAMES = ('qkv', 'c_attn', 'Wqkv')
 CLASSIFIER_NAMES = ('head', 'classifier', 'fc', 'head.fc', 'score')  # a new task head: it trains in every method
 QKV_PARTS = ('q', 'k', 'v')
 

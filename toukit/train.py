@@ -35,7 +35,7 @@ from .models import call_model, create_model
 from .ranks import parse_rank
 from .checkpoint import (RunLock, RunLockedError, checkpoint_dir, has_checkpoint, load_checkpoint, remove_checkpoint,
                          rng_states, save_checkpoint, set_rng_states)
-from .results import IDENTITY_EXCLUDED, environment, now, read_record, run_id, write_record
+from .results import environment, finished_record, identity, now, run_id, write_record
 
 __all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'run', 'evaluate', 'set_seed', 'RecordExistsError',
            'RunLockedError']
@@ -78,8 +78,8 @@ class TrainConfig:
     preset: str = 'demo'
     model: Optional[str] = None
     dataset: Optional[str] = None
-    # TOU/SVFit: int, fraction, 'energy:T', 'ght', 'budget:B' (TOU) or a rank pattern {name: rank}; LoRA/PiSSA/
-    # DeLoRA: int
+    # TOU: int, fraction, 'energy:T', 'ght', 'budget:B' or a rank pattern {name: rank}; SVFit: int, fraction,
+    # 'energy:T' or 'ght'; LoRA/PiSSA/DeLoRA: int
     rank: Union[int, float, str, Dict[str, Union[int, float, str]], None] = None
     noise_scale: Optional[float] = None  # TOU's alpha
     targets: Union[str, List[str], None] = None  # 'all', 'attention', 'mlp' or module-name patterns
@@ -364,19 +364,14 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
     config = resolve_config(config, **overrides)
     device = _device(config.device)
     path = config.record_path
-    if not overwrite and path.exists():
-        try:
-            existing = read_record(path).get('status')
-        except (OSError, ValueError):
-            existing = None  # unreadable: a dead run's leftover, replaced below
-        if existing == 'ok':
-            raise RecordExistsError(f'{path}: a successful record of this run exists; pass overwrite=True '
-                                    f'(toukit: --redo) to run it again and replace it')
     if resume and not has_checkpoint(path):
         raise ValueError(f'resume=True but {config.name} has no checkpoint ({checkpoint_dir(path)}); run it without '
                          f'resume')
     main = int(os.environ.get('RANK', '0')) == 0  # under torchrun / accelerate launch only rank 0 writes
     with (RunLock(path) if main else contextlib.nullcontext()):
+        if not overwrite and finished_record(path) is not None:  # checked under the lock: no race with its owner
+            raise RecordExistsError(f'{path}: a finished record of this run exists; pass overwrite=True '
+                                    f'(toukit: --redo) to run it again and replace it')
         record = dict(run=dict(id=config.name, created=now(), config=dataclasses.asdict(config)), status='running',
                       metrics=dict(epochs=[], steps=[], final={}), cost={},
                       env=dict(environment(str(device)), pid=os.getpid(), host=socket.gethostname()))
@@ -385,6 +380,12 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
             record['status'] = 'ok'
             if main:
                 remove_checkpoint(path)
+        except FloatingPointError as e:  # diverged: a result of this learning rate, final like a success
+            record['status'] = 'diverged'
+            record['error'] = str(e)
+            if main:
+                remove_checkpoint(path)
+            raise
         except BaseException as e:
             record['status'] = 'failed'
             record['error'] = ''.join(traceback.format_exception_only(type(e), e)).strip()
@@ -398,17 +399,14 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
 
 
 def _loaders(config: TrainConfig, data, device: torch.device):
-    workers = dict(num_workers=config.num_workers, pin_memory=device.type == 'cuda',
-                   persistent_workers=config.num_workers > 0)
+    # workers are started afresh each epoch (not persistent): a persistent loader draws its workers' base seed from
+    # the generator only once, so a resumed run would draw a different data order from epoch 2 on
+    workers = dict(num_workers=config.num_workers, pin_memory=device.type == 'cuda')
     generator = torch.Generator().manual_seed(config.seed)  # the data order: its state at an epoch's start decides it
     train = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator, **workers)
     evals = {split: DataLoader(getattr(data, split), batch_size=config.batch_size * 2, **workers)
              for split in ('val', 'test')}
     return train, evals, generator
-
-
-def _identity(config: TrainConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in IDENTITY_EXCLUDED}
 
 
 def _train(config: TrainConfig, device: torch.device, record: dict, progress: bool, path: Path,
@@ -456,11 +454,12 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
     step, train_seconds, data_seconds, start_epoch, skip = 0, 0.0, 0.0, 1, 0
     metrics = record['metrics']
     if resume:  # everything above is rebuilt deterministically; the checkpoint brings what training changed
-        state = load_checkpoint(path, _identity(config), model, optimizer)
+        state = load_checkpoint(path, identity(dataclasses.asdict(config)), model, optimizer)
         step, start_epoch, skip = state['step'], state['epoch'], state['step_in_epoch']
         train_seconds, data_seconds = state['train_seconds'], state['data_seconds']
         record['metrics'] = metrics = state['metrics']
-        record['resumed'] = record.get('resumed', []) + [dict(at_step=step, time=now())]
+        record['run']['created'] = state['created']
+        record['resumed'] = state['resumed'] + [dict(at_step=step, time=now())]
         generator.set_state(state['generator'])
         set_rng_states(state['rng'])
 
@@ -469,13 +468,15 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
                                                                   *eval_loaders.values())
         eval_loaders = dict(zip(eval_loaders, loaders))
 
-    def checkpoint(epoch: int, step_in_epoch: int, epoch_generator: torch.Tensor) -> None:
+    def checkpoint(epoch: int, step_in_epoch: int, epoch_generator: torch.Tensor, epoch_seconds: float = 0.0,
+                   epoch_data: float = 0.0) -> None:
         if not main:
             return
         save_checkpoint(path, engine.unwrap_model(model) if distributed else model, optimizer, dict(
-            identity=_identity(config), step=step, epoch=epoch, step_in_epoch=step_in_epoch,
-            generator=epoch_generator, rng=rng_states(), metrics=metrics, train_seconds=train_seconds,
-            data_seconds=data_seconds))
+            identity=identity(dataclasses.asdict(config)), step=step, epoch=epoch, step_in_epoch=step_in_epoch,
+            generator=epoch_generator, rng=rng_states(), metrics=metrics, created=record['run']['created'],
+            resumed=record.get('resumed', []), train_seconds=train_seconds, data_seconds=data_seconds,
+            epoch_seconds=epoch_seconds, epoch_data=epoch_data))
 
     tracker = engine if config.log_with else None
     memory.start_training()
@@ -486,7 +487,7 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f'{config.method} epoch {epoch}/{config.epochs}',
                        disable=not progress, leave=False)
             losses = [s['loss'] for s in metrics['steps'] if s['epoch'] == epoch]  # those before a resume
-            epoch_seconds, epoch_data = 0.0, 0.0
+            epoch_seconds, epoch_data = (state['epoch_seconds'], state['epoch_data']) if skip else (0.0, 0.0)
             epoch_generator = generator.get_state()  # the data order of this epoch is drawn from it
             batches = iter(train_loader)
             for i in range(steps_per_epoch):
@@ -518,7 +519,7 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
                 bar.set_postfix(loss=f'{losses[-1]:.4f}')
                 bar.update()
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
-                    checkpoint(epoch, i + 1, epoch_generator)
+                    checkpoint(epoch, i + 1, epoch_generator, epoch_seconds, epoch_data)
             del batches
             bar.close()
             skip = 0
