@@ -62,6 +62,8 @@ if len(grid):
     plots.save_figure(fig, out_dir / 'lr_sweep')
     plt.show()
     sweep_table = grid.pivot_table(index='method', columns='lr', values='val_accuracy', sort=False) * 100
+    sweep_table = sweep_table.reindex(sorted(sweep_table.columns), axis=1)
+    sweep_table.columns = [f'lr {lr:g}' for lr in sweep_table.columns]
     sweep_table.index = sweep_table.index.map(plots.method_label)
     results.write_tables(sweep_table.round(2).reset_index(names='Method'), out_dir / 'lr_sweep')
     display(sweep_table.round(2))
