@@ -32,7 +32,7 @@ import pandas as pd
 
 import toukit
 from toukit import plots, spectrum, train
-from toukit.data import load_dataset, num_classes_of
+from toukit.data import load_dataset
 
 # %% tags=["parameters"]
 preset: str = "demo"  # the model and data come from this preset (demo: MiniLM on BBC News)
@@ -52,13 +52,11 @@ calibration_batches: int = 4  # training batches the activation-aware policy see
 heldout_batches: int = 2  # validation batches the study measures on (never seen by the calibration)
 
 # %%
-config = train.resolve_config(train.TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
+config, net = train.preset_model(preset, model, pretrained)
 out_dir = Path(figures_dir) / preset
 out_dir.mkdir(parents=True, exist_ok=True)
-net = toukit.create_model(config.model, num_classes=num_classes_of(config.dataset), pretrained=config.pretrained)
 table = toukit.spectrum_table(net, targets=targets)
-print(f'{config.model}: {len(table)} weight matrices, {table.out_features.mul(table.in_features).sum() / 1e6:.2f}M '
-      f'parameters in the targets')
+print(f'{config.model}: {len(table)} weight matrices')
 
 fixed_ranks = [r for r in fixed_ranks if r <= table.max_rank.min()]
 policies = (list(fixed_ranks) + list(fractions) + [f'energy:{t}' for t in energy_thresholds]

@@ -30,7 +30,7 @@ from IPython.display import display
 
 import toukit
 from toukit import plots, results, spectrum, train
-from toukit.data import load_dataset, num_classes_of, sample_batch
+from toukit.data import load_dataset, sample_batch
 
 # %% tags=["parameters"]
 preset: str = "demo"  # the model and data come from this preset (demo: MiniLM on BBC News)
@@ -47,13 +47,11 @@ noise_rank: float = 0.375  # the rank the noise study factorizes at
 seed: int = 0  # seeds the noise
 
 # %%
-config = train.resolve_config(train.TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
+config, net = train.preset_model(preset, model, pretrained)
 out_dir = Path(figures_dir) / preset
 out_dir.mkdir(parents=True, exist_ok=True)
-net = toukit.create_model(config.model, num_classes=num_classes_of(config.dataset), pretrained=config.pretrained)
 table = toukit.spectrum_table(net, targets=targets)
-print(f'{config.model}: {len(table)} weight matrices, {table.out_features.mul(table.in_features).sum() / 1e6:.2f}M '
-      f'parameters in the targets')
+print(f'{config.model}: {len(table)} weight matrices')
 
 bundle = load_dataset(dataset or config.dataset, net, max_length=config.max_length)
 inputs, _ = sample_batch(bundle, batch_size, split='val')

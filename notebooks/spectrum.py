@@ -27,7 +27,6 @@ import matplotlib.pyplot as plt
 
 import toukit
 from toukit import plots, train
-from toukit.data import num_classes_of
 
 # %% tags=["parameters"]
 preset: str = "demo"  # the model and data come from this preset (demo: MiniLM on BBC News)
@@ -39,13 +38,11 @@ figures_dir: str = "figures"  # figures and tables are written under figures_dir
 threshold: float = 0.9  # energy threshold of the heatmap and the slider's start
 
 # %%
-config = train.resolve_config(train.TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
+config, net = train.preset_model(preset, model, pretrained)
 out_dir = Path(figures_dir) / preset
 out_dir.mkdir(parents=True, exist_ok=True)
-net = toukit.create_model(config.model, num_classes=num_classes_of(config.dataset), pretrained=config.pretrained)
 table = toukit.spectrum_table(net, targets=targets)
-print(f'{config.model}: {len(table)} weight matrices, {table.out_features.mul(table.in_features).sum() / 1e6:.2f}M '
-      f'parameters in the targets')
+print(f'{config.model}: {len(table)} weight matrices')
 
 # %%
 table.drop(columns=['singular_values']).round(3)

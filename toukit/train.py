@@ -38,7 +38,7 @@ from .checkpoint import (RunLock, RunLockedError, checkpoint_dir, has_checkpoint
 from .results import environment, finished_record, identity, now, run_id, write_record
 
 __all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'run', 'evaluate', 'set_seed', 'RecordExistsError',
-           'RunLockedError']
+           'RunLockedError', 'preset_model']
 
 # Presets fill the fields a user leaves as None; any explicit value overrides its preset.
 FULL_GRID = (1e-5, 5e-5, 2e-4, 1e-3)  # FT and TOU: every weight (or B of every weight) trains
@@ -231,6 +231,14 @@ def resolve_config(config: Optional[TrainConfig] = None, **overrides) -> TrainCo
         if getattr(config, k) is None and k not in filled:
             filled[k] = v
     return dataclasses.replace(config, **filled)
+
+
+def preset_model(preset: str = 'demo', model: Optional[str] = None, pretrained: Optional[bool] = None):
+    """(the preset's resolved TOU config, its model with a head for the preset's dataset): the analysis notebooks'
+    starting point."""
+    config = resolve_config(TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
+    net = create_model(config.model, num_classes=num_classes_of(config.dataset), pretrained=config.pretrained)
+    return config, net
 
 
 def set_seed(seed: int) -> None:
