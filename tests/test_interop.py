@@ -83,3 +83,19 @@ def test_timm_merged_model_loads_through_pretrained_cfg_overlay(tmp_path):
                                                                    num_classes=5)).eval()  # keep our head
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_create_model_reloads_a_fine_tuned_timm_checkpoint_with_its_head(tmp_path):
+    from safetensors.torch import save_model
+    torch.manual_seed(0)
+    model = toukit.create_model('test_vit', num_classes=5, pretrained=False).eval()
+    toukit.apply_tou(model, rank=0.5)
+    toukit.merge(model)
+    save_model(model, str(tmp_path / 'tuned.safetensors'))
+    torch.save(model.state_dict(), tmp_path / 'tuned.pth')
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        expected = model(x)
+        for name in ('tuned.safetensors', 'tuned.pth'):
+            loaded = toukit.create_model('test_vit', num_classes=5, checkpoint=str(tmp_path / name)).eval()
+            torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)

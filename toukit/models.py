@@ -88,4 +88,26 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
     kwargs = dict(pretrained=pretrained or checkpoint is not None, num_classes=num_classes)
     if checkpoint is not None:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(checkpoint))
+        if _head_classes(name, checkpoint) == num_classes:  # a fine-tuned checkpoint: keep its head
+            kwargs['pretrained_cfg_overlay']['num_classes'] = num_classes
     return timm.create_model(name, **kwargs)
+
+
+def _head_classes(name: str, checkpoint: str) -> Optional[int]:
+    """The output size of the classifier stored in a timm checkpoint (None if it holds none).
+
+    timm drops a checkpoint's classifier whenever `num_classes` differs from the model's pretrained config (1000
+    for ImageNet models), which is right for ImageNet weights and wrong for a model fine-tuned (and merged) by
+    toukit; reading the stored head's size tells the two apart.
+    """
+    import timm
+    cfg = timm.get_pretrained_cfg(name)
+    key = f'{getattr(cfg, "classifier", None) or "head"}.weight'
+    path = str(checkpoint)
+    if path.endswith('.safetensors'):
+        from safetensors import safe_open
+        with safe_open(path, framework='pt') as f:
+            return f.get_slice(key).get_shape()[0] if key in f.keys() else None
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = state.get('state_dict', state) if isinstance(state, dict) else {}
+    return int(state[key].shape[0]) if key in state else None
