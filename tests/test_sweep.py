@@ -151,3 +151,11 @@ def test_claims_refuse_runs_of_several_presets():
     runs['preset'] = ['demo'] * (len(runs) - 1) + ['paper']
     with pytest.raises(ValueError, match='several presets'):
         claims.claims_table(runs, n_boot=10, load=records.__getitem__)
+
+
+def test_claims_refuse_several_runs_of_one_method_and_seed():
+    runs, records = _claims_runs()
+    runs['lr'] = 1e-3
+    extra = runs[runs.method == 'tou'].head(1).assign(lr=1e-4)
+    with pytest.raises(ValueError, match='several tou runs share a seed'):
+        claims.claims_table(pd.concat([runs, extra]), n_boot=10, load=records.__getitem__)

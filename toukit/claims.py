@@ -66,7 +66,11 @@ def paired_t_interval(a: np.ndarray, b: np.ndarray) -> Tuple[float, float, float
 
 
 def _by_seed(runs: pd.DataFrame, method: str) -> pd.DataFrame:
-    return runs[(runs.method == method) & (runs.status == 'ok')].drop_duplicates('seed').set_index('seed')
+    chosen = runs[(runs.method == method) & (runs.status == 'ok')]
+    if chosen.seed.duplicated().any():
+        raise ValueError(f'claims_table: several {method} runs share a seed (learning rates '
+                         f'{sorted(chosen.lr.unique())}): pass one protocol\'s runs (toukit.results.with_protocol)')
+    return chosen.set_index('seed')
 
 
 def _correct(paths: List[str], load: Callable[[str], dict]) -> np.ndarray:
