@@ -81,13 +81,11 @@ def load_checkpoint(record_path: Path, identity: dict, model: torch.nn.Module,
         ValueError: no checkpoint, an unreadable one (named), or one made by a different configuration (method,
             rank, model, ...: its identity differs from `identity`).
     """
-    from safetensors.torch import load_file
     folder = checkpoint_dir(record_path)
     if not (folder / 'state.pt').exists():
         raise ValueError(f'resume: no checkpoint at {folder}; run without resume to start this run')
     try:
-        state = torch.load(folder / 'state.pt', map_location='cpu', weights_only=False)
-        params = load_file(str(folder / state['params_file']))
+        state, params = _read(folder)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported by name
         raise ValueError(f'resume: the checkpoint {folder} is unreadable ({type(e).__name__}: {e}); delete it to '
                          f'start over') from None
@@ -108,15 +106,19 @@ def load_checkpoint(record_path: Path, identity: dict, model: torch.nn.Module,
     return state
 
 
+def _read(folder: Path):
+    """(state, trainable parameters) of a checkpoint folder."""
+    from safetensors.torch import load_file
+    state = torch.load(folder / 'state.pt', map_location='cpu', weights_only=False)
+    return state, load_file(str(folder / state['params_file']))
+
+
 def checkpoint_problem(record_path: Path) -> Optional[str]:
-    """Why the run's checkpoint cannot be resumed from ('unreadable: ...'), or None if it reads."""
-    from safetensors import safe_open
+    """Why the run's checkpoint cannot be resumed from ('<folder> is unreadable (...)'), or None if it reads."""
     folder = checkpoint_dir(record_path)
     try:
-        state = torch.load(folder / 'state.pt', map_location='cpu', weights_only=False)
-        with safe_open(str(folder / state['params_file']), framework='pt') as f:
-            list(f.keys())
-    except Exception as e:  # noqa: BLE001
+        _read(folder)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported by name
         return f'{folder} is unreadable ({type(e).__name__}: {e})'
     return None
 
