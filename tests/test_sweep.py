@@ -76,6 +76,24 @@ def test_tiny_sweep_picks_best_validation_rate_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
 
 
+@pytest.mark.notebook
+def test_sweep_workers_share_a_results_folder(tmp_path):
+    """A run another worker holds is skipped: one on another host is left to it, one of this host is waited for."""
+    import socket
+    import subprocess
+    kw = dict(grid={'tou': [1e-4, 1e-3]}, results_dir=str(tmp_path), stages=('grid',), progress=False,
+              overrides=dict(epochs=1, max_steps_per_epoch=2), poll_seconds=0.5)
+    first, second = (c.record_path for c in sweep.plan('test', ['tou'], [0], kw['grid'], str(tmp_path),
+                                                       kw['overrides'])['configs'].values())
+    first.with_suffix('.lock').write_text(json.dumps(dict(host='elsewhere', pid=1)))
+    sweep.sweep('test', ['tou'], [0], **kw)
+    assert not first.exists() and second.exists()  # no failure raised, no record written for the held run
+    sleeper = subprocess.Popen(['sleep', '3'])  # a live local worker that dies without finishing its run
+    first.with_suffix('.lock').write_text(json.dumps(dict(host=socket.gethostname(), pid=sleeper.pid)))
+    sweep.sweep('test', ['tou'], [0], **kw)
+    assert sleeper.poll() is not None and json.loads(first.read_text())['status'] == 'ok'
+
+
 def _claims_runs(n=1000):
     """Runs with known outcomes on a test set of n examples: FT 95.0%, TOU 94.8%, TOU frozen FFN 80%, LoRA 70%."""
     labels = np.zeros(n, int)

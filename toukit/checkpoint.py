@@ -24,7 +24,7 @@ import torch
 
 __all__ = ['checkpoint_dir', 'save_checkpoint', 'load_checkpoint', 'has_checkpoint', 'remove_checkpoint',
            'checkpoint_problem', 'can_resume',
-           'RunLock', 'RunLockedError', 'process_alive', 'rng_states', 'set_rng_states']
+           'RunLock', 'RunLockedError', 'lock_owner', 'process_alive', 'rng_states', 'set_rng_states']
 
 
 class RunLockedError(RuntimeError):
@@ -145,13 +145,32 @@ def remove_checkpoint(record_path: Path) -> None:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):  # no /proc (macOS): trust the signal
+        return True
+
+
+def lock_owner(record_path: Path) -> Optional[dict]:
+    """The owner ({'host', 'pid'}) of the run's lock while it may be running: None without a lock, or when its owner
+    was a process of this host that is gone. An owner on another host cannot be checked and counts as running."""
+    path = Path(record_path).with_suffix('.lock')
+    try:
+        owner = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        owner = {}  # being written, or unreadable: someone holds it
+    if owner.get('host') == socket.gethostname() and owner.get('pid') and not process_alive(owner['pid']):
+        return None
+    return owner
 
 
 class RunLock:
@@ -168,11 +187,8 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    owner = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    owner = {}
-                if owner.get('host') == me['host'] and owner.get('pid') and not process_alive(owner['pid']):
+                owner = lock_owner(self.path)
+                if owner is None:
                     self.path.unlink(missing_ok=True)  # its owner died: take it over
                     continue
                 raise RunLockedError(f'{self.path.stem}: already running (lock {self.path} held by pid '

@@ -19,10 +19,12 @@ into the `protocol` column.
 """
 import dataclasses
 import math
+import socket
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .checkpoint import can_resume
+from .checkpoint import can_resume, lock_owner
 from .methods import METHODS
 from .notebooks import run_notebook
 from .results import MANIFEST_SUFFIX, finished_record, now, write_record
@@ -135,7 +137,7 @@ def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: S
 def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
           grid: Optional[Dict[str, Sequence[float]]] = None, results_dir: str = 'results',
           overrides: Optional[dict] = None, redo: bool = False, stages: Sequence[str] = PROTOCOLS,
-          progress: bool = True) -> dict:
+          progress: bool = True, poll_seconds: float = 30.0) -> dict:
     """Run the grid, then each method's best rate on every seed, then the paper's shared rate; returns the manifest.
 
     Args:
@@ -148,6 +150,11 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
         redo: run again where a successful record exists.
         stages: which of 'grid', 'tuned', 'paper' to run (all by default, in that order).
         progress: progress bars.
+        poll_seconds: how often to look again while every run left is held by another worker of this host.
+
+    Several `toukit sweep` processes can share one results folder (one per core or GPU, say): each skips the runs
+    whose lock another live process holds, and waits for them (polling) while nothing else is left, since their
+    records may decide tuned rates. Runs held from another host are left to it and listed at the end.
 
     A run that fails is recorded as failed and the sweep goes on with the next; the failures are raised together
     at the end.
@@ -156,32 +163,51 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
     bad = [s for s in stages if s not in PROTOCOLS]
     if bad:
         raise ValueError(f'stages={bad!r}: choose from {", ".join(PROTOCOLS)}')
-    failures, done = [], set()
     results_dir = str(Path(results_dir).resolve())  # the notebooks run elsewhere
-    manifest = plan(preset, methods, seeds, grid, results_dir, overrides)
-    for stage in [s for s in PROTOCOLS if s in stages]:
-        if stage != 'grid':  # the grid's records decide the tuned rates
-            manifest = plan(preset, methods, seeds, grid, results_dir, overrides)
-        ids = [i for by_method in manifest['runs'][stage].values() for i in by_method]
-        for name in tqdm(ids, desc=f'sweep {preset}: {stage}', disable=not progress):
-            config = manifest['configs'][name]
-            if name in done or (not redo and finished_record(config.record_path) is not None):
-                continue
-            parameters = dict(method=config.method, preset=preset, lr=config.lr, seed=config.seed,
-                              results_dir=results_dir, overwrite=redo, resume=not redo and can_resume(
-                                  config.record_path), **manifest['overrides'])
-            try:
-                run_notebook('train.ipynb', Path(results_dir) / 'notebooks' / f'{name}.ipynb', parameters,
-                             cwd=Path.cwd(), progress=progress)
-            except Exception as e:  # noqa: BLE001 - the run's own record says why; the sweep goes on
-                failures.append(f'{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}')
-            done.add(name)
-            _write_manifest(plan(preset, methods, seeds, grid, results_dir, overrides), results_dir)
-    manifest = plan(preset, methods, seeds, grid, results_dir, overrides)
+    args = (preset, methods, seeds, grid, results_dir, overrides)
+    failures, done = [], set()
+    while True:  # passes until nothing is left that this process can run
+        ran, busy = False, []
+        for stage in [s for s in PROTOCOLS if s in stages]:
+            manifest = plan(*args)  # the grid's records decide the tuned rates
+            ids = [i for by_method in manifest['runs'][stage].values() for i in by_method]
+            for name in tqdm(ids, desc=f'sweep {preset}: {stage}', disable=not progress):
+                config = manifest['configs'][name]
+                if name in done or (not redo and finished_record(config.record_path) is not None):
+                    continue
+                if lock_owner(config.record_path) is not None:  # another worker runs it
+                    busy.append(name)
+                    continue
+                parameters = dict(method=config.method, preset=preset, lr=config.lr, seed=config.seed,
+                                  results_dir=results_dir, overwrite=redo, resume=not redo and can_resume(
+                                      config.record_path), **manifest['overrides'])
+                try:
+                    run_notebook('train.ipynb', Path(results_dir) / 'notebooks' / f'{name}.ipynb', parameters,
+                                 cwd=Path.cwd(), progress=progress)
+                except Exception as e:  # noqa: BLE001 - the run's own record says why; the sweep goes on
+                    if 'RunLockedError' in str(e):  # another worker took it first
+                        busy.append(name)
+                        continue
+                    failures.append(f'{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}')
+                done.add(name)
+                ran = True
+                _write_manifest(plan(*args), results_dir)
+        if not ran and not any(_held_here(manifest['configs'][n].record_path) for n in busy):
+            break
+        if not ran:  # every run left is another local worker's; their records may unlock tuned runs
+            time.sleep(poll_seconds)
+    if busy:
+        print(f'sweep {preset}: {len(busy)} run(s) left to other workers: {", ".join(sorted(set(busy)))}')
+    manifest = plan(*args)
     _write_manifest(manifest, results_dir)
     if failures:
         raise RuntimeError(f'{len(failures)} sweep run(s) failed (records say why): ' + '; '.join(failures))
     return manifest
+
+
+def _held_here(record_path: Path) -> bool:
+    owner = lock_owner(record_path)  # {} while its owner is writing it
+    return owner is not None and owner.get('host', socket.gethostname()) == socket.gethostname()
 
 
 def _write_manifest(manifest: dict, results_dir: str) -> Path:
