@@ -31,7 +31,7 @@ import torch
 import pandas as pd
 
 import toukit
-from toukit import plots, spectrum, train
+from toukit import claims, plots, results, spectrum, train
 from toukit.data import load_dataset
 
 # %% tags=["parameters"]
@@ -102,3 +102,25 @@ fig = plots.plot_budget_study(study)
 plots.save_figure(fig, out_dir / 'rank_budget_study')
 plt.show()
 study.round(4)
+
+# %% [markdown]
+# ## Adaptive against uniform ranks at equal budget, after fine-tuning
+#
+# The runs of `toukit rank-study` (`toukit.sweep.rank_study`): full TOU under the same four policies at each
+# budget, on every seed, at one learning rate (the one the sweep chose for full TOU on validation). Test accuracy
+# is the mean and standard deviation over seeds; each adaptive policy is compared with uniform rank at the same
+# budget by a paired bootstrap over seeds and test examples (95%); `beats_uniform` says whether the whole interval
+# lies above zero ('holds'), below ('does not hold'), or neither ('undecided').
+
+# %%
+study_manifest = Path(results_dir) / f'{preset}.ranks.sweep.json'
+if study_manifest.exists():
+    trained = claims.rank_study_table(toukit.load_runs(results_dir), results.read_record(study_manifest))
+    results.write_tables(trained.round(3), out_dir / 'rank_study')
+    fig = plots.plot_rank_pareto(trained)
+    plots.save_figure(fig, out_dir / 'rank_pareto')
+    plt.show()
+else:
+    trained = None
+    print(f'{study_manifest} does not exist: run `toukit rank-study --preset {preset}` first')
+trained

@@ -13,7 +13,7 @@ def reproduced(tmp_path_factory):
     root = tmp_path_factory.mktemp('reproduce')
     cli.reproduce(preset='test', methods=['lora', 'tou'], seeds=[0, 1], grid=GRID, noise_scales=[0.0, 0.01],
                   results_dir=str(root / 'results'), figures_dir=str(root / 'figures'),
-                  extra=dict(max_steps_per_epoch=2), cwd=str(root),
+                  extra=dict(max_steps_per_epoch=2), cwd=str(root), rank_budgets=[1.0],
                   analysis_parameters={'reconstruction.ipynb': dict(ranks=[0.25, 0.5], noise_scales=[0.0, 0.01, 0.1],
                                                                     batch_size=4)})
     return root
@@ -29,6 +29,8 @@ def test_reproduce_writes_records_for_every_run(reproduced):
     assert len(results.with_protocol(runs, 'grid')) == 3
     noise = runs[runs.protocol == '']
     assert sorted(noise.noise_scale) == [0.0, 0.01] and set(noise.method) == {'tou'}
+    study = runs[runs.protocol.str.contains('ranks')]
+    assert len(study) == 4 * 2 and set(study.lr) == {results.with_protocol(runs, 'tuned').query('method == "tou"').lr.iloc[0]}
 
 
 def test_figures_and_tables_written(reproduced):
@@ -39,6 +41,9 @@ def test_figures_and_tables_written(reproduced):
                  'lr_sweep', 'figure2_tuned', 'figure2_paper', 'method_costs']:
         for ext in ('png', 'pdf'):
             assert (out / f'{stem}.{ext}').stat().st_size > 1000, f'{stem}.{ext}'
+    assert (out / 'rank_pareto.png').stat().st_size > 1000
+    trained = pd.read_csv(out / 'rank_study.csv')
+    assert len(trained) == 4 and (trained.seeds == 2).all() and trained.beats_uniform.isna().sum() == 1
     for ext in ('csv', 'md', 'tex'):
         for stem in ('table1_tuned', 'table1_paper', 'table1_vs_paper', 'lr_sweep'):
             assert (out / f'{stem}.{ext}').exists(), f'{stem}.{ext}'

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import toukit
-from toukit import claims, results, sweep
+from toukit import claims, results, spectrum, sweep
 
 
 def _record(val, test):
@@ -92,6 +92,54 @@ def test_sweep_workers_share_a_results_folder(tmp_path):
     first.with_suffix('.lock').write_text(json.dumps(dict(host=socket.gethostname(), pid=sleeper.pid)))
     sweep.sweep('test', ['tou'], [0], **kw)
     assert sleeper.poll() is not None and json.loads(first.read_text())['status'] == 'ok'
+
+
+def test_rank_study_plan_on_the_demo(tmp_path):
+    specs = sweep.study_specs('demo', [0.5, 1.0])
+    manifest = sweep.rank_plan('demo', [0.5, 1.0], [0, 1], lr=5e-5, results_dir=str(tmp_path), specs=specs)
+    assert list(manifest['runs']['ranks']) == [f'{p} @ {b}' for b in ('0.5', '1') for p in spectrum.BUDGET_POLICIES]
+    assert len(manifest['configs']) == 16 and len(set(manifest['configs'])) == 16
+    # budget 1.0's uniform runs are the plain TOU runs at that rate: run once, shared with the sweep's protocols
+    plain = sweep.plan('demo', ['tou'], [0, 1], results_dir=str(tmp_path))['runs']['paper']['tou']
+    assert manifest['runs']['ranks']['uniform @ 1'] == plain
+    calibrated = [n for n, p in manifest['parameters'].items() if 'calibration_batches' in p]
+    assert {manifest['policies'][n]['policy'] for n in calibrated} == {'budget (activations)'}
+    energy = specs[0.5]['energy threshold'][0]
+    assert energy.startswith('energy:') and len(energy) <= len('energy:0.1234')  # a short, stable run id
+    assert sweep.study_specs('demo', [0.5]) == {0.5: specs[0.5]}
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(budgets=[0.0]), 'budget=0.0'), (dict(budgets=[]), 'budgets'), (dict(budgets=['1']), "budget='1'"),
+    (dict(calibration_batches=0), 'calibration_batches=0'), (dict(overrides={'rank': 8}), "'rank' is set"),
+    (dict(lr=None), 'lr=None')])
+def test_rank_study_refuses_bad_input(tmp_path, kwargs, match):
+    kwargs = dict(dict(budgets=[1.0], lr=1e-3, specs={1.0: {}}), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        sweep.rank_plan('test', results_dir=str(tmp_path), **kwargs)
+
+
+def test_rank_study_table_compares_each_policy_with_uniform():
+    n = 400
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, n)
+    records, rows, policies = {}, [], {}
+    for policy, acc in (('uniform', 0.80), ('budget (weights)', 0.80), ('budget (activations)', 0.90)):
+        for seed in (0, 1, 2):
+            wrong = rng.random(n) > acc
+            predictions = np.where(wrong, (labels + 1) % 4, labels)
+            path = f'{policy}-{seed}'
+            records[path] = {'metrics': {'final': {'test_predictions': predictions.tolist(),
+                                                   'test_labels': labels.tolist()}}}
+            policies[path] = dict(policy=policy, budget=1.0)
+            rows.append(dict(run_id=path, status='ok', seed=seed, path=path, trainable_params=1000,
+                             test_accuracy=float((predictions == labels).mean())))
+    table = claims.rank_study_table(pd.DataFrame(rows), {'policies': policies}, n_boot=500, load=records.__getitem__)
+    assert table.policy.tolist() == ['uniform', 'budget (weights)', 'budget (activations)']
+    verdicts = dict(zip(table.policy, table.beats_uniform))
+    assert verdicts == {'uniform': '', 'budget (weights)': 'undecided', 'budget (activations)': 'holds'}
+    better = table.set_index('policy').loc['budget (activations)']
+    assert 5 < better.vs_uniform < 15 and better.ci_low > 0 and (table.seeds == 3).all()
 
 
 def _claims_runs(n=1000):

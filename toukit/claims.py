@@ -16,8 +16,9 @@ import pandas as pd
 
 from .methods import method_label
 from .results import read_record
+from .spectrum import BUDGET_POLICIES
 
-__all__ = ['claims_table', 'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS']
+__all__ = ['claims_table', 'rank_study_table', 'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS']
 
 # (id, claim, the measured quantity, rival methods, kind, threshold, the side on which the claim holds)
 CLAIMS = [
@@ -135,3 +136,42 @@ def _merge_claim(runs: pd.DataFrame) -> Dict[str, object]:
     worst = float(change.abs().max())
     return dict(row, measured=worst, ci_low=float(change.min()), ci_high=float(change.max()),
                 verdict='holds' if worst == 0 else 'does not hold')
+
+
+def rank_study_table(runs: pd.DataFrame, manifest: dict, n_boot: int = 4000,
+                     load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
+    """The adaptive-rank study after fine-tuning: one row per (budget, policy) of `manifest` (`toukit.sweep.rank_plan`).
+
+    Args:
+        runs: a `load_runs` table holding the study's runs (others are ignored).
+        manifest: the study's manifest (`<preset>.ranks.sweep.json`): run id -> policy and budget.
+        n_boot: bootstrap replicates.
+        load: reads a record from its path (default `toukit.results.read_record`).
+
+    Returns:
+        Columns: budget, policy, seeds, trainable_params (mean), test_accuracy and test_accuracy_std (over seeds),
+        vs_uniform (points, A - uniform at the same budget, paired by seed), ci_low, ci_high (paired bootstrap over
+        seeds and test examples, as the claims) and beats_uniform ('holds', 'does not hold', 'undecided').
+    """
+    load = load or read_record
+    study = runs[runs.run_id.isin(manifest['policies']) & (runs.status == 'ok')].copy()
+    study['policy'] = study.run_id.map(lambda i: manifest['policies'][i]['policy'])
+    study['budget'] = study.run_id.map(lambda i: manifest['policies'][i]['budget'])
+    rows = []
+    for (budget, policy), group in study.groupby(['budget', 'policy'], sort=False):
+        group = group.set_index('seed').sort_index()
+        row = dict(budget=budget, policy=policy, seeds=len(group), trainable_params=group.trainable_params.mean(),
+                   test_accuracy=group.test_accuracy.mean() * 100,
+                   test_accuracy_std=group.test_accuracy.std(ddof=1) * 100 if len(group) > 1 else np.nan)
+        uniform = study[(study.budget == budget) & (study.policy == 'uniform')].set_index('seed')
+        seeds = sorted(set(group.index) & set(uniform.index))
+        if policy == 'uniform' or not seeds:
+            rows.append(dict(row, vs_uniform=np.nan, ci_low=np.nan, ci_high=np.nan, beats_uniform=''))
+            continue
+        mean, low, high = paired_bootstrap(_correct(group.loc[seeds, 'path'], load),
+                                           _correct(uniform.loc[seeds, 'path'], load), n_boot=n_boot)
+        rows.append(dict(row, vs_uniform=mean, ci_low=low, ci_high=high, beats_uniform=verdict(low, high, 0.0, 'above')))
+    table = pd.DataFrame(rows, columns=['budget', 'policy', 'seeds', 'trainable_params', 'test_accuracy',
+                                        'test_accuracy_std', 'vs_uniform', 'ci_low', 'ci_high', 'beats_uniform'])
+    return table.sort_values(['budget', 'policy'], key=lambda c: c.map(BUDGET_POLICIES.index) if c.name == 'policy' else c,
+                             kind='stable').reset_index(drop=True)

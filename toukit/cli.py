@@ -4,7 +4,10 @@
                                           a killed run from its checkpoint
     toukit sweep                          the learning-rate sweep and both protocols on the demo preset
                                           (toukit.sweep; runs whose successful record exists are skipped)
-    toukit reproduce                      the sweep, the noise-scale runs, the analysis and figures notebooks
+    toukit rank-study                     full TOU under four rank policies at three budgets, on 3 seeds, at the
+                                          rate the sweep chose for TOU (toukit.sweep.rank_study)
+    toukit reproduce                      the sweep, the rank study, the noise-scale runs, the analysis and
+                                          figures notebooks
     toukit reproduce --redo               run everything again
     toukit reproduce --preset paper       the TOU paper's setting (GPU and internet)
     toukit spectrum --model minilm        the spectrum table of a model's linears
@@ -20,13 +23,14 @@ from .checkpoint import can_resume
 from .methods import DEFAULT_NOISE_SCALE, METHODS
 from .notebooks import run_notebook
 from .results import finished_record
-from .sweep import PROTOCOLS, sweep
+from .sweep import PROTOCOLS, rank_study, sweep
 from .train import TrainConfig, resolve_config
 
 __all__ = ['main', 'reproduce', 'noise_runs']
 
 ANALYSIS_NOTEBOOKS = ('spectrum.ipynb', 'rank_selection.ipynb', 'reconstruction.ipynb')
 NOISE_SCALES = (0.0, 1e-4, 1e-3, 1e-2, 3e-2)  # the study's sweep; the default alpha's point is the plain tou run
+RANK_BUDGETS = (0.5, 1.0, 1.5)  # the adaptive-rank study's, multiples of what uniform rank 0.375 spends
 
 
 def noise_runs(preset: str, seed: int, noise_scales: Sequence[float]) -> List[dict]:
@@ -38,11 +42,13 @@ def noise_runs(preset: str, seed: int, noise_scales: Sequence[float]) -> List[di
 def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
               noise_scales: Sequence[float] = NOISE_SCALES, results_dir: str = 'results', figures_dir: str = 'figures',
               redo: bool = False, analysis: bool = True, extra: Optional[dict] = None,
-              grid: Optional[dict] = None, analysis_parameters: Optional[dict] = None, cwd: str = '.') -> None:
-    """The sweep (`toukit.sweep.sweep`), the noise-scale runs through the training notebook, then the analysis
-    and figures notebooks.
+              grid: Optional[dict] = None, analysis_parameters: Optional[dict] = None, cwd: str = '.',
+              rank_budgets: Sequence[float] = RANK_BUDGETS) -> None:
+    """The sweep (`toukit.sweep.sweep`), the adaptive-rank study (`toukit.sweep.rank_study`), the noise-scale
+    runs through the training notebook, then the analysis and figures notebooks.
 
     Args:
+        rank_budgets: the rank study's budgets (empty: no study; skipped too when `methods` leaves out tou).
         extra: more TrainConfig fields for every run (e.g. max_steps_per_epoch for a quick check).
         grid: method -> learning rates (default: the preset's).
         analysis_parameters: notebook name -> more parameters for that analysis notebook.
@@ -51,6 +57,8 @@ def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, see
     cwd_path = Path(cwd).resolve()
     results = cwd_path / results_dir
     sweep(preset, methods, seeds, grid=grid, results_dir=str(results), overrides=extra, redo=redo)
+    if rank_budgets and 'tou' in (methods or METHODS):
+        rank_study(preset, rank_budgets, seeds, results_dir=str(results), overrides=extra, redo=redo)
     executed = results / 'notebooks'
     for params in tqdm(noise_runs(preset, seeds[0], noise_scales), desc='noise-scale runs'):
         params = dict(params, results_dir=str(results), **(extra or {}))
@@ -125,6 +133,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     swp.add_argument('--results-dir', default='results')
     swp.add_argument('--redo', action='store_true', help='run again even where a successful record exists')
     swp.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    rks = sub.add_parser('rank-study', help='full TOU under rank policies at equal budgets, after fine-tuning')
+    rks.add_argument('--preset', default='demo')
+    rks.add_argument('--budgets', nargs='+', type=float, default=list(RANK_BUDGETS),
+                     help='multiples of what uniform rank 0.375 spends on B')
+    rks.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    rks.add_argument('--lr', type=float, default=None, help='default: the rate the sweep chose for tou on validation')
+    rks.add_argument('--calibration-batches', type=int, default=4, help='for the activation-aware policy')
+    rks.add_argument('--results-dir', default='results')
+    rks.add_argument('--redo', action='store_true', help='run again even where a successful record exists')
+    rks.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     rep = sub.add_parser('reproduce', help='the sweep, the noise-scale runs, the analyses and the figures')
     rep.add_argument('--preset', default='demo')
     rep.add_argument('--methods', nargs='+', default=None, help=f'default: all ({", ".join(METHODS)})')
@@ -146,6 +164,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _train(args)
     elif args.command == 'sweep':
         sweep(args.preset, args.methods, args.seeds, results_dir=args.results_dir, redo=args.redo, stages=args.stages)
+    elif args.command == 'rank-study':
+        rank_study(args.preset, args.budgets, args.seeds, args.lr, args.calibration_batches, args.results_dir,
+                   redo=args.redo)
     elif args.command == 'reproduce':
         reproduce(args.preset, args.methods, args.seeds, args.noise_scales, args.results_dir, args.figures_dir,
                   redo=args.redo, analysis=not args.no_analysis)

@@ -12,7 +12,7 @@ from .methods import method_label, method_names
 __all__ = ['training_curves', 'save_figure', 'method_label', 'plot_spectra', 'plot_energy_curves',
            'plot_rank_heatmap', 'plot_rank_by_depth', 'threshold_explorer', 'plot_policy_tradeoff',
            'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs', 'plot_lr_sweep',
-           'plot_budget_study']
+           'plot_budget_study', 'plot_rank_pareto']
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -271,6 +271,22 @@ def plot_budget_study(study: pd.DataFrame):
         ax.set(xlabel='trainable parameters of B (M)', ylabel='relative error', title=title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    plt.tight_layout()
+    return fig
+
+
+def plot_rank_pareto(table: pd.DataFrame):
+    """Test accuracy (mean and std over seeds) vs trainable parameters, one line per rank policy: the adaptive-rank
+    study after fine-tuning (`toukit.claims.rank_study_table`)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for policy, group in table.groupby('policy', sort=False):
+        group = group.sort_values('trainable_params')
+        ax.errorbar(group.trainable_params / 1e6, group.test_accuracy, yerr=group.test_accuracy_std.fillna(0),
+                    marker='o', capsize=3, label=policy)
+    ax.set(xlabel='trainable parameters (M)', ylabel='test accuracy (%)',
+           title='Full TOU at equal budgets: rank policies after fine-tuning')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     plt.tight_layout()
     return fig
 

@@ -2,6 +2,7 @@
 
 A fused q/k/v projection gives three rows (part 'q', 'k', 'v'), as the TOU paper counts its matrices.
 """
+import math
 from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -346,7 +347,25 @@ def _energy_for_budget(table: pd.DataFrame, spend: float, iterations: int = 40) 
     for _ in range(iterations):
         mid = (low + high) / 2
         low, high = (mid, high) if cost(mid) <= spend else (low, mid)
-    return f'energy:{low!r}'
+    return f'energy:{max(1e-6, math.floor(low * 1e4) / 1e4)!r}'  # rounded down: a short, stable run id
+
+
+BUDGET_POLICIES = ('uniform', 'energy threshold', 'budget (weights)', 'budget (activations)')
+
+
+def budget_policies(table: pd.DataFrame, budget: float) -> Dict[str, Tuple[object, bool]]:
+    """The equal-budget study's policies at `budget` (a multiple of what uniform rank 0.375 spends on B):
+    policy -> (rank spec for `apply_tou` / `TrainConfig.rank`, whether it needs calibration inputs).
+
+    uniform: the fraction 0.375 b; energy threshold: the largest (to 1e-4) whose cost fits; budget (weights): the
+    allocation on weight spectra; budget (activations): the allocation on whitened spectra, with activation-aware
+    factors.
+    """
+    spend = budget * _uniform_cost(table)
+    return {'uniform': (DEFAULT_FRACTION * budget, False),
+            'energy threshold': (_energy_for_budget(table, spend), False),
+            'budget (weights)': (f'budget:{float(budget)}', False),
+            'budget (activations)': (f'budget:{float(budget)}', True)}
 
 
 def budget_study(model: nn.Module, budgets: Sequence[float], heldout, calibration, targets: Targets = 'all'
@@ -367,7 +386,6 @@ def budget_study(model: nn.Module, budgets: Sequence[float], heldout, calibratio
     from .methods import apply_tou
     table = spectrum_table(model, targets)
     names = list(dict.fromkeys(table.name))
-    uniform = _uniform_cost(table)
     inputs = capture_layer_inputs(model, heldout, names)
     with torch.no_grad():
         reference = torch.cat([call_model(model.eval(), batch) for batch in (
@@ -375,14 +393,9 @@ def budget_study(model: nn.Module, budgets: Sequence[float], heldout, calibratio
     modules = dict(model.named_modules())
     rows = []
     for budget in budgets:
-        spend = budget * uniform
-        policies = {'uniform': (DEFAULT_FRACTION * budget, None),
-                    'energy threshold': (_energy_for_budget(table, spend), None),
-                    'budget (weights)': (allocate_from_table(table, float(budget)), None),
-                    'budget (activations)': (allocate_ranks(model, float(budget), targets, objective='activation',
-                                                            calibration=calibration), calibration)}
-        for policy, (rank, cal) in policies.items():
-            prepared = apply_tou(copy.deepcopy(model), rank=rank, targets=targets, noise_scale=0.0, calibration=cal)
+        for policy, (rank, calibrated) in budget_policies(table, budget).items():
+            prepared = apply_tou(copy.deepcopy(model), rank=rank, targets=targets, noise_scale=0.0,
+                                 calibration=calibration if calibrated else None)
             factored = dict(prepared.named_modules())
             w_num = w_den = o_num = o_den = 0.0
             with torch.no_grad():
@@ -403,4 +416,5 @@ def budget_study(model: nn.Module, budgets: Sequence[float], heldout, calibratio
 
 
 __all__ += ['error_curves', 'total_error', 'compare_policies', 'capture_layer_inputs', 'layer_output_errors',
-            'tou_errors', 'layer_whitening', 'allocate_ranks', 'allocate_from_table', 'budget_study']
+            'tou_errors', 'layer_whitening', 'allocate_ranks', 'allocate_from_table', 'budget_study',
+            'budget_policies', 'BUDGET_POLICIES']

@@ -22,7 +22,7 @@ import math
 import socket
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .checkpoint import can_resume, lock_owner
 from .methods import METHODS
@@ -30,7 +30,8 @@ from .notebooks import run_notebook
 from .results import MANIFEST_SUFFIX, finished_record, now, write_record
 from .train import PRESETS, TrainConfig, resolve_config
 
-__all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS']
+__all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS', 'rank_plan', 'rank_study',
+           'study_specs']
 
 PROTOCOLS = ('grid', 'tuned', 'paper')
 
@@ -65,8 +66,18 @@ def _check_seeds(seeds: Sequence[int]) -> List[int]:
     return seeds
 
 
+def _check_budgets(budgets: Sequence[float]) -> List[float]:
+    budgets = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
+    if not budgets:
+        raise ValueError('budgets=[]: give at least one budget')
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf:
+            raise ValueError(f'budgets: budget={b!r} must be a positive number (a multiple of the uniform cost)')
+    return budgets
+
+
 def manifest_path(results_dir: str, preset: str) -> Path:
-    return Path(results_dir) / f'{preset}{MANIFEST_SUFFIX}'
+    return Path(results_dir) / f'{preset}{MANIFEST_SUFFIX}'  # the rank study's: <preset>.ranks.sweep.json
 
 
 def _config(preset: str, method: str, lr: float, seed: int, results_dir: str, overrides: dict) -> TrainConfig:
@@ -130,8 +141,10 @@ def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: S
         runs['paper'][method] = [c.name for c in paper]
         for c in list(grid_configs.values()) + tuned + paper:
             configs[c.name] = c
-    return dict(preset=preset, created=now(), methods=methods, seeds=seeds, grid=grid, paper_lr=paper_lr,
-                selected_lr=selected, overrides=overrides, runs=runs, configs=configs)
+    parameters = {name: dict(method=c.method, preset=preset, lr=c.lr, seed=c.seed, **overrides)
+                  for name, c in configs.items()}
+    return dict(name=preset, preset=preset, created=now(), methods=methods, seeds=seeds, grid=grid, paper_lr=paper_lr,
+                selected_lr=selected, overrides=overrides, runs=runs, configs=configs, parameters=parameters)
 
 
 def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
@@ -159,28 +172,106 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
     A run that fails is recorded as failed and the sweep goes on with the next; the failures are raised together
     at the end.
     """
-    from tqdm.auto import tqdm
     bad = [s for s in stages if s not in PROTOCOLS]
     if bad:
         raise ValueError(f'stages={bad!r}: choose from {", ".join(PROTOCOLS)}')
     results_dir = str(Path(results_dir).resolve())  # the notebooks run elsewhere
-    args = (preset, methods, seeds, grid, results_dir, overrides)
+    return _execute(lambda: plan(preset, methods, seeds, grid, results_dir, overrides),
+                    [s for s in PROTOCOLS if s in stages], results_dir, redo, progress, poll_seconds)
+
+
+def rank_plan(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), seeds: Sequence[int] = (0, 1, 2),
+              lr: Optional[float] = None, calibration_batches: int = 4, results_dir: str = 'results',
+              overrides: Optional[dict] = None, specs: Optional[Dict[float, dict]] = None) -> dict:
+    """The adaptive-rank study's manifest: full TOU under each policy of `toukit.spectrum.budget_policies` at each
+    budget, on every seed, at one learning rate.
+
+    Args:
+        budgets: multiples of what uniform rank 0.375 spends on B (budget 1.0's uniform runs are the tuned TOU runs).
+        lr: None: the rate the sweep chose for full TOU on validation (`plan(...)['selected_lr']['tou']`).
+        calibration_batches: training batches the activation-aware policy factorizes on.
+        overrides: more TrainConfig fields for every run.
+        specs: budget -> policy -> (rank, calibrated), as `budget_policies` gives (computed when None).
+
+    Runs are grouped by '<policy> @ <budget>' under the stage 'ranks'; `load_runs` reads the manifest
+    (`<preset>.ranks.sweep.json`) into the `protocol` column, and `toukit.claims.rank_study_table` into a table.
+    """
+    seeds, budgets = _check_seeds(seeds), _check_budgets(budgets)
+    if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+        raise ValueError(f'calibration_batches={calibration_batches!r}: must be a positive int')
+    overrides = dict(overrides or {})
+    for key in ('rank', 'calibration_batches', 'method'):
+        if key in overrides:
+            raise ValueError(f'overrides: {key!r} is set by the rank study itself')
+    if lr is None:
+        lr = plan(preset, ['tou'], seeds, results_dir=results_dir, overrides=overrides)['selected_lr'].get('tou')
+        if lr is None:
+            raise ValueError(f'lr=None: the {preset} sweep has not chosen full TOU\'s rate on validation yet (its '
+                             f'grid is unfinished): run `toukit sweep --preset {preset} --methods tou` or pass lr')
+    specs = specs if specs is not None else study_specs(preset, budgets, overrides)
+    runs, configs, parameters, policies = {}, {}, {}, {}
+    for budget in budgets:
+        for policy, (rank, calibrated) in specs[budget].items():
+            extra = dict(overrides, rank=rank, **(dict(calibration_batches=calibration_batches) if calibrated else {}))
+            group = []
+            for seed in seeds:
+                config = _config(preset, 'tou', lr, seed, results_dir, extra)
+                configs[config.name] = config
+                parameters[config.name] = dict(method='tou', preset=preset, lr=lr, seed=seed, **extra)
+                policies[config.name] = dict(policy=policy, budget=budget)
+                group.append(config.name)
+            runs[f'{policy} @ {budget:g}'] = group
+    return dict(name=f'{preset}.ranks', preset=preset, created=now(), budgets=list(budgets), seeds=seeds, lr=lr,
+                calibration_batches=calibration_batches, overrides=overrides, policies=policies,
+                runs={'ranks': runs}, configs=configs, parameters=parameters)
+
+
+def study_specs(preset: str, budgets: Sequence[float], overrides: Optional[dict] = None) -> Dict[float, dict]:
+    """budget -> `toukit.spectrum.budget_policies` of the preset's model (random weights seeded, so it is stable)."""
+    import torch
+    from .spectrum import budget_policies, spectrum_table
+    from .train import preset_model
+    overrides = overrides or {}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _, net = preset_model(preset, overrides.get('model'), overrides.get('pretrained'))
+    table = spectrum_table(net, overrides.get('targets') or 'all')
+    return {b: budget_policies(table, b) for b in budgets}
+
+
+def rank_study(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), seeds: Sequence[int] = (0, 1, 2),
+               lr: Optional[float] = None, calibration_batches: int = 4, results_dir: str = 'results',
+               overrides: Optional[dict] = None, redo: bool = False, progress: bool = True,
+               poll_seconds: float = 30.0) -> dict:
+    """Run the adaptive-rank study (`rank_plan`) as `sweep` runs its protocols: skipping finished runs, resuming
+    killed ones, sharing the folder with other workers; returns the manifest."""
+    results_dir, budgets = str(Path(results_dir).resolve()), _check_budgets(budgets)
+    specs = study_specs(preset, budgets, overrides)  # the spectra once, not at every re-plan
+    lr = rank_plan(preset, budgets, seeds, lr, calibration_batches, results_dir, overrides, specs)['lr']
+    return _execute(lambda: rank_plan(preset, budgets, seeds, lr, calibration_batches, results_dir,
+                                      overrides, specs), ['ranks'], results_dir, redo, progress, poll_seconds)
+
+
+def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: str, redo: bool, progress: bool,
+             poll_seconds: float) -> dict:
+    """Run what `planner()` lists under each stage (re-planned as records arrive) until nothing is left; write the
+    manifest after every run. The loop of `sweep` and `rank_study`."""
+    from tqdm.auto import tqdm
     failures, done = [], set()
     while True:  # passes until nothing is left that this process can run
         ran, busy = False, []
-        for stage in [s for s in PROTOCOLS if s in stages]:
-            manifest = plan(*args)  # the grid's records decide the tuned rates
-            ids = [i for by_method in manifest['runs'][stage].values() for i in by_method]
-            for name in tqdm(ids, desc=f'sweep {preset}: {stage}', disable=not progress):
+        for stage in stages:
+            manifest = planner()  # the records so far decide, e.g., the tuned rates
+            ids = [i for group in manifest['runs'][stage].values() for i in group]
+            for name in tqdm(ids, desc=f'{manifest["name"]}: {stage}', disable=not progress):
                 config = manifest['configs'][name]
                 if name in done or (not redo and finished_record(config.record_path) is not None):
                     continue
                 if lock_owner(config.record_path) is not None:  # another worker runs it
                     busy.append(name)
                     continue
-                parameters = dict(method=config.method, preset=preset, lr=config.lr, seed=config.seed,
-                                  results_dir=results_dir, overwrite=redo, resume=not redo and can_resume(
-                                      config.record_path), **manifest['overrides'])
+                parameters = dict(manifest['parameters'][name], results_dir=results_dir, overwrite=redo,
+                                  resume=not redo and can_resume(config.record_path))
                 try:
                     run_notebook('train.ipynb', Path(results_dir) / 'notebooks' / f'{name}.ipynb', parameters,
                                  cwd=Path.cwd(), progress=progress)
@@ -191,14 +282,14 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
                     failures.append(f'{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}')
                 done.add(name)
                 ran = True
-                _write_manifest(plan(*args), results_dir)
+                _write_manifest(planner(), results_dir)
         if not ran and not any(_held_here(manifest['configs'][n].record_path) for n in busy):
             break
         if not ran:  # every run left is another local worker's; their records may unlock tuned runs
             time.sleep(poll_seconds)
+    manifest = planner()
     if busy:
-        print(f'sweep {preset}: {len(busy)} run(s) left to other workers: {", ".join(sorted(set(busy)))}')
-    manifest = plan(*args)
+        print(f'{manifest["name"]}: {len(busy)} run(s) left to other workers: {", ".join(sorted(set(busy)))}')
     _write_manifest(manifest, results_dir)
     if failures:
         raise RuntimeError(f'{len(failures)} sweep run(s) failed (records say why): ' + '; '.join(failures))
@@ -211,5 +302,5 @@ def _held_here(record_path: Path) -> bool:
 
 
 def _write_manifest(manifest: dict, results_dir: str) -> Path:
-    public = {k: v for k, v in manifest.items() if k != 'configs'}
-    return write_record(public, manifest_path(results_dir, manifest['preset']))
+    public = {k: v for k, v in manifest.items() if k not in ('configs', 'parameters')}
+    return write_record(public, Path(results_dir) / f'{manifest["name"]}{MANIFEST_SUFFIX}')
