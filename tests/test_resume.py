@@ -107,6 +107,33 @@ def test_a_second_process_on_the_same_run_refuses(tmp_path):
     assert train.run(config, progress=False)['status'] == 'ok'
 
 
+def test_a_killed_owner_never_holds_the_lock(tmp_path):
+    import socket
+    path = tmp_path / 'run.json'
+    code = (f'import sys, time; from toukit.checkpoint import RunLock\n'
+            f'with RunLock({str(path)!r}): print("locked", flush=True); time.sleep(60)')
+    owner = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == 'locked'
+    assert checkpoint.lock_owner(path)['pid'] == owner.pid
+    with pytest.raises(train.RunLockedError, match=f'pid {owner.pid}'):
+        checkpoint.RunLock(path).__enter__()
+    owner.send_signal(signal.SIGKILL)  # no cleanup: the lock file stays, its flock goes with the process
+    owner.wait()
+    assert path.with_suffix('.lock').exists() and checkpoint.lock_owner(path) is None
+    path.with_suffix('.lock').write_text('')  # killed between creating the lock file and writing it
+    assert checkpoint.lock_owner(path) is None
+    with checkpoint.RunLock(path):
+        assert checkpoint.lock_owner(path)['pid'] == os.getpid()
+    assert not path.with_suffix('.lock').exists()
+    # a lock written before locks were flocks holds while its owner lives
+    sleeper = subprocess.Popen(['sleep', '30'])
+    path.with_suffix('.lock').write_text(json.dumps(dict(host=socket.gethostname(), pid=sleeper.pid)))
+    assert checkpoint.lock_owner(path)['pid'] == sleeper.pid
+    sleeper.kill()
+    sleeper.wait()
+    assert checkpoint.lock_owner(path) is None
+
+
 def test_corrupt_files_are_reported_by_name_and_skipped_or_redone(tmp_path, capsys):
     config = train.resolve_config(results_dir=str(tmp_path), **KW)
     config.record_path.write_text('{"run": {"id": "trunc')  # a truncated record

@@ -107,12 +107,18 @@ def test_rank_study_plan_on_the_demo(tmp_path):
     energy = specs[0.5]['energy threshold'][0]
     assert energy.startswith('energy:') and len(energy) <= len('energy:0.1234')  # a short, stable run id
     assert sweep.study_specs('demo', [0.5]) == {0.5: specs[0.5]}
+    # a study's manifest fixes its specs: every worker plans the same runs
+    sweep._write_manifest(dict(manifest, specs=[dict(budget=0.5, policy='uniform', rank=0.2, calibrated=False)]),
+                          str(tmp_path))
+    reused = sweep.study_specs('demo', [0.5, 1.0], results_dir=str(tmp_path))
+    assert reused[0.5] == {'uniform': (0.2, False)} and reused[1.0] == specs[1.0]
 
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(budgets=[0.0]), 'budget=0.0'), (dict(budgets=[]), 'budgets'), (dict(budgets=['1']), "budget='1'"),
     (dict(calibration_batches=0), 'calibration_batches=0'), (dict(overrides={'rank': 8}), "'rank' is set"),
-    (dict(lr=None), 'lr=None')])
+    (dict(lr=None), 'lr=None'), (dict(budgets=[3.0]), 'budget=3.0'), (dict(budgets=[1.0, 1.0]), 'repeated'),
+    (dict(overrides={'run_name': 'x'}), "'run_name' is set"), (dict(overrides={'nope': 1}), "'nope' is not")])
 def test_rank_study_refuses_bad_input(tmp_path, kwargs, match):
     kwargs = dict(dict(budgets=[1.0], lr=1e-3, specs={1.0: {}}), **kwargs)
     with pytest.raises(ValueError, match=match):

@@ -9,9 +9,10 @@ A run's checkpoint lives next to its record, `results/<run id>.ckpt/`:
 `state.pt` is written last, atomically, and names its parameters file: it is the commit point, so a process killed
 while writing leaves the previous checkpoint whole. A successful run deletes its checkpoint.
 
-The lock `results/<run id>.lock` holds the owner's host and pid; a second process refuses the run while the owner
-lives, and takes the lock over from a dead one.
+The lock `results/<run id>.lock` is an flock (released by the kernel when its process dies, however it dies) on a
+file naming the owner's host and pid; a second process refuses the run while the owner lives.
 """
+import fcntl
 import json
 import os
 import random
@@ -158,49 +159,85 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def lock_owner(record_path: Path) -> Optional[dict]:
-    """The owner ({'host', 'pid'}) of the run's lock while it may be running: None without a lock, or when its owner
-    was a process of this host that is gone. An owner on another host cannot be checked and counts as running."""
-    path = Path(record_path).with_suffix('.lock')
+def _read_owner(fd: int) -> dict:
     try:
-        owner = json.loads(path.read_text())
+        owner = json.loads(os.pread(fd, 4096, 0) or b'{}')
+    except ValueError:  # being written
+        owner = {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _legacy_owner_alive(owner: dict) -> bool:
+    """A lock written before locks were flocks: held while its owner lives (one on another host cannot be checked
+    from here and counts as alive)."""
+    if owner.get('flock') or not owner.get('pid'):
+        return False
+    return owner.get('host') != socket.gethostname() or process_alive(owner['pid'])
+
+
+def _held(fd: int, owner: dict) -> bool:
+    """Whether a live process holds the lock file open as `fd`."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return _legacy_owner_alive(owner)
+
+
+def lock_owner(record_path: Path) -> Optional[dict]:
+    """The owner ({'host', 'pid'}) of the run's lock while a live process holds it, else None.
+
+    The lock is an flock on `<run id>.lock`, which the kernel releases when its process dies however it dies, so a
+    killed run's lock file is free to take (on another host too, where the folder's file system supports flock).
+    """
+    try:
+        fd = os.open(Path(record_path).with_suffix('.lock'), os.O_RDWR)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        owner = {}  # being written, or unreadable: someone holds it
-    if owner.get('host') == socket.gethostname() and owner.get('pid') and not process_alive(owner['pid']):
-        return None
-    return owner
+    try:
+        owner = _read_owner(fd)
+        return owner if _held(fd, owner) else None
+    finally:
+        os.close(fd)
 
 
 class RunLock:
-    """An exclusive lock on one run, `<record>.lock`, that a dead owner does not hold forever."""
+    """An exclusive lock on one run, `<record>.lock`: an flock, so a dead owner never holds it."""
 
     def __init__(self, record_path: Path):
         self.path = Path(record_path).with_suffix('.lock')
-        self.owned = False
+        self.fd = None
 
     def __enter__(self) -> 'RunLock':
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = dict(host=socket.gethostname(), pid=os.getpid())
-        for _ in range(2):
+        me = dict(host=socket.gethostname(), pid=os.getpid(), flock=True)
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            owner = _read_owner(fd)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = lock_owner(self.path)
-                if owner is None:
-                    self.path.unlink(missing_ok=True)  # its owner died: take it over
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = _legacy_owner_alive(owner)
+            except BlockingIOError:
+                held = True
+            if held:
+                os.close(fd)
                 raise RunLockedError(f'{self.path.stem}: already running (lock {self.path} held by pid '
-                                     f'{owner.get("pid")} on {owner.get("host")}); wait for it, or delete the lock '
-                                     f'if that process is gone') from None
-            with os.fdopen(fd, 'w') as f:
-                json.dump(me, f)
-            self.owned = True
-            return self
-        raise RunLockedError(f'{self.path}: could not take the lock')
+                                     f'{owner.get("pid")} on {owner.get("host")}); wait for it')
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:  # not a file its last owner removed as we opened it
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self.owned:
-            self.path.unlink(missing_ok=True)
-            self.owned = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it: a waiting opener sees a new inode
+            os.close(self.fd)
+            self.fd = None

@@ -58,7 +58,7 @@ def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, see
     results = cwd_path / results_dir
     sweep(preset, methods, seeds, grid=grid, results_dir=str(results), overrides=extra, redo=redo)
     if rank_budgets and 'tou' in (methods or METHODS):
-        rank_study(preset, rank_budgets, seeds, results_dir=str(results), overrides=extra, redo=redo)
+        rank_study(preset, rank_budgets, seeds, results_dir=str(results), overrides=extra, redo=redo, grid=grid)
     executed = results / 'notebooks'
     for params in tqdm(noise_runs(preset, seeds[0], noise_scales), desc='noise-scale runs'):
         params = dict(params, results_dir=str(results), **(extra or {}))

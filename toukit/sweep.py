@@ -19,6 +19,7 @@ into the `protocol` column.
 """
 import dataclasses
 import math
+import os
 import socket
 import time
 from pathlib import Path
@@ -26,8 +27,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .checkpoint import can_resume, lock_owner
 from .methods import METHODS
+from .ranks import DEFAULT_FRACTION
 from .notebooks import run_notebook
-from .results import MANIFEST_SUFFIX, finished_record, now, write_record
+from .results import MANIFEST_SUFFIX, finished_record, now, read_record, write_record
 from .train import PRESETS, TrainConfig, resolve_config
 
 __all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS', 'rank_plan', 'rank_study',
@@ -66,13 +68,29 @@ def _check_seeds(seeds: Sequence[int]) -> List[int]:
     return seeds
 
 
+def _check_overrides(overrides: Optional[dict], own: Sequence[str] = ()) -> dict:
+    """More TrainConfig fields for every run; a ValueError names one the sweep sets itself or an unknown one."""
+    overrides = dict(overrides or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {'extra'}
+    for key in overrides:
+        if key in ('method', 'preset', 'lr', 'seed', 'results_dir', 'run_name', *own):
+            raise ValueError(f'overrides: {key!r} is set by the sweep itself (run_name: every run has its own id)')
+        if key not in fields:
+            raise ValueError(f'overrides: {key!r} is not a training parameter; choose from {", ".join(sorted(fields))}')
+    return overrides
+
+
 def _check_budgets(budgets: Sequence[float]) -> List[float]:
     budgets = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
     if not budgets:
         raise ValueError('budgets=[]: give at least one budget')
+    largest = 1 / DEFAULT_FRACTION  # uniform rank 0.375 b reaches full rank
     for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf:
-            raise ValueError(f'budgets: budget={b!r} must be a positive number (a multiple of the uniform cost)')
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= largest:
+            raise ValueError(f'budgets: budget={b!r} must be a number in (0, {largest:.4g}] (a multiple of what '
+                             f'uniform rank {DEFAULT_FRACTION} spends; the largest is full rank)')
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f'budgets={budgets!r}: repeated budgets')
     return budgets
 
 
@@ -118,13 +136,7 @@ def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: S
         raise ValueError(f'methods={bad!r}: unknown; choose from {", ".join(METHODS)}')
     seeds = _check_seeds(seeds)
     grid = check_grid(grid if grid is not None else PRESETS[preset].get('lr_grid', {}), methods)
-    overrides = dict(overrides or {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {'extra'}
-    for key in overrides:
-        if key in ('method', 'preset', 'lr', 'seed', 'results_dir', 'run_name'):
-            raise ValueError(f'overrides: {key!r} is set by the sweep itself (run_name: every run has its own id)')
-        if key not in fields:
-            raise ValueError(f'overrides: {key!r} is not a training parameter; choose from {", ".join(sorted(fields))}')
+    overrides = _check_overrides(overrides)
     paper_lr = resolve_config(TrainConfig(preset=preset)).lr
     runs = {p: {} for p in PROTOCOLS}
     configs, selected = {}, {}
@@ -182,16 +194,19 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
 
 def rank_plan(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), seeds: Sequence[int] = (0, 1, 2),
               lr: Optional[float] = None, calibration_batches: int = 4, results_dir: str = 'results',
-              overrides: Optional[dict] = None, specs: Optional[Dict[float, dict]] = None) -> dict:
+              overrides: Optional[dict] = None, specs: Optional[Dict[float, dict]] = None,
+              grid: Optional[Dict[str, Sequence[float]]] = None) -> dict:
     """The adaptive-rank study's manifest: full TOU under each policy of `toukit.spectrum.budget_policies` at each
     budget, on every seed, at one learning rate.
 
     Args:
-        budgets: multiples of what uniform rank 0.375 spends on B (budget 1.0's uniform runs are the tuned TOU runs).
+        budgets: multiples of what uniform rank 0.375 spends on B. On the demo, whose TOU rank is that fraction,
+            budget 1.0's uniform runs are the sweep's tuned TOU runs (the same ids: run once).
         lr: None: the rate the sweep chose for full TOU on validation (`plan(...)['selected_lr']['tou']`).
         calibration_batches: training batches the activation-aware policy factorizes on.
         overrides: more TrainConfig fields for every run.
-        specs: budget -> policy -> (rank, calibrated), as `budget_policies` gives (computed when None).
+        specs: budget -> policy -> (rank, calibrated), as `study_specs` gives (computed when None).
+        grid: the sweep's grid, when it was not the preset's (for lr=None).
 
     Runs are grouped by '<policy> @ <budget>' under the stage 'ranks'; `load_runs` reads the manifest
     (`<preset>.ranks.sweep.json`) into the `protocol` column, and `toukit.claims.rank_study_table` into a table.
@@ -199,12 +214,9 @@ def rank_plan(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), 
     seeds, budgets = _check_seeds(seeds), _check_budgets(budgets)
     if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
         raise ValueError(f'calibration_batches={calibration_batches!r}: must be a positive int')
-    overrides = dict(overrides or {})
-    for key in ('rank', 'calibration_batches', 'method'):
-        if key in overrides:
-            raise ValueError(f'overrides: {key!r} is set by the rank study itself')
+    overrides = _check_overrides(overrides, own=('rank', 'calibration_batches'))
     if lr is None:
-        lr = plan(preset, ['tou'], seeds, results_dir=results_dir, overrides=overrides)['selected_lr'].get('tou')
+        lr = plan(preset, ['tou'], seeds, grid, results_dir, overrides)['selected_lr'].get('tou')
         if lr is None:
             raise ValueError(f'lr=None: the {preset} sweep has not chosen full TOU\'s rate on validation yet (its '
                              f'grid is unfinished): run `toukit sweep --preset {preset} --methods tou` or pass lr')
@@ -213,41 +225,60 @@ def rank_plan(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), 
     for budget in budgets:
         for policy, (rank, calibrated) in specs[budget].items():
             extra = dict(overrides, rank=rank, **(dict(calibration_batches=calibration_batches) if calibrated else {}))
-            group = []
+            group = f'{policy} @ {budget:g}'
+            runs[group] = []
             for seed in seeds:
                 config = _config(preset, 'tou', lr, seed, results_dir, extra)
+                if config.name in policies:
+                    other = policies[config.name]
+                    raise ValueError(f'{group} and {other["policy"]} @ {other["budget"]:g} are one run ({config.name}, '
+                                     f'rank={rank!r}): choose budgets further apart')
                 configs[config.name] = config
                 parameters[config.name] = dict(method='tou', preset=preset, lr=lr, seed=seed, **extra)
                 policies[config.name] = dict(policy=policy, budget=budget)
-                group.append(config.name)
-            runs[f'{policy} @ {budget:g}'] = group
-    return dict(name=f'{preset}.ranks', preset=preset, created=now(), budgets=list(budgets), seeds=seeds, lr=lr,
-                calibration_batches=calibration_batches, overrides=overrides, policies=policies,
-                runs={'ranks': runs}, configs=configs, parameters=parameters)
+                runs[group].append(config.name)
+    return dict(name=f'{preset}.ranks', preset=preset, created=now(), budgets=budgets, seeds=seeds, lr=lr,
+                calibration_batches=calibration_batches, overrides=overrides,
+                specs=[dict(budget=b, policy=p, rank=r, calibrated=c) for b in budgets for p, (r, c) in specs[b].items()],
+                policies=policies, runs={'ranks': runs}, configs=configs, parameters=parameters)
 
 
-def study_specs(preset: str, budgets: Sequence[float], overrides: Optional[dict] = None) -> Dict[float, dict]:
-    """budget -> `toukit.spectrum.budget_policies` of the preset's model (random weights seeded, so it is stable)."""
+def study_specs(preset: str, budgets: Sequence[float], overrides: Optional[dict] = None,
+                results_dir: Optional[str] = None) -> Dict[float, dict]:
+    """budget -> `toukit.spectrum.budget_policies` of the preset's model.
+
+    The specs a study's manifest (`<results_dir>/<preset>.ranks.sweep.json`) already holds are reused, so that every
+    worker, on any machine, plans the same runs (an energy threshold from slightly different singular values could
+    differ in its last digit). A model with random weights is drawn from seed 0.
+    """
     import torch
     from .spectrum import budget_policies, spectrum_table
     from .train import preset_model
-    overrides = overrides or {}
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        _, net = preset_model(preset, overrides.get('model'), overrides.get('pretrained'))
-    table = spectrum_table(net, overrides.get('targets') or 'all')
-    return {b: budget_policies(table, b) for b in budgets}
+    known = {}
+    manifest = Path(results_dir or '.') / f'{preset}.ranks{MANIFEST_SUFFIX}'
+    if results_dir is not None and manifest.exists():
+        for spec in read_record(manifest).get('specs', []):
+            known.setdefault(spec['budget'], {})[spec['policy']] = (spec['rank'], spec['calibrated'])
+    missing = [b for b in budgets if b not in known]
+    if missing:
+        overrides = overrides or {}
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            _, net = preset_model(preset, overrides.get('model'), overrides.get('pretrained'))
+        table = spectrum_table(net, overrides.get('targets') or 'all')
+        known.update({b: budget_policies(table, b) for b in missing})
+    return {b: known[b] for b in budgets}
 
 
 def rank_study(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), seeds: Sequence[int] = (0, 1, 2),
                lr: Optional[float] = None, calibration_batches: int = 4, results_dir: str = 'results',
                overrides: Optional[dict] = None, redo: bool = False, progress: bool = True,
-               poll_seconds: float = 30.0) -> dict:
+               poll_seconds: float = 30.0, grid: Optional[Dict[str, Sequence[float]]] = None) -> dict:
     """Run the adaptive-rank study (`rank_plan`) as `sweep` runs its protocols: skipping finished runs, resuming
-    killed ones, sharing the folder with other workers; returns the manifest."""
+    killed ones, sharing the folder with other workers (started with the same arguments); returns the manifest."""
     results_dir, budgets = str(Path(results_dir).resolve()), _check_budgets(budgets)
-    specs = study_specs(preset, budgets, overrides)  # the spectra once, not at every re-plan
-    lr = rank_plan(preset, budgets, seeds, lr, calibration_batches, results_dir, overrides, specs)['lr']
+    specs = study_specs(preset, budgets, _check_overrides(overrides), results_dir)  # once, not at every re-plan
+    lr = rank_plan(preset, budgets, seeds, lr, calibration_batches, results_dir, overrides, specs, grid)['lr']
     return _execute(lambda: rank_plan(preset, budgets, seeds, lr, calibration_batches, results_dir,
                                       overrides, specs), ['ranks'], results_dir, redo, progress, poll_seconds)
 
@@ -257,7 +288,7 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
     """Run what `planner()` lists under each stage (re-planned as records arrive) until nothing is left; write the
     manifest after every run. The loop of `sweep` and `rank_study`."""
     from tqdm.auto import tqdm
-    failures, done = [], set()
+    failures, done, started = [], set(), now()
     while True:  # passes until nothing is left that this process can run
         ran, busy = False, []
         for stage in stages:
@@ -265,21 +296,26 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
             ids = [i for group in manifest['runs'][stage].values() for i in group]
             for name in tqdm(ids, desc=f'{manifest["name"]}: {stage}', disable=not progress):
                 config = manifest['configs'][name]
-                if name in done or (not redo and finished_record(config.record_path) is not None):
+                if name in done or _finished(config.record_path, started if redo else None):
                     continue
                 if lock_owner(config.record_path) is not None:  # another worker runs it
                     busy.append(name)
                     continue
                 parameters = dict(manifest['parameters'][name], results_dir=results_dir, overwrite=redo,
                                   resume=not redo and can_resume(config.record_path))
+                executed = Path(results_dir) / 'notebooks' / f'{name}.ipynb'
+                scratch = executed.with_name(f'.{name}.{os.getpid()}.ipynb')  # a losing worker's copy goes away
                 try:
-                    run_notebook('train.ipynb', Path(results_dir) / 'notebooks' / f'{name}.ipynb', parameters,
-                                 cwd=Path.cwd(), progress=progress)
+                    run_notebook('train.ipynb', scratch, parameters, cwd=Path.cwd(), progress=progress)
                 except Exception as e:  # noqa: BLE001 - the run's own record says why; the sweep goes on
-                    if 'RunLockedError' in str(e):  # another worker took it first
+                    if 'RunLockedError' in str(e) or (not redo and 'RecordExistsError' in str(e)):
+                        scratch.unlink(missing_ok=True)  # another worker took it first, or finished it meanwhile
                         busy.append(name)
                         continue
                     failures.append(f'{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}')
+                finally:
+                    if scratch.exists():
+                        os.replace(scratch, executed)
                 done.add(name)
                 ran = True
                 _write_manifest(planner(), results_dir)
@@ -294,6 +330,13 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
     if failures:
         raise RuntimeError(f'{len(failures)} sweep run(s) failed (records say why): ' + '; '.join(failures))
     return manifest
+
+
+def _finished(record_path: Path, since: Optional[str]) -> bool:
+    """A finished record exists (made at `since` or later, when given: under redo, by this sweep or a worker beside
+    it)."""
+    record = finished_record(record_path)
+    return record is not None and (since is None or str(record.get('finished', '')) >= since)
 
 
 def _held_here(record_path: Path) -> bool:
