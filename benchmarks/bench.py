@@ -8,6 +8,7 @@ one invocation (these machines are noisy; compare nothing across invocations).
     python benchmarks/bench.py layer     --batch-size 8                 (one block's linears, dense vs TOU)
     python benchmarks/bench.py rank-sweep --model vit_base_patch16_224 --batch-size 8 \
         --figure figures/benchmarks/rank_sweep
+    python benchmarks/bench.py factorize-llm --device cuda --precision bf16   (Llama-2-7B shapes, random weights)
     python benchmarks/bench.py scaling   --preset test --batch-size 16  (1 vs 2 processes through torchrun)
 
 Add --device cuda [--precision bf16] on a GPU machine. Random weights are used for timing (shapes decide cost).
@@ -64,6 +65,14 @@ def _peak_mib(device):
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _allocated_mib(device):
+    """Memory held now: the CUDA allocator's on a GPU, the process RSS on the CPU."""
+    if device.type == 'cuda':
+        return torch.cuda.memory_allocated() / 2 ** 20
+    import psutil
+    return psutil.Process().memory_info().rss / 2 ** 20
 
 
 def _options(method, rank, lora_rank):
@@ -164,6 +173,60 @@ def worker_factorize(args):
                 matrices=len(originals))
 
 
+LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def worker_factorize_llm(args):
+    """apply_tou on every block linear of a Llama-2-7B-shaped causal LM (random weights from the config, built on
+    the device): time, peak memory, and the error of layer 0's factors against the optimum."""
+    import toukit
+    from transformers import LlamaConfig, LlamaForCausalLM
+    device = torch.device(args.device)
+    shape = dict(LLAMA_2_7B, num_hidden_layers=args.layers or LLAMA_2_7B['num_hidden_layers'])
+    shape.update(hidden_size=shape['hidden_size'] // args.width_div,
+                 intermediate_size=shape['intermediate_size'] // args.width_div)
+    dtype = torch.bfloat16 if args.precision == 'bf16' else torch.float32
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaForCausalLM(LlamaConfig(**shape))
+    finally:
+        torch.set_default_dtype(default)
+    _sync(device)
+    build_s = time.perf_counter() - t
+    params = sum(p.numel() for p in model.parameters())
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and '.layers.0.' in n}
+    before = _allocated_mib(device)
+    t = time.perf_counter()
+    toukit.apply_tou(model, rank=args.rank, svd_method=args.svd_method)
+    _sync(device)
+    seconds = time.perf_counter() - t
+    peak, after = _peak_mib(device), _allocated_mib(device)
+    trainable, total = toukit.count_parameters(model)
+    ranks = sorted(set(model.toukit_ranks.values()))
+    errors = []  # layer 0's matrices: relative error of A B (noise included) against the optimal rank-r error
+    for name, w0 in originals.items():
+        module = model.get_submodule(name)
+        s = torch.linalg.svdvals(w0.float())
+        errors.append(dict(layer=name, rank=module.rank, optimal_error=float(torch.linalg.norm(s[module.rank:]) /
+                                                                             torch.linalg.norm(s)),
+                           error=float(torch.linalg.norm(module.weight.float() - w0.float()) / torch.linalg.norm(s))))
+    t = time.perf_counter()
+    toukit.merge(model)
+    _sync(device)
+    merge_s = time.perf_counter() - t
+    return dict(svd_method=args.svd_method, config=shape, params=params, weights_dtype=str(dtype), build_s=build_s,
+                seconds=seconds, merge_s=merge_s, model_mib=before, peak_mib=peak, after_mib=after,
+                trainable=trainable, total=total, ranks=ranks, layer0=errors)
+
+
 def worker_layer(args):
     """Forward + backward of each ViT-B/16 block linear, dense (weight trains) vs TOU (A frozen), interleaved."""
     import toukit
@@ -194,7 +257,8 @@ def worker_layer(args):
     return out
 
 
-WORKERS = dict(layer=worker_layer, step=worker_step, inference=worker_inference, factorize=worker_factorize)
+WORKERS = dict(layer=worker_layer, step=worker_step, inference=worker_inference, factorize=worker_factorize,
+               factorize_llm=worker_factorize_llm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,20 +289,28 @@ def header(args, title):
 def cmd_methods(args):
     header(args, f'training step per method (median of {args.steps} steps after {args.warmup} warm-up, '
                  f'best of {args.rounds} round(s), each method in its own process)')
-    rows = {}
-    for _ in range(args.rounds):
-        for m in args.methods:
-            r = spawn('step', args, method=m)
-            if m not in rows or r['step_s'] < rows[m]['step_s']:
-                rows[m] = r
-    ft = rows.get('ft')
+    rows, failed = {}, {}
     print(f'{"method":16s} {"step s":>8s} {"samples/s":>10s} {"vs FT":>6s} {"peak MiB":>9s} {"vs FT":>6s} '
           f'{"trainable":>11s} {"total":>11s} {"prepare s":>9s}')
-    for m, r in rows.items():
-        t_ratio = r['step_s'] / ft['step_s'] if ft else float('nan')
-        m_ratio = r['peak_mib'] / ft['peak_mib'] if ft else float('nan')
-        print(f'{m:16s} {r["step_s"]:8.3f} {r["samples_per_s"]:10.2f} {t_ratio:6.2f} {r["peak_mib"]:9.0f} '
-              f'{m_ratio:6.2f} {r["trainable"]:11,d} {r["total"]:11,d} {r["prepare_s"]:9.2f}')
+    for round_ in range(args.rounds):
+        for m in args.methods:
+            try:
+                r = spawn('step', args, method=m)
+            except RuntimeError as e:  # one method's failure leaves the others' rows
+                failed[m] = str(e).strip().splitlines()[-1]
+                continue
+            if m not in rows or r['step_s'] < rows[m]['step_s']:
+                rows[m] = r
+            if round_ == args.rounds - 1:  # a row as soon as it is final (the reference, FT, comes first)
+                ft = rows.get('ft')
+                r = rows[m]
+                t_ratio = r['step_s'] / ft['step_s'] if ft else float('nan')
+                m_ratio = r['peak_mib'] / ft['peak_mib'] if ft else float('nan')
+                print(f'{m:16s} {r["step_s"]:8.3f} {r["samples_per_s"]:10.2f} {t_ratio:6.2f} {r["peak_mib"]:9.0f} '
+                      f'{m_ratio:6.2f} {r["trainable"]:11,d} {r["total"]:11,d} {r["prepare_s"]:9.2f}', flush=True)
+                _save(args, 'methods', rows)
+    for m, why in failed.items():
+        print(f'{m:16s} failed: {why}')
     _save(args, 'methods', rows)
 
 
@@ -271,6 +343,25 @@ def cmd_factorize(args):
         print(f'{m:12s} {r["seconds"]:8.2f} {r["seconds"] / base["seconds"] if base else float("nan"):8.2f} '
               f'{r["error"]:11.6f} {r["optimal_error"]:10.6f}   ({r["matrices"]} matrices)')
     _save(args, 'factorize', rows)
+
+
+def cmd_factorize_llm(args):
+    args.model = 'llama-2-7b'
+    scale = '' if (args.layers in (None, 32) and args.width_div == 1) else \
+        f' (scaled down: {args.layers or 32} layers, widths / {args.width_div})'
+    header(args, f'factorizing every block linear of a Llama-2-7B-shaped model{scale}, random weights in '
+                 f'{args.precision}, apply_tou rank {args.rank}; each SVD method in its own process')
+    rows = {m: spawn('factorize_llm', args, svd_method=m) for m in args.svd_methods}
+    first = next(iter(rows.values()))
+    print(f'# {first["params"]:,d} parameters; TOU: {first["trainable"]:,d} trainable of {first["total"]:,d}; '
+          f'ranks {first["ranks"]}')
+    print(f'{"svd method":12s} {"build s":>8s} {"factorize s":>11s} {"merge s":>8s} {"model MiB":>10s} '
+          f'{"peak MiB":>9s} {"peak/model":>10s} {"after MiB":>10s} {"layer-0 err / optimum":>22s}')
+    for m, r in rows.items():
+        worst = max(e['error'] / e['optimal_error'] for e in r['layer0'])
+        print(f'{m:12s} {r["build_s"]:8.1f} {r["seconds"]:11.1f} {r["merge_s"]:8.1f} {r["model_mib"]:10.0f} '
+              f'{r["peak_mib"]:9.0f} {r["peak_mib"] / r["model_mib"]:10.2f} {r["after_mib"]:10.0f} {worst:22.4f}')
+    _save(args, 'factorize_llm', rows)
 
 
 def cmd_rank_sweep(args):
@@ -378,6 +469,11 @@ def main(argv=None):
     f = sub.add_parser('factorize', parents=[common])
     f.add_argument('--svd-methods', nargs='+', default=['exact', 'gram', 'randomized'])
     f.set_defaults(func=cmd_factorize)
+    ll = sub.add_parser('factorize-llm', parents=[common], help='apply_tou on a Llama-2-7B-shaped model')
+    ll.add_argument('--svd-methods', nargs='+', default=['gram', 'randomized'])
+    ll.add_argument('--layers', type=int, default=None, help='fewer blocks than 32 (a smoke test)')
+    ll.add_argument('--width-div', type=int, default=1, help='divide hidden and MLP widths (a smoke test)')
+    ll.set_defaults(func=cmd_factorize_llm)
     r = sub.add_parser('rank-sweep', parents=[common])
     r.add_argument('--ranks', nargs='+', type=int, default=[32, 96, 192, 288, 384, 480, 576, 768])
     r.add_argument('--figure', default=None, help='write the figure here (png and pdf)')

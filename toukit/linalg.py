@@ -156,7 +156,7 @@ def rank_for_energy(singular_values: torch.Tensor, threshold: float) -> int:
         raise ValueError(f'energy threshold={threshold!r}: must be a number in (0, 1]')
     curve = energy_curve(singular_values)
     # a relative tolerance keeps threshold=1.0 from asking for rank beyond the last (rounded) value
-    k = int(torch.searchsorted(curve, torch.tensor([threshold - 1e-12], dtype=curve.dtype)).item()) + 1
+    k = int(torch.searchsorted(curve, torch.tensor([threshold - 1e-12], dtype=curve.dtype, device=curve.device)).item()) + 1
     return min(k, curve.numel())
 
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md in one call on a lent GPU machine (see the device notes in BENCHMARKS.md):
+# every method's training step on ViT-B/16 at the paper's batch 64 in fp32 and bf16, then apply_tou on a
+# Llama-2-7B-shaped model. Each part has its own time limit, so one that hangs leaves the others' results.
+# Usage: OUT=<folder> bash benchmarks/gpu.sh
+set -u
+OUT="${OUT:-benchmarks/results}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, timm, transformers, peft; print('torch', torch.__version__, 'timm', timm.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/device.txt"
+part() {  # part NAME LIMIT ARGS...: one bench.py command, its table to $OUT/NAME.txt and its numbers to NAME.json
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" python3 benchmarks/bench.py "$@" --device cuda --json "$OUT/$name.json" 2>"$OUT/$name.err" \
+    | tee "$OUT/$name.txt" || { echo "$name failed or timed out:"; tail -5 "$OUT/$name.err"; }
+}
+part methods_vit_b16_cuda_fp32 190 methods --batch-size 64 --precision fp32 --warmup 3 --steps 10
+part methods_vit_b16_cuda_bf16 120 methods --batch-size 64 --precision bf16 --warmup 3 --steps 10 --methods ft lora tou tou_frozen_ffn adapter
+# part factorize_llama2_7b_cuda_bf16 200 factorize-llm --precision bf16
