@@ -201,9 +201,9 @@ def worker_factorize_llm(args):
     params = sum(p.numel() for p in model.parameters())
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
+    before = _allocated_mib(device)  # the model alone
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and '.layers.0.' in n}
-    before = _allocated_mib(device)
     t = time.perf_counter()
     toukit.apply_tou(model, rank=args.rank, svd_method=args.svd_method)
     _sync(device)
@@ -297,13 +297,14 @@ def cmd_methods(args):
             try:
                 r = spawn('step', args, method=m)
             except RuntimeError as e:  # one method's failure leaves the others' rows
-                failed[m] = str(e).strip().splitlines()[-1]
-                continue
-            if m not in rows or r['step_s'] < rows[m]['step_s']:
-                rows[m] = r
-            if round_ == args.rounds - 1:  # a row as soon as it is final (the reference, FT, comes first)
-                ft = rows.get('ft')
-                r = rows[m]
+                if m not in rows:
+                    failed[m] = str(e).strip().splitlines()[-1]
+            else:
+                failed.pop(m, None)
+                if m not in rows or r['step_s'] < rows[m]['step_s']:
+                    rows[m] = r
+            if round_ == args.rounds - 1 and m in rows:  # a row as soon as it is final (list FT first for ratios)
+                r, ft = rows[m], rows.get('ft')
                 t_ratio = r['step_s'] / ft['step_s'] if ft else float('nan')
                 m_ratio = r['peak_mib'] / ft['peak_mib'] if ft else float('nan')
                 print(f'{m:16s} {r["step_s"]:8.3f} {r["samples_per_s"]:10.2f} {t_ratio:6.2f} {r["peak_mib"]:9.0f} '
@@ -311,7 +312,7 @@ def cmd_methods(args):
                 _save(args, 'methods', rows)
     for m, why in failed.items():
         print(f'{m:16s} failed: {why}')
-    _save(args, 'methods', rows)
+    _save(args, 'methods', dict(rows, **{m: dict(failed=why) for m, why in failed.items()}))
 
 
 def cmd_inference(args):
@@ -351,7 +352,14 @@ def cmd_factorize_llm(args):
         f' (scaled down: {args.layers or 32} layers, widths / {args.width_div})'
     header(args, f'factorizing every block linear of a Llama-2-7B-shaped model{scale}, random weights in '
                  f'{args.precision}, apply_tou rank {args.rank}; each SVD method in its own process')
-    rows = {m: spawn('factorize_llm', args, svd_method=m) for m in args.svd_methods}
+    rows = {}
+    for m in args.svd_methods:
+        try:
+            rows[m] = spawn('factorize_llm', args, svd_method=m)
+        except RuntimeError as e:  # one method's failure (out of memory, say) leaves the others' rows
+            print(f'{m}: failed: {str(e).strip().splitlines()[-1]}')
+    if not rows:
+        raise SystemExit('factorize-llm: every SVD method failed')
     first = next(iter(rows.values()))
     print(f'# {first["params"]:,d} parameters; TOU: {first["trainable"]:,d} trainable of {first["total"]:,d}; '
           f'ranks {first["ranks"]}')

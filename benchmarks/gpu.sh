@@ -17,4 +17,4 @@ part() {  # part NAME LIMIT ARGS...: one bench.py command, its table to $OUT/NAM
 }
 part methods_vit_b16_cuda_fp32 190 methods --batch-size 64 --precision fp32 --warmup 3 --steps 10
 part methods_vit_b16_cuda_bf16 120 methods --batch-size 64 --precision bf16 --warmup 3 --steps 10 --methods ft lora tou tou_frozen_ffn adapter
-# part factorize_llama2_7b_cuda_bf16 200 factorize-llm --precision bf16
+part factorize_llama2_7b_cuda_bf16 200 factorize-llm --precision bf16

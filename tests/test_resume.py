@@ -134,6 +134,21 @@ def test_a_killed_owner_never_holds_the_lock(tmp_path):
     assert checkpoint.lock_owner(path) is None
 
 
+def test_a_check_of_the_lock_never_makes_its_taker_fail(tmp_path):
+    """lock_owner holds a shared flock for an instant; a RunLock entering meanwhile waits it out."""
+    import fcntl
+    import threading
+    path = tmp_path / 'run.json'
+    path.with_suffix('.lock').write_text('')
+    fd = os.open(path.with_suffix('.lock'), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a check under way, as lock_owner makes it
+    threading.Timer(0.2, lambda: os.close(fd)).start()
+    with checkpoint.RunLock(path):
+        assert checkpoint.lock_owner(path)['pid'] == os.getpid()  # and a check does not disturb the holder
+        with pytest.raises(train.RunLockedError, match='wait for it'):
+            checkpoint.RunLock(path).__enter__()
+
+
 def test_corrupt_files_are_reported_by_name_and_skipped_or_redone(tmp_path, capsys):
     config = train.resolve_config(results_dir=str(tmp_path), **KW)
     config.record_path.write_text('{"run": {"id": "trunc')  # a truncated record

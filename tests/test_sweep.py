@@ -112,6 +112,8 @@ def test_rank_study_plan_on_the_demo(tmp_path):
                           str(tmp_path))
     reused = sweep.study_specs('demo', [0.5, 1.0], results_dir=str(tmp_path))
     assert reused[0.5] == {'uniform': (0.2, False)} and reused[1.0] == specs[1.0]
+    other = sweep.study_specs('demo', [0.5], dict(targets='attention'), results_dir=str(tmp_path))
+    assert other[0.5]['uniform'] != (0.2, False)  # another model or targets: the stored specs do not apply
 
 
 @pytest.mark.parametrize('kwargs, match', [

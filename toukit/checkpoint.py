@@ -17,6 +17,7 @@ import json
 import os
 import random
 import socket
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -176,9 +177,10 @@ def _legacy_owner_alive(owner: dict) -> bool:
 
 
 def _held(fd: int, owner: dict) -> bool:
-    """Whether a live process holds the lock file open as `fd`."""
+    """Whether a live process holds the lock file open as `fd`. The check takes a shared flock for an instant, so
+    checks never collide with each other, and `RunLock` retries past one."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     fcntl.flock(fd, fcntl.LOCK_UN)
@@ -189,12 +191,16 @@ def lock_owner(record_path: Path) -> Optional[dict]:
     """The owner ({'host', 'pid'}) of the run's lock while a live process holds it, else None.
 
     The lock is an flock on `<run id>.lock`, which the kernel releases when its process dies however it dies, so a
-    killed run's lock file is free to take (on another host too, where the folder's file system supports flock).
+    killed run's lock file is free to take (on another host too, where the folder's file system supports flock; on
+    one whose flocks are local to each host, run each run from one host). A lock file this process may not read
+    counts as held.
     """
     try:
-        fd = os.open(Path(record_path).with_suffix('.lock'), os.O_RDWR)
+        fd = os.open(Path(record_path).with_suffix('.lock'), os.O_RDONLY)
     except FileNotFoundError:
         return None
+    except OSError:
+        return {}
     try:
         owner = _read_owner(fd)
         return owner if _held(fd, owner) else None
@@ -205,36 +211,54 @@ def lock_owner(record_path: Path) -> Optional[dict]:
 class RunLock:
     """An exclusive lock on one run, `<record>.lock`: an flock, so a dead owner never holds it."""
 
+    ATTEMPTS, PAUSE = 20, 0.05  # a `lock_owner` check holds the flock for an instant: retry past it
+
     def __init__(self, record_path: Path):
         self.path = Path(record_path).with_suffix('.lock')
         self.fd = None
+
+    def _refuse(self, owner: dict, why: str = '') -> RunLockedError:
+        hint = ('; it was written before locks were flocks: delete it if that process is gone' if owner.get('pid')
+                and not owner.get('flock') else '; wait for it')
+        return RunLockedError(f'{self.path.stem}: already running (lock {self.path} held by pid {owner.get("pid")} '
+                              f'on {owner.get("host")}{why}){hint}')
+
+    def _take(self, fd: int) -> bool:
+        """Take the flock on `fd` unless a live owner holds it (then False)."""
+        for attempt in range(self.ATTEMPTS):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if attempt + 1 < self.ATTEMPTS:
+                    time.sleep(self.PAUSE)
+        return False
 
     def __enter__(self) -> 'RunLock':
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = dict(host=socket.gethostname(), pid=os.getpid(), flock=True)
         while True:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-            owner = _read_owner(fd)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                held = _legacy_owner_alive(owner)
-            except BlockingIOError:
-                held = True
-            if held:
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            except PermissionError as e:
+                raise self._refuse({}, f', not writable by this user: {e.strerror}') from None
+            try:
+                owner = _read_owner(fd)
+                if not self._take(fd) or _legacy_owner_alive(owner):
+                    raise self._refuse(owner)
+                try:
+                    current = os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    current = None
+                if current == os.fstat(fd).st_ino:  # not a file its last owner removed as we opened it
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, json.dumps(me).encode(), 0)
+                    self.fd = fd
+                    return self
+            except BaseException:
                 os.close(fd)
-                raise RunLockedError(f'{self.path.stem}: already running (lock {self.path} held by pid '
-                                     f'{owner.get("pid")} on {owner.get("host")}); wait for it')
-            try:
-                current = os.stat(self.path).st_ino
-            except FileNotFoundError:
-                current = None
-            if current == os.fstat(fd).st_ino:  # not a file its last owner removed as we opened it
-                break
+                raise
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        self.fd = fd
-        return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:

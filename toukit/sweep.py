@@ -87,7 +87,7 @@ def _check_budgets(budgets: Sequence[float]) -> List[float]:
     largest = 1 / DEFAULT_FRACTION  # uniform rank 0.375 b reaches full rank
     for b in budgets:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= largest:
-            raise ValueError(f'budgets: budget={b!r} must be a number in (0, {largest:.4g}] (a multiple of what '
+            raise ValueError(f'budgets: budget={b!r} must be a number in (0, {largest:.6g}] (a multiple of what '
                              f'uniform rank {DEFAULT_FRACTION} spends; the largest is full rank)')
     if len(set(budgets)) != len(budgets):
         raise ValueError(f'budgets={budgets!r}: repeated budgets')
@@ -254,14 +254,16 @@ def study_specs(preset: str, budgets: Sequence[float], overrides: Optional[dict]
     import torch
     from .spectrum import budget_policies, spectrum_table
     from .train import preset_model
-    known = {}
+    known, overrides = {}, overrides or {}
     manifest = Path(results_dir or '.') / f'{preset}.ranks{MANIFEST_SUFFIX}'
     if results_dir is not None and manifest.exists():
-        for spec in read_record(manifest).get('specs', []):
-            known.setdefault(spec['budget'], {})[spec['policy']] = (spec['rank'], spec['calibrated'])
+        stored = read_record(manifest)
+        spectrum_keys = ('model', 'pretrained', 'targets')  # what the spectra depend on
+        if all(stored.get('overrides', {}).get(k) == overrides.get(k) for k in spectrum_keys):
+            for spec in stored.get('specs', []):
+                known.setdefault(spec['budget'], {})[spec['policy']] = (spec['rank'], spec['calibrated'])
     missing = [b for b in budgets if b not in known]
     if missing:
-        overrides = overrides or {}
         with torch.random.fork_rng():
             torch.manual_seed(0)
             _, net = preset_model(preset, overrides.get('model'), overrides.get('pretrained'))
@@ -304,13 +306,13 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
                 parameters = dict(manifest['parameters'][name], results_dir=results_dir, overwrite=redo,
                                   resume=not redo and can_resume(config.record_path))
                 executed = Path(results_dir) / 'notebooks' / f'{name}.ipynb'
-                scratch = executed.with_name(f'.{name}.{os.getpid()}.ipynb')  # a losing worker's copy goes away
+                scratch = executed.with_name(f'.{name}.{socket.gethostname()}.{os.getpid()}.ipynb')  # this worker's
                 try:
                     run_notebook('train.ipynb', scratch, parameters, cwd=Path.cwd(), progress=progress)
                 except Exception as e:  # noqa: BLE001 - the run's own record says why; the sweep goes on
                     if 'RunLockedError' in str(e) or (not redo and 'RecordExistsError' in str(e)):
                         scratch.unlink(missing_ok=True)  # another worker took it first, or finished it meanwhile
-                        busy.append(name)
+                        (busy.append if 'RunLockedError' in str(e) else done.add)(name)
                         continue
                     failures.append(f'{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}')
                 finally:
