@@ -71,8 +71,8 @@ def _allocated_mib(device):
     """Memory held now: the CUDA allocator's on a GPU, the process RSS on the CPU."""
     if device.type == 'cuda':
         return torch.cuda.memory_allocated() / 2 ** 20
-    import psutil
-    return psutil.Process().memory_info().rss / 2 ** 20
+    from toukit.train import _rss_mib
+    return _rss_mib()
 
 
 def _options(method, rank, lora_rank):

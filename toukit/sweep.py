@@ -80,6 +80,9 @@ def _check_overrides(overrides: Optional[dict], own: Sequence[str] = ()) -> dict
     return overrides
 
 
+STUDY_FIELDS = ('rank', 'calibration_batches')  # what the rank study sets in each run itself
+
+
 def _check_budgets(budgets: Sequence[float]) -> List[float]:
     budgets = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
     if not budgets:
@@ -214,7 +217,7 @@ def rank_plan(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), 
     seeds, budgets = _check_seeds(seeds), _check_budgets(budgets)
     if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
         raise ValueError(f'calibration_batches={calibration_batches!r}: must be a positive int')
-    overrides = _check_overrides(overrides, own=('rank', 'calibration_batches'))
+    overrides = _check_overrides(overrides, own=STUDY_FIELDS)
     if lr is None:
         lr = plan(preset, ['tou'], seeds, grid, results_dir, overrides)['selected_lr'].get('tou')
         if lr is None:
@@ -279,7 +282,7 @@ def rank_study(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5),
     """Run the adaptive-rank study (`rank_plan`) as `sweep` runs its protocols: skipping finished runs, resuming
     killed ones, sharing the folder with other workers (started with the same arguments); returns the manifest."""
     results_dir, budgets = str(Path(results_dir).resolve()), _check_budgets(budgets)
-    specs = study_specs(preset, budgets, _check_overrides(overrides), results_dir)  # once, not at every re-plan
+    specs = study_specs(preset, budgets, _check_overrides(overrides, STUDY_FIELDS), results_dir)  # once, not at every re-plan
     lr = rank_plan(preset, budgets, seeds, lr, calibration_batches, results_dir, overrides, specs, grid)['lr']
     return _execute(lambda: rank_plan(preset, budgets, seeds, lr, calibration_batches, results_dir,
                                       overrides, specs), ['ranks'], results_dir, redo, progress, poll_seconds)
@@ -312,7 +315,10 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
                 except Exception as e:  # noqa: BLE001 - the run's own record says why; the sweep goes on
                     if 'RunLockedError' in str(e) or (not redo and 'RecordExistsError' in str(e)):
                         scratch.unlink(missing_ok=True)  # another worker took it first, or finished it meanwhile
-                        (busy.append if 'RunLockedError' in str(e) else done.add)(name)
+                        if 'RunLockedError' in str(e):
+                            busy.append(name)
+                        else:
+                            done.add(name)
                         continue
                     failures.append(f'{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}')
                 finally:
