@@ -9,7 +9,8 @@ from torch.testing import assert_close
 
 import toukit
 from toukit import data, spectrum
-from toukit.linalg import optimal_hard_threshold_rank, whitened_truncated_svd, whitening_factor
+from toukit.layers import FactorizedLinear
+from toukit.linalg import balance_factors, optimal_hard_threshold_rank, whitened_truncated_svd, whitening_factor
 from toukit.ranks import allocate_budget, parse_rank
 
 
@@ -158,6 +159,38 @@ def test_activation_aware_factors_beat_plain_svd_on_minilm(minilm_batches):
         assert err['aware'] <= err['plain'] * (1 + 1e-4), name  # float32 factors: a hair of rounding
         wins += err['aware'] < 0.95 * err['plain']
     assert wins > len(inputs) // 2  # and usually by a margin
+
+
+def test_balanced_factors_keep_the_product_and_give_unit_rows():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 7, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 3, 5, generator=g, dtype=torch.float64) * torch.tensor([1e-3, 1.0, 40.0]).view(1, 3, 1)
+    a2, b2 = balance_factors(a, b)
+    assert_close(a2 @ b2, a @ b)
+    assert_close(torch.linalg.vector_norm(b2, dim=-1), torch.ones(2, 3, dtype=torch.float64))
+
+
+def test_activation_aware_factors_train_at_plain_tou_scale(minilm_batches):
+    """B = V_r^T L^{-1} alone has rows ~8x shorter than plain TOU's on MiniLM, so alpha's noise and AdamW's steps
+    were 8x larger relative to B and training collapsed to the majority class; balanced factors match plain TOU's
+    scale, and the noise stays a small perturbation of the logits."""
+    import copy
+    model, batches = minilm_batches
+
+    def prepared(alpha, calibration):
+        return toukit.apply_tou(copy.deepcopy(model), rank=0.25, noise_scale=alpha, seed=0, calibration=calibration)
+
+    aware, plain = prepared(0.0, batches), prepared(0.0, None)
+    b_scale = {}
+    for key, m in (('aware', aware), ('plain', plain)):
+        layers = [x for x in m.modules() if isinstance(x, FactorizedLinear)]
+        rows = torch.cat([torch.linalg.vector_norm(x.tou_B.detach(), dim=-1) for x in layers])
+        assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-4)
+        b_scale[key] = float(torch.cat([x.tou_B.detach().abs().flatten() for x in layers]).mean())
+    assert 0.5 < b_scale['aware'] / b_scale['plain'] < 2, b_scale
+    with torch.no_grad():
+        clean, noisy = aware(**batches[1]), prepared(1e-3, batches)(**batches[1])
+    assert float(torch.linalg.norm(noisy - clean) / torch.linalg.norm(clean)) < 0.1
 
 
 def test_activation_aware_tou_merges_exactly(minilm_batches):

@@ -11,7 +11,7 @@ import torch
 __all__ = [
     'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy',
     'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank', 'whitening_factor',
-    'whitened_truncated_svd', 'unwhiten', 'optimal_hard_threshold_rank',
+    'whitened_truncated_svd', 'unwhiten', 'balance_factors', 'optimal_hard_threshold_rank',
 ]
 
 
@@ -199,6 +199,7 @@ def whitened_truncated_svd(weight: torch.Tensor, factor: torch.Tensor, rank: int
     With L = `whitening_factor(X)`: the truncated SVD of W L is U_r S_r V_r^T; A = U_r S_r, B = V_r^T L^{-1}
     (SVD-LLM's truncation-aware whitening; Wang et al., 2024, arXiv:2403.07378). By Eckart-Young on the whitened
     problem, ||X (W - A B)^T||_F is the smallest any rank-r matrix reaches, so it never exceeds plain SVD's.
+    The pair is then rebalanced (`balance_factors`) so that B's rows have unit norm, as plain TOU's do.
     """
     check_rank(rank, weight.shape[-2:])
     if factor.shape != (weight.shape[-1], weight.shape[-1]):
@@ -206,13 +207,25 @@ def whitened_truncated_svd(weight: torch.Tensor, factor: torch.Tensor, rank: int
                          f'{weight.shape[-1]}')
     w = weight.detach().to(torch.float64)
     u, s, vh = torch.linalg.svd(w @ factor, full_matrices=False)
-    a = u[:, :rank] * s[:rank]
-    return a.to(weight.dtype).contiguous(), unwhiten(vh[:rank], factor).to(weight.dtype).contiguous()
+    a, b = balance_factors(u[:, :rank] * s[:rank], unwhiten(vh[:rank], factor))
+    return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
 
 
 def unwhiten(right: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """V^T L^{-1}: right singular vectors of W L (rows, or a batch of them) back in W's input coordinates."""
     return torch.linalg.solve_triangular(factor, right, upper=False, left=False)
+
+
+def balance_factors(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A D, D^{-1} B) with D = diag of B's row norms: the same product, every row of B of unit norm.
+
+    Activation-aware B = V_r^T L^{-1} has rows of norm about 1 / (input scale x sqrt(calibration rows)): on
+    MiniLM 8x smaller than plain TOU's unit rows, so noise of a fixed alpha and AdamW's fixed-size steps were 8x
+    larger relative to B, and training collapsed. Unit rows give both factorizations the same scale for alpha and
+    the learning rate. Works on a batch (... x out x r, ... x r x in).
+    """
+    norms = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
+    return a * norms.transpose(-1, -2), b / norms
 
 
 def optimal_hard_threshold_rank(singular_values: torch.Tensor, shape: Tuple[int, int]) -> int:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
-from .linalg import check_finite, check_rank, svd_many, unwhiten
+from .linalg import balance_factors, check_finite, check_rank, svd_many, unwhiten
 from .ranks import DEFAULT_FRACTION as DEFAULT_TOU_RANK
 from .ranks import RankSpec, layer_policies, parse_rank
 from .spectrum import allocate_ranks, layer_whitening
@@ -163,8 +163,8 @@ def apply_tou(
         r = max(policies[name].resolve(shape, s, name=name) for _, s, _ in parts)
         a = torch.stack([u[:, :r] * s[:r] for u, s, _ in parts])
         b = torch.stack([vh[:r] for _, _, vh in parts])
-        if factors:  # B = V_r^T L^{-1}: back from the whitened coordinates
-            b = unwhiten(b, factors[name])
+        if factors:  # B = V_r^T L^{-1}: back from the whitened coordinates, rows rescaled to unit norm
+            a, b = balance_factors(a, unwhiten(b, factors[name]))
         layer = FactorizedLinear.from_linear(linear, r, noise_scale=noise_scale, seed=seed + i, splits=splits,
                                              factors=(a.to(linear.weight.dtype), b.to(linear.weight.dtype)),
                                              name=name)
