@@ -171,9 +171,9 @@ def test_balanced_factors_keep_the_product_and_give_unit_rows():
 
 
 def test_activation_aware_factors_train_at_plain_tou_scale(minilm_batches):
-    """B = V_r^T L^{-1} alone has rows ~8x shorter than plain TOU's on MiniLM, so alpha's noise and AdamW's steps
-    were 8x larger relative to B and training collapsed to the majority class; balanced factors match plain TOU's
-    scale, and the noise stays a small perturbation of the logits."""
+    """B = V_r^T L^{-1} alone has rows many times shorter than plain TOU's on MiniLM, so alpha's noise and AdamW's
+    steps were that much larger relative to B and training collapsed to the majority class; balanced factors
+    match plain TOU's scale, and the noise stays a small perturbation of the logits."""
     import copy
     model, batches = minilm_batches
 

@@ -220,9 +220,9 @@ def balance_factors(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, tor
     """(A D, D^{-1} B) with D = diag of B's row norms: the same product, every row of B of unit norm.
 
     Activation-aware B = V_r^T L^{-1} has rows of norm about 1 / (input scale x sqrt(calibration rows)): on
-    MiniLM 8x smaller than plain TOU's unit rows, so noise of a fixed alpha and AdamW's fixed-size steps were 8x
-    larger relative to B, and training collapsed. Unit rows give both factorizations the same scale for alpha and
-    the learning rate. Works on a batch (... x out x r, ... x r x in).
+    MiniLM with 4 BBC batches, 25x shorter than plain TOU's unit rows, so noise of a fixed alpha and AdamW's
+    fixed-size steps were 25x larger relative to B, and training collapsed. Unit rows give both factorizations
+    the same scale for alpha and the learning rate. Works on a batch (... x out x r, ... x r x in).
     """
     norms = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
     return a * norms.transpose(-1, -2), b / norms
