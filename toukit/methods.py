@@ -109,7 +109,8 @@ def apply_tou(
     noise on both. A fused q/k/v projection is factorized as three separate matrices with one forward. All
     same-shape matrices share one batched SVD. Parameters outside the targets keep their `requires_grad`.
     With `calibration`, the factorization is activation-aware (SVD-LLM's whitening, `toukit.linalg.
-    whitened_truncated_svd`): A B is the rank-r matrix closest to W on the layer's calibration inputs.
+    whitened_truncated_svd`): A B is the rank-r matrix closest to W on the layer's calibration inputs, rebalanced
+    so that B's rows have unit norm as plain TOU's do (`toukit.linalg.balance_factors`: the same alpha and rate fit).
 
     Args:
         model: a transformer (see `toukit.targets`: timm and Hugging Face families), or any module (then every
