@@ -5,7 +5,8 @@
     toukit sweep                          the learning-rate sweep and both protocols on the demo preset
                                           (toukit.sweep; runs whose successful record exists are skipped)
     toukit rank-study                     full TOU under four rank policies at three budgets, on 3 seeds, at the
-                                          rate the sweep chose for TOU (toukit.sweep.rank_study)
+                                          rate the sweep chose for TOU (toukit.sweep.rank_study); runs only:
+                                          notebooks/rank_selection.ipynb (or reproduce) makes its figures
     toukit reproduce                      the sweep, the rank study, the noise-scale runs, the analysis and
                                           figures notebooks
     toukit reproduce --redo               run everything again
@@ -133,7 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     swp.add_argument('--results-dir', default='results')
     swp.add_argument('--redo', action='store_true', help='run again even where a successful record exists')
     swp.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
-    rks = sub.add_parser('rank-study', help='full TOU under rank policies at equal budgets, after fine-tuning')
+    rks = sub.add_parser('rank-study', help='full TOU under rank policies at equal budgets, after fine-tuning',
+                         description='Trains the runs only; notebooks/rank_selection.ipynb (or `toukit reproduce`) '
+                                     'builds the table and Pareto figure from their records.')
     rks.add_argument('--preset', default='demo')
     rks.add_argument('--budgets', nargs='+', type=float, default=list(RANK_BUDGETS),
                      help='multiples of what uniform rank 0.375 spends on B')
