@@ -173,5 +173,6 @@ def rank_study_table(runs: pd.DataFrame, manifest: dict, n_boot: int = 4000,
         rows.append(dict(row, vs_uniform=mean, ci_low=low, ci_high=high, beats_uniform=verdict(low, high, 0.0, 'above')))
     table = pd.DataFrame(rows, columns=['budget', 'policy', 'seeds', 'trainable_params', 'test_accuracy',
                                         'test_accuracy_std', 'vs_uniform', 'ci_low', 'ci_high', 'beats_uniform'])
-    return table.sort_values(['budget', 'policy'], key=lambda c: c.map(lambda p: (BUDGET_POLICIES + (p,)).index(p)) if c.name == 'policy' else c,
-                             kind='stable').reset_index(drop=True)
+    order = {p: i for i, p in enumerate(BUDGET_POLICIES)}  # then any other policy, in the manifest's order
+    return table.sort_values(['budget', 'policy'], kind='stable', key=lambda c: c.map(
+        lambda p: order.get(p, len(order))) if c.name == 'policy' else c).reset_index(drop=True)
