@@ -17,7 +17,7 @@
 #
 # A uniform rank, a fraction of min(out, in), a per-layer energy threshold, Gavish and Donoho's optimal hard
 # threshold ('ght') and per-layer ranks allocated under a parameter budget ('budget:B', a multiple of what the
-# uniform rank 0.375 spends; `toukit.spectrum.allocate_ranks`), compared on the same model: the parameters A and B
+# uniform rank 0.375 spends; `toukit.allocate_ranks`), compared on the same model: the parameters A and B
 # keep and the reconstruction error left, per layer and in total. At equal parameters, the budget allocation leaves
 # the least summed relative error by construction (it minimises exactly that); whether that buys accuracy after
 # fine-tuning is a training question, answered by run records, not here.
@@ -31,7 +31,7 @@ import torch
 import pandas as pd
 
 import toukit
-from toukit import claims, plots, results, spectrum, train
+from toukit import claims, plots, results, spectrum, studies, train
 from toukit.data import load_dataset
 
 # %% tags=["parameters"]
@@ -95,7 +95,7 @@ bundle = load_dataset(config.dataset, net, max_length=config.max_length)
 def batches(split, n):
     loader = torch.utils.data.DataLoader(getattr(bundle, split), batch_size=batch_size)
     return [inputs for inputs, _ in itertools.islice(loader, n)]
-study = spectrum.budget_study(net, study_budgets, heldout=batches('val', heldout_batches),
+study = studies.budget_study(net, study_budgets, heldout=batches('val', heldout_batches),
                               calibration=batches('train', calibration_batches), targets=targets)
 study.to_csv(out_dir / 'rank_budget_study.csv', index=False)
 fig = plots.plot_budget_study(study)

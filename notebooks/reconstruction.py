@@ -29,7 +29,7 @@ import pandas as pd
 from IPython.display import display
 
 import toukit
-from toukit import plots, results, spectrum, train
+from toukit import plots, results, spectrum, studies, train
 from toukit.data import load_dataset, sample_batch
 
 # %% tags=["parameters"]
@@ -71,7 +71,7 @@ plt.show()
 outputs.groupby('fraction')[['weight_error', 'output_error']].mean().iloc[::4].round(3)
 
 # %%
-layers, totals = spectrum.tou_errors(net, inputs, ranks=ranks, noise_scales=[0.0], targets=targets, seed=seed)
+layers, totals = studies.tou_errors(net, inputs, ranks=ranks, noise_scales=[0.0], targets=targets, seed=seed)
 logits_vs_rank = totals[['rank', 'weight_error', 'logit_error']]
 logits_vs_rank.to_csv(out_dir / 'reconstruction_logit_error.csv', index=False)
 logits_vs_rank.round(4)
@@ -80,7 +80,7 @@ logits_vs_rank.round(4)
 # ## Noise scale: the error alpha adds to the truncation error
 
 # %%
-noise_layers, noise_totals = spectrum.tou_errors(net, inputs, ranks=[noise_rank], noise_scales=noise_scales,
+noise_layers, noise_totals = studies.tou_errors(net, inputs, ranks=[noise_rank], noise_scales=noise_scales,
                                                  targets=targets, seed=seed)
 truncation = noise_totals[noise_totals.noise_scale == 0].iloc[0]
 noise_totals['added_weight_error'] = noise_totals.weight_error - truncation.weight_error

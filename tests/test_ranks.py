@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import toukit
-from toukit import data, spectrum
+from toukit import calibration, data, spectrum, studies
 from toukit.layers import FactorizedLinear
 from toukit.linalg import balance_factors, optimal_hard_threshold_rank, whitened_truncated_svd, whitening_factor
 from toukit.ranks import allocate_budget, parse_rank
@@ -58,14 +58,14 @@ def test_allocate_ranks_spends_the_budget(tiny_bert):
     for cost, per in (('trainable', lambda m: m.in_features), ('total', lambda m: m.in_features + m.out_features)):
         uniform = sum(per(m) * round(0.375 * min(m.weight.shape)) for m in targets.values())
         for budget in (0.5, 1.0, 1.5, 3000):
-            ranks = spectrum.allocate_ranks(tiny_bert, budget, cost=cost)
+            ranks = toukit.allocate_ranks(tiny_bert, budget, cost=cost)
             spend = budget * uniform if isinstance(budget, float) else budget
             spent = sum(per(targets[n]) * r for n, r in ranks.items())
             assert spend - max(per(m) for m in targets.values()) < spent <= spend, (cost, budget)
     errors = []
     table = toukit.spectrum_table(tiny_bert)
     for budget in (0.5, 1.0, 1.5):
-        ranks = spectrum.allocate_ranks(tiny_bert, budget)
+        ranks = toukit.allocate_ranks(tiny_bert, budget)
         errors.append(sum(toukit.relative_error(torch.as_tensor(row.singular_values), ranks[row.name]) ** 2
                           for row in table.itertuples()))
         uniform = sum(toukit.relative_error(torch.as_tensor(row.singular_values), round(0.375 * row.max_rank)) ** 2
@@ -79,11 +79,11 @@ def test_allocate_ranks_spends_the_budget(tiny_bert):
                                            ('1', "budget='1'")])
 def test_allocate_ranks_bad_budgets(tiny_bert, budget, match):
     with pytest.raises(ValueError, match=match):
-        spectrum.allocate_ranks(tiny_bert, budget)
+        toukit.allocate_ranks(tiny_bert, budget)
 
 
 def test_fused_qkv_is_one_layer_of_three_matrices(test_vit):
-    ranks = spectrum.allocate_ranks(test_vit, 1.0)
+    ranks = toukit.allocate_ranks(test_vit, 1.0)
     assert 'blocks.0.attn.qkv' in ranks
     toukit.apply_tou(test_vit, rank='budget:1.0', noise_scale=0.0)
     assert test_vit.toukit_ranks == ranks
@@ -146,7 +146,7 @@ def minilm_batches():
 def test_activation_aware_factors_beat_plain_svd_on_minilm(minilm_batches):
     import copy
     model, batches = minilm_batches
-    inputs = spectrum.capture_layer_inputs(model, batches)
+    inputs = calibration.capture_layer_inputs(model, batches)
     aware = toukit.apply_tou(copy.deepcopy(model), rank=0.25, noise_scale=0.0, calibration=batches)
     plain = toukit.apply_tou(copy.deepcopy(model), rank=0.25, noise_scale=0.0)
     aware_modules, plain_modules = dict(aware.named_modules()), dict(plain.named_modules())
@@ -154,7 +154,7 @@ def test_activation_aware_factors_beat_plain_svd_on_minilm(minilm_batches):
     wins = 0
     for name, x in inputs.items():
         reference = x.double() @ originals[name].weight.detach().double().T
-        err = {k: float(torch.linalg.norm(x.double() @ m[name].weight.detach().double().T - reference))
+        err = {k: float(torch.linalg.norm(x.double() @ m[name].effective_weight().detach().double().T - reference))
                for k, m in (('aware', aware_modules), ('plain', plain_modules))}
         assert err['aware'] <= err['plain'] * (1 + 1e-4), name  # float32 factors: a hair of rounding
         wins += err['aware'] < 0.95 * err['plain']
@@ -239,7 +239,7 @@ def test_explorer_exports_a_rank_pattern(tiny_bert):
 def test_budget_study_compares_policies_at_equal_budget(tiny_bert):
     from conftest import bert_inputs
     calibration = [bert_inputs(batch=4, length=12, seed=s) for s in (1, 2)]
-    study = spectrum.budget_study(tiny_bert, [0.5, 1.0], heldout=[bert_inputs(seed=3)], calibration=calibration)
+    study = studies.budget_study(tiny_bert, [0.5, 1.0], heldout=[bert_inputs(seed=3)], calibration=calibration)
     assert len(study) == 8 and set(study.policy) == {'uniform', 'energy threshold', 'budget (weights)',
                                                      'budget (activations)'}
     targets = toukit.find_targets(tiny_bert)
@@ -257,6 +257,6 @@ def test_budget_as_text_keeps_a_parameter_count(tiny_bert):
     assert parse_rank('budget:1.0').value == 1.0 and isinstance(parse_rank('budget:1.0').value, float)
     from toukit import train
     assert train.TrainConfig(rank='budget:3000').rank == 'budget:3000'
-    expected = spectrum.allocate_ranks(tiny_bert, 3000)
+    expected = toukit.allocate_ranks(tiny_bert, 3000)
     toukit.apply_tou(tiny_bert, rank='budget:3000', noise_scale=0.0)
     assert tiny_bert.toukit_ranks == expected

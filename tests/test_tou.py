@@ -22,9 +22,9 @@ def test_forward_equals_effective_weight_with_splits():
     lin = nn.Linear(8, 24).double()
     layer = FactorizedLinear.from_linear(lin, rank=3, noise_scale=0.01, seed=1, splits=3)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
-    assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-12)
+    assert_close(layer(x), nn.functional.linear(x, layer.effective_weight(), layer.bias), rtol=0, atol=1e-12)
     # each of q, k, v is its own rank-3 matrix: the merged weight's blocks have rank 3, the whole rank 9
-    w = layer.weight.detach()
+    w = layer.effective_weight().detach()
     assert [torch.linalg.matrix_rank(b).item() for b in w.view(3, 8, 8)] == [3, 3, 3]
 
 
@@ -127,8 +127,8 @@ def test_randomized_svd_factorization_close_to_exact(test_vit):
     apply_tou(test_vit, rank=16, noise_scale=0.0)
     apply_tou(other, rank=16, noise_scale=0.0, svd_method='randomized')
     with torch.no_grad():
-        exact = float(torch.linalg.norm(w - test_vit.blocks[1].mlp.fc1.weight) / torch.linalg.norm(w))
-        randomized = float(torch.linalg.norm(w - other.blocks[1].mlp.fc1.weight) / torch.linalg.norm(w))
+        exact = float(torch.linalg.norm(w - test_vit.blocks[1].mlp.fc1.effective_weight()) / torch.linalg.norm(w))
+        randomized = float(torch.linalg.norm(w - other.blocks[1].mlp.fc1.effective_weight()) / torch.linalg.norm(w))
     assert exact <= randomized < 1.05 * exact  # near the optimum even on a flat (random-init) spectrum
 
 

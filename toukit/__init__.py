@@ -1,23 +1,23 @@
 """toukit: truncated-SVD fine-tuning (TOU) of pretrained transformers, its relatives and its analysis."""
 __version__ = '0.1.0'
 
-from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear
+from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, WeightInfo
 from .linalg import (effective_rank, energy_curve, relative_error, rank_for_energy, singular_values, stable_rank,
                      truncated_svd)
 from .methods import (DEFAULT_NOISE_SCALE, METHODS, apply_method, apply_tou, count_parameters, is_prepared, merge,
                       method_label, method_names)
 from .models import create_model
-from .ranks import RankPolicy, parse_rank
+from .ranks import RankPolicy, allocate_ranks, parse_rank
 from .results import load_runs, run_id
 from .spectrum import layer_matrices, rank_table, spectrum_table
-from .targets import find_targets, fuse_qkv, split_qkv
+from .targets import find_targets, fuse_qkv, new_modules, split_qkv
 
 __all__ = [
-    'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear',
+    'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear', 'WeightInfo',
     'singular_values', 'truncated_svd', 'energy_curve', 'rank_for_energy', 'stable_rank', 'effective_rank',
     'relative_error',
-    'RankPolicy', 'parse_rank',
-    'find_targets', 'split_qkv', 'fuse_qkv',
+    'RankPolicy', 'parse_rank', 'allocate_ranks',
+    'find_targets', 'new_modules', 'split_qkv', 'fuse_qkv',
     'apply_tou', 'apply_method', 'merge', 'count_parameters', 'is_prepared', 'METHODS', 'method_names',
     'method_label',
     'DEFAULT_NOISE_SCALE',

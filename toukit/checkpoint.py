@@ -1,30 +1,41 @@
 """Checkpoints that let a killed run continue exactly, and locks that keep two processes off one run.
 
 A run's checkpoint lives next to its record, `results/<run id>.ckpt/`:
-    params-<step>.safetensors   the trainable parameters (everything else is rebuilt, deterministically, from
-                                the config: the pretrained weights, the seeded head, the factorization)
-    state.pt                    the optimizer state, the step, the epoch and the step within it, every RNG state
-                                (Python, NumPy, torch, CUDA), the data order's generator state at the start of the
-                                epoch in progress, the metrics so far, and the run's id and config
-`state.pt` is written last, atomically, and names its parameters file: it is the commit point, so a process killed
+    tensors-<step>.safetensors  everything training changes in the model: the trainable parameters and every
+                                buffer (BatchNorm's running statistics among them); the rest is rebuilt,
+                                deterministically, from the config (the pretrained weights, the seeded head, the
+                                factorization)
+    optimizer-<step>.pt         the optimizer's state
+    state.pt                    the `RunState` (step, epoch and step within it, times, memory, metrics, the data
+                                order's generator at the start of the epoch in progress, every RNG state: Python,
+                                NumPy, torch, CUDA) and the run's identity
+`state.pt` is written last, atomically, and names the other two files: it is the commit point, so a process killed
 while writing leaves the previous checkpoint whole. A successful run deletes its checkpoint.
+
+accelerate's `save_state` / `load_state` is not used: it saves the whole model (a TOU model's frozen factors and
+every frozen pretrained weight, which the config rebuilds exactly), and it needs an `Accelerator`, which a plain
+single-process run does not create. The optimizer is loaded apart from the model (`load_optimizer`) so that a
+resumed run allocates its state inside the training-memory window, as an uninterrupted run's first step does.
 
 The lock `results/<run id>.lock` is an flock (released by the kernel when its process dies, however it dies) on a
 file naming the owner's host and pid; a second process refuses the run while the owner lives.
 """
+import dataclasses
 import fcntl
 import json
 import os
 import random
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ['checkpoint_dir', 'save_checkpoint', 'load_checkpoint', 'has_checkpoint', 'remove_checkpoint',
+__all__ = ['RunState', 'checkpoint_dir', 'save_checkpoint', 'read_checkpoint', 'restore_model', 'load_optimizer',
+           'has_checkpoint', 'remove_checkpoint',
            'checkpoint_problem', 'can_resume',
            'RunLock', 'RunLockedError', 'lock_owner', 'process_alive', 'rng_states', 'set_rng_states']
 
@@ -56,28 +67,62 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states['cuda'])
 
 
-def save_checkpoint(record_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-    """Write the trainable parameters and `state` (plus the optimizer's) atomically; returns the folder."""
+@dataclass
+class RunState:
+    """What a run has done so far: the one object a checkpoint writes and a resume reads, and that the record's cost
+    fields are written from (`cost_fields`), so an interrupted and an uninterrupted run report alike."""
+    created: str
+    step: int = 0
+    epoch: int = 1  # the epoch in progress (epochs + 1 once every epoch is done)
+    step_in_epoch: int = 0  # its steps already done
+    train_seconds: float = 0.0  # the finished epochs' training steps (waiting for data excluded)
+    data_seconds: float = 0.0  # the finished epochs' waits for data
+    epoch_seconds: float = 0.0  # the same for the epoch in progress, so far
+    epoch_data: float = 0.0
+    train_memory_mib: float = 0.0  # the most memory the training steps added, over every segment of the run
+    peak_memory_mib: float = 0.0  # the most memory the process held, over every segment of the run
+    metrics: dict = field(default_factory=lambda: dict(epochs=[], steps=[], final={}))
+    resumed: List[dict] = field(default_factory=list)
+    generator: Optional[torch.Tensor] = None  # the data order's generator at the start of the epoch in progress
+    rng: Optional[dict] = None  # every RNG's state at the checkpoint
+
+    def cost_fields(self) -> Dict[str, float]:
+        return dict(train_seconds=self.train_seconds, data_seconds=self.data_seconds,
+                    train_memory_mib=self.train_memory_mib, peak_memory_mib=self.peak_memory_mib)
+
+
+def _training_tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The tensors training changes: trainable parameters and every buffer, by name."""
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update(model.named_buffers())
+    return tensors
+
+
+def save_checkpoint(record_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
+                    identity: dict) -> Path:
+    """Write the model's trainable parameters and buffers, the optimizer and `state` atomically; returns the folder."""
     from safetensors.torch import save_file
     folder = checkpoint_dir(record_path)
     folder.mkdir(parents=True, exist_ok=True)
-    params_name = f'params-{state["step"]}.safetensors'
-    params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tmp = folder / (params_name + '.tmp')
-    save_file(params, str(tmp))
-    os.replace(tmp, folder / params_name)
+    names = dict(tensors_file=f'tensors-{state.step}.safetensors', optimizer_file=f'optimizer-{state.step}.pt')
+    tensors = {n: t.detach().cpu().clone() for n, t in _training_tensors(model).items()}
+    tmp = folder / (names['tensors_file'] + '.tmp')
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / names['tensors_file'])
+    tmp = folder / (names['optimizer_file'] + '.tmp')
+    torch.save(optimizer.state_dict(), tmp)
+    os.replace(tmp, folder / names['optimizer_file'])
     tmp = folder / 'state.pt.tmp'
-    torch.save(dict(state, params_file=params_name, optimizer=optimizer.state_dict()), tmp)
+    torch.save(dict(state=dataclasses.asdict(state), identity=identity, **names), tmp)
     os.replace(tmp, folder / 'state.pt')  # the commit point
-    for old in folder.glob('params-*.safetensors'):
-        if old.name != params_name:
+    for old in folder.iterdir():
+        if old.name not in names.values() and old.name != 'state.pt':
             old.unlink(missing_ok=True)
     return folder
 
 
-def load_checkpoint(record_path: Path, identity: dict, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict:
-    """Load the checkpoint of `record_path` into `model` and `optimizer`; returns its state.
+def read_checkpoint(record_path: Path, identity: dict) -> Tuple[RunState, Dict[str, torch.Tensor]]:
+    """(the run state, the saved tensors by name) of `record_path`'s checkpoint.
 
     Raises:
         ValueError: no checkpoint, an unreadable one (named), or one made by a different configuration (method,
@@ -87,32 +132,45 @@ def load_checkpoint(record_path: Path, identity: dict, model: torch.nn.Module,
     if not (folder / 'state.pt').exists():
         raise ValueError(f'resume: no checkpoint at {folder}; run without resume to start this run')
     try:
-        state, params = _read(folder)
+        saved, tensors = _read(folder)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported by name
         raise ValueError(f'resume: the checkpoint {folder} is unreadable ({type(e).__name__}: {e}); delete it to '
                          f'start over') from None
-    if state.get('identity') != identity:
-        theirs, ours = state.get('identity') or {}, identity
+    if saved.get('identity') != identity:
+        theirs, ours = saved.get('identity') or {}, identity
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise ValueError(f'resume: the checkpoint {folder} was made by a different configuration (differs in '
                          f'{", ".join(diff)}); refusing to load it')
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(trainable) != set(params):
-        missing, extra = sorted(set(trainable) - set(params)), sorted(set(params) - set(trainable))
-        raise ValueError(f'resume: the checkpoint {folder} holds other trainable parameters than the model '
-                         f'(missing: {missing[:5]}, unexpected: {extra[:5]})')
+    return RunState(**saved['state']), tensors
+
+
+def restore_model(record_path: Path, model: torch.nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's tensors into `model`'s trainable parameters and buffers (they must match by name)."""
+    own = _training_tensors(model)
+    if set(own) != set(tensors):
+        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        raise ValueError(f'resume: the checkpoint {checkpoint_dir(record_path)} holds other trainable parameters or '
+                         f'buffers than the model (missing: {missing[:5]}, unexpected: {extra[:5]})')
     with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(params[name])
-    optimizer.load_state_dict(state['optimizer'])
-    return state
+        for name, t in own.items():
+            t.copy_(tensors[name])
+
+
+def load_optimizer(record_path: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Load the checkpoint's optimizer state into `optimizer` (its moments are allocated here)."""
+    folder = checkpoint_dir(record_path)
+    saved = torch.load(folder / 'state.pt', map_location='cpu', weights_only=False)
+    optimizer.load_state_dict(torch.load(folder / saved['optimizer_file'], map_location='cpu', weights_only=False))
 
 
 def _read(folder: Path):
-    """(state, trainable parameters) of a checkpoint folder."""
+    """(the saved state dict, the model's saved tensors) of a checkpoint folder; the optimizer file is checked to
+    exist, not read."""
     from safetensors.torch import load_file
-    state = torch.load(folder / 'state.pt', map_location='cpu', weights_only=False)
-    return state, load_file(str(folder / state['params_file']))
+    saved = torch.load(folder / 'state.pt', map_location='cpu', weights_only=False)
+    if not (folder / saved['optimizer_file']).exists():
+        raise FileNotFoundError(folder / saved['optimizer_file'])
+    return saved, load_file(str(folder / saved['tensors_file']))
 
 
 def checkpoint_problem(record_path: Path) -> Optional[str]:

@@ -1,10 +1,12 @@
 """Factorized linear layers: TOU's FactorizedLinear, its relatives SVFit and DeLoRA, and the bottleneck adapter.
 
-Each layer is built from an existing nn.Linear with `from_linear`, exposes its effective weight as the
-`weight` property (the one place that product is written; merge and analysis use it), and turns back into a
-plain nn.Linear with `merge()`. Trainable tensors carry a method prefix (`tou_B`, `svfit_s`, `delora_M`,
-`adapter_down`/`adapter_up`) so a name filter finds them. The adapter adds computation after its linear, so it
-has no merge: it is the one layer here that stays in the model.
+Each layer is built from an existing dense layer with `from_linear`, which keeps a weightless template of that
+layer (its class, layout and attributes). `effective_weight()` is the one place the layer's matrix is formed (merge
+and analysis use it; no forward does), and `merge()` restores the template with that weight: the original class
+(nn.Linear, any subclass of it, or transformers' Conv1D), its layout, and a bias exactly when it had one.
+Trainable tensors carry a method prefix (`tou_B`, `svfit_s`, `delora_M`, `adapter_down`/`adapter_up`) so a name
+filter finds them. The adapter adds computation after its linear, so it has no merge: it is the one layer here
+that stays in the model.
 """
 import math
 from typing import Optional, Tuple
@@ -13,30 +15,80 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linalg import check_finite, check_rank, truncated_svd
-from .targets import dense_like, dense_weight, is_dense
+from .linalg import check_finite, check_rank, factorize
+from .targets import dense_template, dense_weight, is_dense, restore_dense
 
-__all__ = ['ToukitLayer', 'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear']
+__all__ = ['ToukitLayer', 'WeightInfo', 'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear']
+
+
+class WeightInfo:
+    """What library code may read from a toukit layer's `.weight` without the matrix being formed: its `dtype`,
+    `device` and `shape` (Hugging Face code reads `module.weight.dtype` in some forwards, T5's feed-forward among
+    them). It is not a tensor: anything else raises an AttributeError that says to call `effective_weight()`."""
+    __slots__ = ('dtype', 'device', 'shape', 'owner')
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, shape: torch.Size, owner: str):
+        self.dtype, self.device, self.shape, self.owner = dtype, device, shape, owner
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f'{self.owner}.weight is not a tensor (no {name!r}): the layer never forms its matrix in '
+                             f'a forward; call effective_weight() for it, or merge() the model first')
+
+    def __repr__(self) -> str:
+        return f'WeightInfo({self.owner}, shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})'
 
 
 class ToukitLayer(nn.Module):
-    """Base of toukit's layers: an effective `weight` (out x in), a `bias`, and `merge()` back to the dense layer
-    they were built from (nn.Linear, or transformers' Conv1D for GPT-2)."""
+    """Base of toukit's layers: `effective_weight()` (out x in), a `bias`, and `merge()` back to the dense layer
+    they were built from.
+
+    `.weight` is a `WeightInfo` (dtype, device, shape), not the matrix, so code that reads `module.weight.dtype`
+    never forms A B; a write to `.weight` raises. Under `nn.MultiheadAttention`, which reads `out_proj.weight` as
+    a matrix in its own forward, `read_by_parent` is set (by `toukit.apply_method`) and `.weight` then forms the
+    effective weight there, deliberately: the one place a toukit layer's product enters a forward.
+    """
     in_features: int
     out_features: int
     bias: Optional[nn.Parameter]
-    merge_class: type = nn.Linear
+    read_by_parent: bool = False
 
-    @property
-    def weight(self) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
+        """The matrix the layer computes with, (out x in)."""
         raise NotImplementedError
 
+    @property
+    def weight(self):
+        if self.read_by_parent:
+            return self.effective_weight()
+        ref = next(iter(self.parameters()))
+        return WeightInfo(ref.dtype, ref.device, torch.Size((self.out_features, self.in_features)), type(self).__name__)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == 'weight':
+            raise ValueError(f'{type(self).__name__}.weight is formed from the layer\'s factors; a write to it would be '
+                             f'lost: write the factors, or merge() first and write the merged layer\'s weight')
+        super().__setattr__(name, value)
+
+    @property
+    def template(self) -> Optional[nn.Module]:
+        """The weightless template of the dense layer this one was built from (None: built by its constructor)."""
+        return self.__dict__.get('_template')
+
+    def _keep_template(self, linear: nn.Module) -> None:
+        self.__dict__['_template'] = dense_template(linear)  # not a submodule: never in state_dict or parameters()
+
     def merge(self) -> nn.Module:
-        """A plain dense layer of the original class computing the same function; refuses non-finite weights."""
+        """The dense layer this one was built from, restored (class, layout, attributes, bias or none) with the
+        effective weight; an nn.Linear for a layer built by its constructor. Refuses non-finite weights."""
         with torch.no_grad():
-            weight = self.weight
+            weight = self.effective_weight().detach()
             check_finite(weight, f'{type(self).__name__} weight at merge')
-            return dense_like(self.merge_class, weight.detach(), None if self.bias is None else self.bias.detach())
+            bias = None if self.bias is None else self.bias.detach()
+            template = self.template
+            if template is None:
+                template = dense_template(nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                                                    device='meta'))
+            return restore_dense(template, weight, bias)
 
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
@@ -47,7 +99,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 def _check_dense(linear: nn.Module, name: str) -> torch.Tensor:
-    """`linear`'s weight as (out x in), detached; a ValueError unless it is nn.Linear or Conv1D."""
+    """`linear`'s weight as (out x in), detached; a ValueError unless it is nn.Linear (or a subclass) or Conv1D."""
     if not is_dense(linear):
         raise ValueError(f'{name}: expected nn.Linear or Conv1D, got {type(linear).__name__}')
     return dense_weight(linear).detach()
@@ -108,9 +160,10 @@ class FactorizedLinear(ToukitLayer):
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, rank, splits=splits,
                     bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-        layer.merge_class = type(linear)
+        layer._keep_template(linear)
         if factors is None:
-            a, b = truncated_svd(weight.view(splits, out_f // splits, in_f), rank, method=svd_method, seed=seed)
+            pairs = factorize(list(weight.view(splits, out_f // splits, in_f)), rank, method=svd_method, seed=seed)
+            a, b = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         else:
             a, b = factors
         with torch.no_grad():
@@ -127,8 +180,7 @@ class FactorizedLinear(ToukitLayer):
             layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
-    @property
-    def weight(self) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
         """A B, with the splits' blocks stacked: (out x in)."""
         b = self.tou_B.view(self.splits, self.rank, self.in_features)
         return torch.bmm(self.tou_A, b).reshape(self.out_features, self.in_features)
@@ -183,7 +235,7 @@ class SVFitLinear(ToukitLayer):
         out_f, in_f = weight.shape
         check_rank(rank, (out_f, in_f), name)
         layer = cls(in_f, out_f, rank, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-        layer.merge_class = type(linear)
+        layer._keep_template(linear)
         u, s, vh = svd if svd is not None else torch.linalg.svd(weight.double(), full_matrices=False)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
         with torch.no_grad():
@@ -195,8 +247,7 @@ class SVFitLinear(ToukitLayer):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    @property
-    def weight(self) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
         return self.base_weight + (self.svfit_U * self.svfit_s) @ self.svfit_Vh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +286,7 @@ class DeLoRALinear(ToukitLayer):
         check_rank(rank, (out_f, in_f), name)
         layer = cls(in_f, out_f, rank, scaling, bias=linear.bias is not None, device=weight.device,
                     dtype=weight.dtype)
-        layer.merge_class = type(linear)
+        layer._keep_template(linear)
         gen = torch.Generator(device='cpu')
         gen.manual_seed(0 if seed is None else seed)
         with torch.no_grad():
@@ -246,8 +297,7 @@ class DeLoRALinear(ToukitLayer):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    @property
-    def weight(self) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
         return self.base_weight + self.scaling * (self.delora_B @ self.delora_M @ self.delora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,14 +4,14 @@ Every function takes tensors and returns tensors or numbers; nothing here knows 
 Spectral quantities are computed in float64 so that energy sums over hundreds of singular values stay exact.
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
     'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy',
-    'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank', 'whitening_factor',
-    'whitened_truncated_svd', 'unwhiten', 'balance_factors', 'optimal_hard_threshold_rank',
+    'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank', 'whitening_factor', 'factorize',
+    'whitened_truncated_svd', 'unwhiten', 'balance_factors', 'optimal_hard_threshold_rank', 'ght_omega',
 ]
 
 
@@ -104,8 +104,74 @@ def truncated_svd(
         (A, B) in the dtype of `weight`, with A @ B the best rank-r approximation of W.
     """
     check_rank(rank, weight.shape[-2:])
-    u, s, vh = _svd(_work_dtype(weight), rank, method, niter, seed)
-    return (u * s.unsqueeze(-2)).to(weight.dtype).contiguous(), vh.to(weight.dtype).contiguous()
+    lead = weight.shape[:-2]
+    flat = weight.reshape(-1, *weight.shape[-2:])
+    pairs = factorize(list(flat), rank, method=method, niter=niter, seed=seed)
+    a = torch.stack([p[0] for p in pairs]).reshape(*lead, weight.shape[-2], rank)
+    b = torch.stack([p[1] for p in pairs]).reshape(*lead, rank, weight.shape[-1])
+    return a, b
+
+
+RankRule = Union[int, Sequence[int], Callable[[List[torch.Tensor]], Sequence[int]]]
+
+
+def factorize(
+        matrices: Sequence[torch.Tensor],
+        rank: RankRule,
+        method: str = 'gram',
+        whitening: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        niter: int = 4,
+        seed: Optional[int] = None,
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The one factorization of toukit: (A_i, B_i) with A_i B_i the rank-r_i truncation of each matrix W_i.
+
+    One batched SVD per distinct shape (`svd_many`). Plain: A = U_r S_r, B = V_r^T. With a whitening factor L_i
+    (`whitening_factor` of the layer's inputs), the truncation is of W_i L_i and B = V_r^T L_i^{-1} (SVD-LLM's
+    truncation-aware whitening; Wang et al., 2024, arXiv:2403.07378): A B is the rank-r matrix closest to W on the
+    layer's inputs, and the pair is rebalanced (`balance_factors`) so that B's rows have unit norm, as plain TOU's do.
+
+    Args:
+        matrices: the weights (out x in each); fp16/bf16 are factorized in float32, whitened ones in float64.
+        rank: one int for all, one per matrix, or a function of all the matrices' singular values (of W L when
+            whitened) returning one rank per matrix (spectrum-based policies; the whole spectrum is computed then).
+        method: 'gram', 'exact' or 'randomized' (see `truncated_svd`); whitened matrices always use 'exact'.
+        whitening: per matrix, its whitening factor L or None; None for none at all.
+        niter, seed: the randomized method's subspace iterations and sketch seed.
+
+    Returns:
+        (A, B) per matrix, in its dtype.
+    """
+    matrices = list(matrices)
+    whitening = list(whitening) if whitening is not None else [None] * len(matrices)
+    if len(whitening) != len(matrices):
+        raise ValueError(f'factorize: {len(whitening)} whitening factors for {len(matrices)} matrices')
+    work = []
+    for w, factor in zip(matrices, whitening):
+        if factor is None:
+            work.append(_work_dtype(w))
+            continue
+        if factor.shape != (w.shape[-1], w.shape[-1]):
+            raise ValueError(f"whitening factor of shape {tuple(factor.shape)} does not match the weight's input "
+                             f"width {w.shape[-1]}")
+        work.append(w.detach().to(torch.float64) @ factor.to(w.device, torch.float64))
+    if any(f is not None for f in whitening):
+        method = 'exact'
+    if callable(rank):
+        svds = svd_many(work, rank=None, method=method, niter=niter, seed=seed)
+        ranks = list(rank([s for _, s, _ in svds]))
+    else:
+        ranks = [rank] * len(work) if isinstance(rank, int) else list(rank)
+        for r, w in zip(ranks, work):
+            check_rank(r, tuple(w.shape[-2:]))
+        svds = svd_many(work, rank=max(ranks), method=method, niter=niter, seed=seed)
+    out = []
+    for w, factor, (u, s, vh), r in zip(matrices, whitening, svds, ranks):
+        check_rank(r, tuple(w.shape[-2:]))
+        a, b = u[:, :r] * s[:r], vh[:r]
+        if factor is not None:
+            a, b = balance_factors(a, unwhiten(b, factor.to(b.device, b.dtype)))
+        out.append((a.to(w.dtype).contiguous(), b.to(w.dtype).contiguous()))
+    return out
 
 
 def _per_shape(matrices: Sequence[torch.Tensor], fn) -> list:
@@ -196,19 +262,12 @@ def whitening_factor(inputs: torch.Tensor, damping: float = 1e-6) -> torch.Tenso
 def whitened_truncated_svd(weight: torch.Tensor, factor: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Activation-aware A (out x r) and B (r x in) with A B the rank-r matrix closest to W on the layer's inputs.
 
-    With L = `whitening_factor(X)`: the truncated SVD of W L is U_r S_r V_r^T; A = U_r S_r, B = V_r^T L^{-1}
-    (SVD-LLM's truncation-aware whitening; Wang et al., 2024, arXiv:2403.07378). By Eckart-Young on the whitened
-    problem, ||X (W - A B)^T||_F is the smallest any rank-r matrix reaches, so it never exceeds plain SVD's.
-    The pair is then rebalanced (`balance_factors`) so that B's rows have unit norm, as plain TOU's do.
+    `factorize` with one whitening factor L = `whitening_factor(X)`: by Eckart-Young on the whitened problem,
+    ||X (W - A B)^T||_F is the smallest any rank-r matrix reaches, so it never exceeds plain SVD's. B's rows have
+    unit norm (`balance_factors`).
     """
     check_rank(rank, weight.shape[-2:])
-    if factor.shape != (weight.shape[-1], weight.shape[-1]):
-        raise ValueError(f'whitening factor of shape {tuple(factor.shape)} does not match the weight\'s input width '
-                         f'{weight.shape[-1]}')
-    w = weight.detach().to(torch.float64)
-    u, s, vh = torch.linalg.svd(w @ factor, full_matrices=False)
-    a, b = balance_factors(u[:, :rank] * s[:rank], unwhiten(vh[:rank], factor))
-    return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
+    return factorize([weight], rank, whitening=[factor])[0]
 
 
 def unwhiten(right: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -228,13 +287,101 @@ def balance_factors(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, tor
     return a * norms.transpose(-1, -2), b / norms
 
 
-def optimal_hard_threshold_rank(singular_values: torch.Tensor, shape: Tuple[int, int]) -> int:
-    """Gavish and Donoho's optimal hard threshold for an unknown noise level (IEEE Trans. Inf. Theory, 2014).
+_GHT_OMEGA_CACHE: dict = {}  # omega per beta rounded to 12 decimals; one entry per distinct layer aspect ratio
 
-    Keeps the singular values above omega(beta) * median(sigma), beta = min(shape) / max(shape), with their
-    approximation omega(beta) = 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43; at least 1.
+
+def _check_beta(beta: float) -> float:
+    """`beta` as a float if it is a number in (0, 1], else a ValueError naming it."""
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(beta, (bool, str, bytes)) or not 0.0 < value <= 1.0:
+        raise ValueError(f'beta={beta!r}: the aspect ratio min(shape) / max(shape) must be a number in (0, 1]')
+    return value
+
+
+def _check_shape(shape: Tuple[int, int]) -> Tuple[int, int]:
+    """`shape` as (rows, cols) if it is two positive ints, else a ValueError naming it."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = ()
+    if len(dims) != 2 or any(isinstance(d, bool) or not hasattr(d, '__index__') or d.__index__() < 1 for d in dims):
+        raise ValueError(f'shape={shape!r}: must be two positive ints (rows, cols), e.g. a weight\'s (out, in)')
+    return dims[0].__index__(), dims[1].__index__()
+
+
+def _marchenko_pastur_median(beta: float) -> float:
+    """Median of the Marchenko-Pastur law of ratio `beta` in (0, 1] (variance 1), found with scipy.
+
+    With x = 1 + beta - 2 sqrt(beta) cos(t), t in [0, pi], the density sqrt((b+ - x)(x - b-)) / (2 pi beta x) dx
+    becomes 2 sin(t)^2 / (pi x(t)) dt: smooth and bounded even at beta = 1, where the density itself has a
+    1 / sqrt(x) singularity at 0. The median is x(t*) for the t* where that integral from 0 reaches 1/2.
     """
-    s = singular_values.to(torch.float64)
-    beta = min(shape) / max(shape)
-    omega = 0.56 * beta ** 3 - 0.95 * beta ** 2 + 1.82 * beta + 1.43
-    return max(1, int((s > omega * s.median()).sum()))
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+
+    root = math.sqrt(beta)
+
+    def cdf(t: float) -> float:
+        return quad(lambda u: 2.0 * math.sin(u) ** 2 / (math.pi * (1.0 + beta - 2.0 * root * math.cos(u))), 0.0, t,
+                    epsabs=1e-13, epsrel=1e-12)[0]
+
+    t_half = brentq(lambda t: cdf(t) - 0.5, 0.0, math.pi, xtol=1e-14, rtol=1e-13)
+    return 1.0 + beta - 2.0 * root * math.cos(t_half)
+
+
+def ght_omega(beta: float) -> float:
+    """Gavish and Donoho's exact omega(beta) for an unknown noise level: the threshold is omega(beta) * median(sigma).
+
+    omega(beta) = lambda*(beta) / sqrt(mu_beta), with lambda*(beta) = sqrt(2 (beta + 1) + 8 beta / ((beta + 1) +
+    sqrt(beta^2 + 14 beta + 1))) and mu_beta the median of the Marchenko-Pastur distribution of ratio beta (density
+    sqrt((b+ - x)(x - b-)) / (2 pi beta x) on [b-, b+], b+- = (1 +- sqrt(beta))^2), computed with scipy's quad and
+    brentq and cached per beta (rounded to 12 decimals). omega(1) = 2.858; their cubic fit 0.56 beta^3 - 0.95 beta^2
+    + 1.82 beta + 1.43 is within about 0.02 of it.
+
+    Args:
+        beta: The aspect ratio min(m, n) / max(m, n) of the matrix, in (0, 1].
+
+    Returns:
+        omega(beta), a float.
+
+    Raises:
+        ValueError: If `beta` is not a number in (0, 1].
+    """
+    beta = round(_check_beta(beta), 12)
+    omega = _GHT_OMEGA_CACHE.get(beta)
+    if omega is None:
+        lam = math.sqrt(2.0 * (beta + 1.0) + 8.0 * beta / (beta + 1.0 + math.sqrt(beta ** 2 + 14.0 * beta + 1.0)))
+        omega = _GHT_OMEGA_CACHE[beta] = lam / math.sqrt(_marchenko_pastur_median(beta))
+    return omega
+
+
+def optimal_hard_threshold_rank(singular_values: torch.Tensor, shape: Tuple[int, int]) -> int:
+    """Rank by Gavish and Donoho's optimal hard threshold for an unknown noise level (exact, not the cubic fit).
+
+    From "The Optimal Hard Threshold for Singular Values is 4/sqrt(3)" (IEEE Trans. Inf. Theory 60(8), 2014): keep
+    the singular values strictly above tau = omega(beta) * y_med, where beta = min(shape) / max(shape), y_med is
+    the median of the singular values (the mean of the two middle ones for an even count, as MATLAB's `median`)
+    and omega(beta) = lambda*(beta) / sqrt(mu_beta) is `ght_omega`.
+
+    Args:
+        singular_values: The matrix's singular values (1-D, any order), normally all min(shape) of them: the median
+            estimates the noise level from the bulk.
+        shape: The matrix's (out, in) shape: two positive ints.
+
+    Returns:
+        The number of singular values above tau, at least 1.
+
+    Raises:
+        ValueError: If `shape` is not two positive ints, or `singular_values` is not a non-empty 1-D tensor.
+    """
+    rows, cols = _check_shape(shape)
+    s = torch.as_tensor(singular_values).detach().to('cpu', torch.float64)
+    if s.ndim != 1 or s.numel() == 0:
+        raise ValueError(f'singular_values of shape {tuple(s.shape)}: must be a non-empty 1-D tensor')
+    ordered, n = s.sort().values, s.numel()
+    y_med = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    tau = ght_omega(min(rows, cols) / max(rows, cols)) * y_med
+    return max(1, int((s > tau).sum()))

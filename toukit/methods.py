@@ -1,8 +1,9 @@
 """Fine-tuning methods: one registry, name -> prepare(model, **options), and the TOU entry points.
 
 A method only prepares a model (replaces layers, sets `requires_grad`); the training loop is shared.
-The classifier head trains in every method. `merge` turns any prepared model back into its original
-architecture: toukit layers and peft LoRA layers become nn.Linear, split q/k/v projections fuse again.
+What the task added to the pretrained backbone (its head) trains in every method. `merge` turns any prepared
+model back into its original architecture: toukit layers become the dense layers they were built from, peft LoRA
+layers merge into theirs, split q/k/v projections fuse again.
 """
 import inspect
 import sys
@@ -14,14 +15,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .calibration import layer_whitening
 from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
-from .linalg import balance_factors, check_finite, check_rank, svd_many, unwhiten
+from .linalg import check_finite, check_rank, factorize, svd_many
 from .ranks import DEFAULT_FRACTION as DEFAULT_TOU_RANK
-from .ranks import RankSpec, layer_policies, parse_rank
-from .spectrum import allocate_ranks, layer_whitening
-from .targets import (Targets, classifier_names, dense_weight, find_targets, fuse_qkv, fused_splits,
-                      get_submodule_parent, layer_kind, model_family, output_projections, QKVSplit, require_family,
-                      split_qkv)
+from .ranks import RankSpec, allocate_ranks, layer_policies, parse_rank
+from .targets import (Targets, dense_weight, find_targets, fuse_qkv, fused_splits, get_submodule_parent,
+                      layer_kind, model_family, new_modules, output_projections, QKVSplit, require_family, split_qkv)
 
 __all__ = ['DEFAULT_NOISE_SCALE', 'METHODS', 'apply_method', 'apply_tou', 'merge', 'count_parameters',
            'method_names', 'method_label', 'is_prepared', 'has_method_layers', 'describe_preparation']
@@ -90,6 +90,12 @@ def _unchanged_on_error(model: nn.Module):
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, child = get_submodule_parent(model, name)
+    if isinstance(parent, nn.MultiheadAttention):
+        if isinstance(new, ToukitLayer):
+            new.read_by_parent = True  # its forward reads out_proj.weight as a matrix: formed there, deliberately
+        elif isinstance(new, AdapterLinear):
+            raise ValueError(f'{name}: nn.MultiheadAttention reads {child}.weight directly, never calling {child}, '
+                             f'so an adapter there would be bypassed; choose other targets')
     setattr(parent, child, new)
 
 
@@ -108,15 +114,15 @@ def apply_tou(
     Each weight W becomes A B by truncated SVD (A = U_r S_r frozen, B = V_r^T trained) plus N(0, noise_scale^2)
     noise on both. A fused q/k/v projection is factorized as three separate matrices with one forward. All
     same-shape matrices share one batched SVD. Parameters outside the targets keep their `requires_grad`.
-    With `calibration`, the factorization is activation-aware (SVD-LLM's whitening, `toukit.linalg.
-    whitened_truncated_svd`): A B is the rank-r matrix closest to W on the layer's calibration inputs, rebalanced
-    so that B's rows have unit norm as plain TOU's do (`toukit.linalg.balance_factors`: the same alpha and rate fit).
+    With `calibration`, the factorization is activation-aware (SVD-LLM's whitening, `toukit.linalg.factorize`):
+    A B is the rank-r matrix closest to W on the layer's calibration inputs, rebalanced so that B's rows have unit
+    norm as plain TOU's do (`toukit.linalg.balance_factors`: the same alpha and rate fit).
 
     Args:
         model: a transformer (see `toukit.targets`: timm and Hugging Face families), or any module (then every
             dense layer but the head is a target).
         rank: an int, a fraction of min(out, in), 'energy:T', 'ght' or 'budget:B' (see `toukit.ranks.parse_rank`;
-            a budget is allocated by `toukit.spectrum.allocate_ranks`), or a rank pattern {module name or
+            a budget is allocated by `toukit.allocate_ranks`), or a rank pattern {module name or
             pattern: any of those but a budget} (see `layer_policies`). q, k and v of a fused projection share
             the largest of their three ranks. With calibration, energy and ght read the whitened spectrum.
         targets: 'all', 'attention', 'mlp' or module-name patterns (see `toukit.targets.find_targets`).
@@ -140,35 +146,39 @@ def apply_tou(
                               objective='activation' if calibration is not None else 'weight')
     policies = layer_policies(rank, found)
     factors = layer_whitening(model, calibration, list(found)) if calibration is not None else {}
-    blocks, owners = [], []
+    blocks, whitening, owners = [], [], []
     for name, linear in found.items():
         weight = dense_weight(linear).detach()
         check_finite(weight, f'{name}.weight')
         splits = fused_splits(family, name, linear)
         out_f, in_f = weight.shape
-        if factors:
-            weight = weight.double() @ factors[name]
         blocks.extend(weight.reshape(splits, out_f // splits, in_f).unbind(0))
+        whitening.extend([factors.get(name)] * splits)
         owners.append((name, linear, splits, (out_f // splits, in_f)))
+
+    def layer_ranks(spectra=None):
+        """One rank per block: q, k and v of a fused projection share the largest of their three."""
+        ranks, start = [], 0
+        for name, _, splits, shape in owners:
+            parts = [None] * splits if spectra is None else spectra[start:start + splits]
+            ranks.extend([max(policies[name].resolve(shape, s, name=name) for s in parts)] * splits)
+            start += splits
+        return ranks
+
     if any(p.needs_spectrum for p in policies.values()) or factors:
         if svd_method == 'randomized' and not factors:
             raise ValueError(f"rank={rank}: svd_method='randomized' needs a fixed or fractional rank")
-        max_rank = None  # the whole spectrum decides each rank
+        rule = layer_ranks  # the whole spectrum decides each rank
     else:
-        max_rank = max(policies[n].resolve(shape, name=n) for n, _, _, shape in owners)
-    svds = svd_many(blocks, rank=max_rank, method='exact' if factors else svd_method, seed=seed)
+        rule = layer_ranks()
+    pairs = factorize(blocks, rule, method=svd_method, whitening=whitening if factors else None, seed=seed)
     layers, start = {}, 0
     for i, (name, linear, splits, shape) in enumerate(owners):  # every layer is built before the model changes
-        parts = svds[start:start + splits]
+        a = torch.stack([p[0] for p in pairs[start:start + splits]])
+        b = torch.stack([p[1] for p in pairs[start:start + splits]])
         start += splits
-        r = max(policies[name].resolve(shape, s, name=name) for _, s, _ in parts)
-        a = torch.stack([u[:, :r] * s[:r] for u, s, _ in parts])
-        b = torch.stack([vh[:r] for _, _, vh in parts])
-        if factors:  # B = V_r^T L^{-1}: back from the whitened coordinates, rows rescaled to unit norm
-            a, b = balance_factors(a, unwhiten(b, factors[name]))
-        layer = FactorizedLinear.from_linear(linear, r, noise_scale=noise_scale, seed=seed + i, splits=splits,
-                                             factors=(a.to(linear.weight.dtype), b.to(linear.weight.dtype)),
-                                             name=name)
+        layer = FactorizedLinear.from_linear(linear, a.shape[-1], noise_scale=noise_scale, seed=seed + i,
+                                             splits=splits, factors=(a, b), name=name)
         if freeze_mlp and layer_kind(family, name) == 'mlp':
             layer.requires_grad_(False)
         layers[name] = layer
@@ -201,7 +211,7 @@ def merge(model: nn.Module) -> nn.Module:
             module.merge(safe_merge=True)
             _replace(model, name, module.get_base_layer())
     fuse_qkv(model)
-    for mark in ('toukit_method', 'toukit_ranks'):
+    for mark in ('toukit_method', 'toukit_ranks', 'toukit_new_modules'):
         if hasattr(model, mark):
             delattr(model, mark)
     return model
@@ -272,6 +282,10 @@ def _peft_lora(model: nn.Module, targets: Targets, **config) -> None:
     found = find_targets(model, targets)
     for name, linear in found.items():
         check_rank(config['r'], tuple(dense_weight(linear).shape), name)
+    bypassed = [n for n in found if isinstance(get_submodule_parent(model, n)[0], nn.MultiheadAttention)]
+    if bypassed:
+        raise ValueError(f'{bypassed[0]}: nn.MultiheadAttention reads its out_proj weight directly, never calling the '
+                         f'module, so a peft LoRA layer there would be bypassed; choose other targets')
     names = list(found)
     with warnings.catch_warnings():  # GPT-2 mixes Conv1D and split nn.Linear targets: peft sets fan_in_fan_out
         warnings.filterwarnings('ignore', message='fan_in_fan_out is set to')  # per layer, and says so each time
@@ -345,7 +359,8 @@ def bitfit(model: nn.Module) -> None:
 
 
 def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
-    """Prepare `model` in place for fine-tuning with `method`; the classifier head always trains.
+    """Prepare `model` in place for fine-tuning with `method`; what the task added to the pretrained backbone (its
+    head: `toukit.targets.new_modules`) trains under every method.
 
     Args:
         model: an untouched model.
@@ -354,7 +369,7 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
             an option the method does not take raises unless it is None.
 
     Returns:
-        `model`, marked with `model.toukit_method`.
+        `model`, marked with `model.toukit_method`; `model.toukit_new_modules` lists the head's modules that train.
 
     Raises:
         ValueError: an unknown method or option, or any bad value the method finds; the model is then exactly
@@ -368,9 +383,11 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
         raise ValueError(f'method={method!r} takes no option {", ".join(unknown)}; '
                          f'its options are {", ".join(spec.defaults) or "none"}')
     _check_untouched(model)
+    heads = new_modules(model)  # read before the method changes the module tree
     with _unchanged_on_error(model):
         spec.prepare(model, **{k: v for k, v in options.items() if v is not None and k in spec.defaults})
-        for head in classifier_names(model):
+        for head in heads:
             model.get_submodule(head).requires_grad_(True)
     model.toukit_method = method
+    model.toukit_new_modules = heads
     return model

@@ -261,7 +261,7 @@ def plot_lr_sweep(grid_runs: pd.DataFrame, selected: Optional[Dict[str, float]] 
 
 def plot_budget_study(study: pd.DataFrame):
     """Weight, layer-output and logit error vs trainable parameters, one line per rank policy
-    (`toukit.spectrum.budget_study`)."""
+    (`toukit.studies.budget_study`)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for ax, col, title in zip(axes, ('weight_error', 'output_error', 'logit_error'),
                               ('weights', 'layer outputs (held-out inputs)', 'logits (held-out inputs)')):

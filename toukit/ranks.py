@@ -8,10 +8,12 @@ One parser, `parse_rank`, turns what a user writes into a policy:
     'ght'        Gavish and Donoho's optimal hard threshold, per layer
     'budget:1.0' per-layer ranks chosen together under a parameter budget (`allocate_budget`; a float is a multiple
                  of what the uniform rank 0.375 spends, an int a parameter count): a model-level policy,
-                 resolved by `toukit.spectrum.allocate_ranks`
+                 resolved by `allocate_ranks`
 A mapping {module name or pattern: any of the above} gives each layer its own (a rank pattern, as PEFT's).
 
-`allocate_budget` is the allocation itself, on spectra alone.
+`allocate_budget` is the allocation itself, on gains and costs alone; `allocate_spectra` runs it on layers'
+spectra, and `allocate_ranks` on a model's targeted weights (or, activation-aware, their whitened spectra). A rank
+travelling from `apply_tou` only ever comes down here: this module never imports the methods.
 """
 import heapq
 from dataclasses import dataclass
@@ -19,10 +21,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .linalg import check_rank, optimal_hard_threshold_rank, rank_for_energy
-from .targets import matches
+from torch import nn
 
-__all__ = ['RankPolicy', 'parse_rank', 'allocate_budget', 'layer_policies', 'DEFAULT_FRACTION']
+from .calibration import layer_whitening
+from .linalg import check_rank, optimal_hard_threshold_rank, rank_for_energy, singular_values_many
+from .targets import Targets, layer_matrices, matches
+
+__all__ = ['RankPolicy', 'parse_rank', 'allocate_budget', 'allocate_spectra', 'allocate_ranks', 'uniform_cost',
+           'layer_policies', 'DEFAULT_FRACTION']
 
 DEFAULT_FRACTION = 0.375  # the paper's r = 288 on ViT-B/16's 768-wide matrices, as a fraction of min(out, in)
 
@@ -60,7 +66,7 @@ class RankPolicy:
 
     @property
     def model_level(self) -> bool:
-        """Whether the policy chooses all layers' ranks together (resolved by `toukit.spectrum.allocate_ranks`)."""
+        """Whether the policy chooses all layers' ranks together (resolved by `allocate_ranks`)."""
         return self.kind == 'budget'
 
     def resolve(self, shape: Tuple[int, int], singular_values: Optional[torch.Tensor] = None, name: str = 'weight'):
@@ -70,7 +76,7 @@ class RankPolicy:
         if self.kind == 'fraction':
             return max(1, int(round(self.value * min(shape))))
         if self.model_level:
-            raise ValueError(f'{self} chooses all layers together: use toukit.spectrum.allocate_ranks')
+            raise ValueError(f'{self} chooses all layers together: use toukit.allocate_ranks')
         if singular_values is None:
             raise ValueError(f'{self} needs the singular values of {name}')
         if self.kind == 'ght':
@@ -198,3 +204,80 @@ def layer_policies(rank: RankSpec, names) -> Dict[str, RankPolicy]:
         raise ValueError(f'rank pattern keys {unused} name no targeted module; targets are: '
                          f'{", ".join(names[:12])}{" ..." if len(names) > 12 else ""}')
     return out
+
+
+LayerSpectra = Tuple[str, Sequence[torch.Tensor], Sequence[Tuple[int, int]]]  # name, its matrices' spectra, shapes
+
+
+def _rank_cost(shapes: Sequence[Tuple[int, int]], cost: str) -> int:
+    """Parameters one rank of a layer costs: `in` per matrix (B's row), plus `out` (A's column) with cost='total'."""
+    return int(sum(i + (o if cost == 'total' else 0) for o, i in shapes))
+
+
+def uniform_cost(layers: Sequence[LayerSpectra], cost: str = 'trainable') -> int:
+    """What uniform rank 0.375 of min(out, in) spends on `layers`: the unit of a budget given as a float."""
+    return sum(max(1, int(round(DEFAULT_FRACTION * min(min(shape) for shape in shapes)))) * _rank_cost(shapes, cost)
+               for _, _, shapes in layers)
+
+
+def allocate_spectra(layers: Sequence[LayerSpectra], budget, cost: str = 'trainable') -> Dict[str, int]:
+    """Per-layer ranks minimising the summed relative squared truncation error under a parameter budget.
+
+    A layer of several matrices (a fused q/k/v) shares one rank: its rank step removes their k-th singular values at
+    once and costs as many times. See `allocate_ranks`; this is the same on given spectra.
+    """
+    if cost not in ('trainable', 'total'):
+        raise ValueError(f"cost={cost!r}: must be 'trainable' or 'total'")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ValueError(f'budget={budget!r}: must be a positive int (parameters) or float (a multiple of the '
+                         f'uniform-rank cost)')
+    gains, costs = [], []
+    for _, spectra, shapes in layers:
+        energies = [torch.as_tensor(s, dtype=torch.float64).square() for s in spectra]
+        length = min(len(e) for e in energies)
+        gains.append(sum(e[:length] for e in energies) / sum(float(e.sum()) for e in energies))
+        costs.append(_rank_cost(shapes, cost))
+    spend = budget * uniform_cost(layers, cost) if isinstance(budget, float) else budget
+    return dict(zip([name for name, _, _ in layers], allocate_budget(gains, costs, spend)))
+
+
+def allocate_ranks(model: nn.Module, budget, targets: Targets = 'all', cost: str = 'trainable',
+                   objective: str = 'weight', calibration=None) -> Dict[str, int]:
+    """Per-layer TOU ranks that minimise the summed relative squared truncation error under a parameter budget.
+
+    Each targeted layer's error at rank r is ||W - W_r||_F^2 / ||W||_F^2 (objective 'weight'), or the same for
+    W L with L the whitening factor of its inputs (objective 'activation': the error of the layer's outputs on
+    the calibration inputs). Relative, so that every layer counts alike whatever its scale: with absolute errors
+    the few layers of largest norm would take the whole budget. A fused q/k/v projection is one layer of three
+    matrices sharing one rank (as `FactorizedLinear` holds it): its rank step removes the three matrices' k-th
+    singular values at once and costs three times.
+
+    Args:
+        model: the untouched model.
+        budget: parameters to spend (int), or a multiple of what uniform rank 0.375 of min(out, in) spends
+            (float; 1.0 spends the same).
+        targets: as `apply_tou`.
+        cost: 'trainable' (a rank costs `in` per matrix: B's row) or 'total' (`in + out`: A's column too).
+        objective: 'weight' or 'activation' (needs `calibration`).
+        calibration: model inputs, or layer name -> inputs (see `toukit.calibration.layer_whitening`).
+
+    Returns:
+        Layer name -> rank, in the model's order; `apply_tou(model, rank=...)` takes it as a rank pattern.
+    """
+    if objective not in ('weight', 'activation'):
+        raise ValueError(f"objective={objective!r}: must be 'weight' or 'activation'")
+    if objective == 'activation' and calibration is None:
+        raise ValueError("objective='activation' needs calibration inputs")
+    if cost not in ('trainable', 'total'):
+        raise ValueError(f"cost={cost!r}: must be 'trainable' or 'total'")
+    entries = list(layer_matrices(model, targets))
+    if objective == 'activation':
+        factors = layer_whitening(model, calibration, targets)
+        entries = [(name, part, w.double() @ factors[name]) for name, part, w in entries]
+    spectra = singular_values_many([w for _, _, w in entries])
+    layers = {}
+    for (name, _, w), s in zip(entries, spectra):
+        layers.setdefault(name, ([], []))
+        layers[name][0].append(s)
+        layers[name][1].append(tuple(w.shape))
+    return allocate_spectra([(name, sv, shapes) for name, (sv, shapes) in layers.items()], budget, cost)

@@ -3,36 +3,21 @@
 A fused q/k/v projection gives three rows (part 'q', 'k', 'v'), as the TOU paper counts its matrices.
 """
 import math
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .linalg import (effective_rank, energy_curve, rank_for_energy, relative_error, singular_values_many,
-                     stable_rank, whitening_factor)
-from .models import call_model
-from .ranks import DEFAULT_FRACTION, RankSpec, allocate_budget, layer_policies, parse_rank
-from .targets import (QKV_PARTS, Family, Targets, block_index, dense_weight, find_targets, fused_splits, layer_kind,
-                      layer_type, model_family)
+from .calibration import capture_layer_inputs, layer_whitening
+from .linalg import effective_rank, energy_curve, rank_for_energy, relative_error, singular_values_many, stable_rank
+from .ranks import DEFAULT_FRACTION, RankSpec, allocate_spectra, layer_policies, parse_rank, uniform_cost
+from .targets import Family, Targets, block_index, layer_kind, layer_matrices, layer_type, model_family
 
 __all__ = ['layer_matrices', 'spectrum_table', 'rank_table', 'ENERGY_LEVELS']
 
 ENERGY_LEVELS = (0.5, 0.9, 0.99)
-
-
-def layer_matrices(model: nn.Module, targets: Targets = None) -> Iterator[Tuple[str, Optional[str], torch.Tensor]]:
-    """(name, part, weight) for every targeted linear; a fused q/k/v projection yields its three blocks."""
-    family = model_family(model)
-    for name, linear in find_targets(model, targets).items():
-        weight = dense_weight(linear).detach()
-        splits = fused_splits(family, name, linear)
-        if splits == 1:
-            yield name, None, weight
-        else:
-            for part, block in zip(QKV_PARTS, weight.view(splits, -1, weight.shape[1]).unbind(0)):
-                yield name, part, block
 
 
 def _layer_columns(family: Optional[Family], name: str, part: Optional[str]) -> dict:
@@ -152,110 +137,12 @@ def compare_policies(table: pd.DataFrame, policies: Sequence[RankSpec]) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def capture_layer_inputs(model: nn.Module, inputs, targets: Targets = None) -> Dict[str, torch.Tensor]:
-    """The input each targeted linear sees when `model` runs on `inputs` (flattened to rows x in_features).
-
-    `inputs` is one batch (a tensor or a dict of tensors) or a list of batches, whose rows are concatenated.
-    Padding positions of text batches are included (they pass through the linears like any token).
-    """
-    batches = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    captured, hooks = {}, []
-    for name, linear in find_targets(model, targets).items():
-        def hook(module, args, _out, name=name):
-            captured.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        hooks.append(linear.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()
-            for i, batch in enumerate(batches):
-                try:
-                    call_model(model, batch)
-                except (RuntimeError, TypeError, ValueError, AssertionError) as e:
-                    shape = ({k: tuple(v.shape) for k, v in batch.items()} if isinstance(batch, dict)
-                             else tuple(getattr(batch, 'shape', ())))
-                    raise ValueError(f'calibration batch {i} of shape {shape} does not fit the model: {e}') from None
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return {name: torch.cat(rows) for name, rows in captured.items()}
-
-
-def layer_whitening(model: nn.Module, calibration, targets: Targets = None) -> Dict[str, torch.Tensor]:
-    """Name -> whitening factor L (`toukit.linalg.whitening_factor`) of each targeted linear's inputs.
-
-    Args:
-        calibration: model inputs (a batch or a list of batches, e.g. a few training batches), or a dict of
-            layer name -> that layer's inputs (rows x in_features).
-    """
-    found = find_targets(model, targets)
-    if isinstance(calibration, dict) and all(isinstance(v, torch.Tensor) for v in calibration.values()) and set(
-            calibration) & set(found):
-        inputs = calibration
-    else:
-        inputs = capture_layer_inputs(model, calibration, list(found))
-    factors = {}
-    for name, linear in found.items():
-        if name not in inputs:
-            raise ValueError(f'calibration has no inputs for {name}')
-        x = inputs[name]
-        width = dense_weight(linear).shape[1]
-        if x.shape[-1] != width:
-            raise ValueError(f'calibration inputs of {name} are {x.shape[-1]} wide; the layer takes {width}')
-        factors[name] = whitening_factor(x)
-    return factors
-
-
-def allocate_ranks(model: nn.Module, budget, targets: Targets = 'all', cost: str = 'trainable',
-                   objective: str = 'weight', calibration=None) -> Dict[str, int]:
-    """Per-layer TOU ranks that minimise the summed relative squared truncation error under a parameter budget.
-
-    Each targeted layer's error at rank r is ||W - W_r||_F^2 / ||W||_F^2 (objective 'weight'), or the same for
-    W L with L the whitening factor of its inputs (objective 'activation': the error of the layer's outputs on
-    the calibration inputs). Relative, so that every layer counts alike whatever its scale: with absolute errors
-    the few layers of largest norm would take the whole budget. A fused q/k/v projection is one layer of three
-    matrices sharing one rank (as `FactorizedLinear` holds it): its rank step removes the three matrices' k-th
-    singular values at once and costs three times.
-
-    Args:
-        model: the untouched model.
-        budget: parameters to spend (int), or a multiple of what uniform rank 0.375 of min(out, in) spends
-            (float; 1.0 spends the same).
-        targets: as `apply_tou`.
-        cost: 'trainable' (a rank costs `in` per matrix: B's row) or 'total' (`in + out`: A's column too).
-        objective: 'weight' or 'activation' (needs `calibration`).
-        calibration: model inputs, or layer name -> inputs (see `layer_whitening`).
-
-    Returns:
-        Layer name -> rank, in the model's order; `apply_tou(model, rank=...)` takes it as a rank pattern.
-    """
-    if objective not in ('weight', 'activation'):
-        raise ValueError(f"objective={objective!r}: must be 'weight' or 'activation'")
-    if objective == 'activation' and calibration is None:
-        raise ValueError("objective='activation' needs calibration inputs")
-    table = spectrum_table(model, targets, calibration=calibration if objective == 'activation' else None)
-    return allocate_from_table(table, budget, cost)
-
-
 def allocate_from_table(table: pd.DataFrame, budget, cost: str = 'trainable') -> Dict[str, int]:
-    """`allocate_ranks` on a spectrum table: layer name -> rank, the parts (q, k, v) of a name sharing one rank."""
-    if cost not in ('trainable', 'total'):
-        raise ValueError(f"cost={cost!r}: must be 'trainable' or 'total'")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ValueError(f'budget={budget!r}: must be a positive int (parameters) or float (a multiple of the '
-                         f'uniform-rank cost)')
-    gains, costs = [], []
-    names = list(dict.fromkeys(table.name))
-    for name in names:
-        parts = table[table.name == name]
-        spectra = [torch.as_tensor(s).square() for s in parts.singular_values]
-        length = min(len(s) for s in spectra)
-        gains.append(sum(s[:length] for s in spectra) / sum(float(s.sum()) for s in spectra))
-        costs.append(int(parts.in_features.sum() + (parts.out_features.sum() if cost == 'total' else 0)))
-    spend = budget * _uniform_cost(table, cost) if isinstance(budget, float) else budget
-    return dict(zip(names, allocate_budget(gains, costs, spend)))
-
+    """`toukit.ranks.allocate_ranks` on a spectrum table: layer name -> rank, the parts (q, k, v) of a name sharing
+    one rank."""
+    layers = [(name, [torch.as_tensor(s) for s in parts.singular_values],
+               list(zip(parts.out_features, parts.in_features))) for name, parts in table.groupby('name', sort=False)]
+    return allocate_spectra(layers, budget, cost)
 
 
 def layer_output_errors(model: nn.Module, inputs, fractions: Sequence[float], targets: Targets = None) -> pd.DataFrame:
@@ -282,49 +169,6 @@ def layer_output_errors(model: nn.Module, inputs, fractions: Sequence[float], ta
     return pd.DataFrame(rows)
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.norm((a - b).double()) / torch.linalg.norm(b.double()))
-
-
-def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales: Sequence[float] = (0.0,),
-               targets: Targets = None, seed: int = 0) -> Tuple[pd.DataFrame, pd.DataFrame]:
-    """The error TOU's initial factorization makes, for each rank and noise scale alpha.
-
-    The model is factorized as `apply_tou` does it (truncated SVD, then N(0, alpha^2) on both factors).
-
-    Returns:
-        (layers, totals): `layers` has one row per (rank, noise_scale, weight matrix) with the relative weight
-        error ||W - A'B'||_F / ||W||_F; `totals` one row per (rank, noise_scale) with the error of all targeted
-        weights together (weight_error) and the relative error of the model's logits on `inputs` (logit_error).
-    """
-    import copy
-    from .methods import apply_tou
-    family = model_family(model)
-    with torch.no_grad():
-        reference = call_model(model.eval(), inputs)
-    originals = list(layer_matrices(model, targets))
-    layer_rows, total_rows = [], []
-    for rank in ranks:
-        for alpha in noise_scales:
-            factored = apply_tou(copy.deepcopy(model), rank=rank, targets=targets, noise_scale=alpha, seed=seed)
-            modules = dict(factored.named_modules())
-            num = den = 0.0
-            with torch.no_grad():
-                logits = call_model(factored.eval(), inputs)
-                for name, part, w in originals:
-                    merged = modules[name].weight
-                    if part is not None:
-                        merged = merged.view(3, -1, merged.shape[1])[QKV_PARTS.index(part)]
-                    diff = float(torch.linalg.norm((merged - w).double()) ** 2)
-                    energy = float(torch.linalg.norm(w.double()) ** 2)
-                    num, den = num + diff, den + energy
-                    layer_rows.append(dict(rank=str(rank), noise_scale=alpha, **_layer_columns(family, name, part),
-                                           weight_error=float(np.sqrt(diff / energy))))
-            total_rows.append(dict(rank=str(rank), noise_scale=alpha, weight_error=float(np.sqrt(num / den)),
-                                   logit_error=_relative(logits, reference)))
-    return pd.DataFrame(layer_rows), pd.DataFrame(total_rows)
-
-
 def _pattern_cost(table: pd.DataFrame, ranks: Dict[str, int], cost: str = 'trainable') -> int:
     """Parameters TOU spends under a rank pattern: rank times `in` (B's row) for every matrix of every layer,
     plus `out` (A's column) with cost='total'."""
@@ -333,9 +177,9 @@ def _pattern_cost(table: pd.DataFrame, ranks: Dict[str, int], cost: str = 'train
 
 
 def _uniform_cost(table: pd.DataFrame, cost: str = 'trainable') -> int:
-    """What uniform rank 0.375 of min(out, in) spends: the unit of a budget given as a float."""
-    return _pattern_cost(table, {name: max(1, int(round(DEFAULT_FRACTION * int(parts.max_rank.min()))))
-                                 for name, parts in table.groupby('name', sort=False)}, cost)
+    """What uniform rank 0.375 of min(out, in) spends over a spectrum table's layers (`toukit.ranks.uniform_cost`)."""
+    return uniform_cost([(name, [], list(zip(parts.out_features, parts.in_features)))
+                         for name, parts in table.groupby('name', sort=False)], cost)
 
 
 def _energy_for_budget(table: pd.DataFrame, spend: float, iterations: int = 40) -> str:
@@ -368,53 +212,5 @@ def budget_policies(table: pd.DataFrame, budget: float) -> Dict[str, Tuple[objec
             'budget (activations)': (f'budget:{float(budget)}', True)}
 
 
-def budget_study(model: nn.Module, budgets: Sequence[float], heldout, calibration, targets: Targets = 'all'
-                 ) -> pd.DataFrame:
-    """Rank policies at equal trainable-parameter budgets, before any training (the adaptive-rank study, part a).
-
-    For each budget b (a multiple of what uniform rank 0.375 spends on B): uniform rank 0.375 b, the energy
-    threshold whose cost fits the budget, the budget allocation on weights, and the budget allocation on
-    activations with activation-aware factors (`calibration`). Each is applied with zero noise and measured on
-    `heldout` inputs the calibration never saw.
-
-    Returns:
-        One row per (budget, policy): trainable (B's parameters), weight_error (relative, all targets together),
-        output_error (every layer alone on the inputs it sees in the untouched model, relative, all together) and
-        logit_error (relative, the whole factorized model).
-    """
-    import copy
-    from .methods import apply_tou
-    table = spectrum_table(model, targets)
-    names = list(dict.fromkeys(table.name))
-    inputs = capture_layer_inputs(model, heldout, names)
-    with torch.no_grad():
-        reference = torch.cat([call_model(model.eval(), batch) for batch in (
-            heldout if isinstance(heldout, (list, tuple)) else [heldout])])
-    modules = dict(model.named_modules())
-    rows = []
-    for budget in budgets:
-        for policy, (rank, calibrated) in budget_policies(table, budget).items():
-            prepared = apply_tou(copy.deepcopy(model), rank=rank, targets=targets, noise_scale=0.0,
-                                 calibration=calibration if calibrated else None)
-            factored = dict(prepared.named_modules())
-            w_num = w_den = o_num = o_den = 0.0
-            with torch.no_grad():
-                for name in names:
-                    w = dense_weight(modules[name]).double()
-                    approx = factored[name].weight.double()
-                    x = inputs[name].double()
-                    w_num += float((approx - w).square().sum())
-                    w_den += float(w.square().sum())
-                    o_num += float((x @ (approx - w).T).square().sum())
-                    o_den += float((x @ w.T).square().sum())
-                logits = torch.cat([call_model(prepared.eval(), batch) for batch in (
-                    heldout if isinstance(heldout, (list, tuple)) else [heldout])])
-            rows.append(dict(budget=budget, policy=policy, trainable=_pattern_cost(table, prepared.toukit_ranks),
-                             weight_error=(w_num / w_den) ** 0.5, output_error=(o_num / o_den) ** 0.5,
-                             logit_error=_relative(logits, reference)))
-    return pd.DataFrame(rows)
-
-
-__all__ += ['error_curves', 'total_error', 'compare_policies', 'capture_layer_inputs', 'layer_output_errors',
-            'tou_errors', 'layer_whitening', 'allocate_ranks', 'allocate_from_table', 'budget_study',
+__all__ += ['error_curves', 'total_error', 'compare_policies', 'layer_output_errors', 'allocate_from_table',
             'budget_policies', 'BUDGET_POLICIES']

@@ -16,27 +16,27 @@ default, nor is anything that shares its weight with an embedding or is the mode
 no block exposes every dense layer but its head under `targets='all'`; anything that needs layer kinds on it raises
 with its linears listed.
 """
+import copy
 import fnmatch
 import re
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ['Targets', 'Family', 'model_family', 'find_targets', 'fused_splits', 'classifier_names',
+__all__ = ['Targets', 'Family', 'model_family', 'find_targets', 'fused_splits', 'new_modules',
            'QKVSplit', 'split_qkv', 'fuse_qkv', 'get_submodule_parent', 'layer_kind', 'block_index', 'layer_type',
-           'output_projections', 'describe_linears', 'require_family', 'QKV_PARTS', 'matches', 'dense_types',
-           'is_dense', 'dense_weight', 'dense_like', 'FUSED_QKV_NAMES']
+           'output_projections', 'layer_matrices', 'describe_linears', 'require_family', 'QKV_PARTS', 'matches', 'dense_types',
+           'is_dense', 'is_conv1d', 'dense_weight', 'dense_shape', 'dense_template', 'restore_dense', 'FUSED_QKV_NAMES']
 
 Targets = Union[str, Sequence[str], None]
 ATTENTION_CLASS = re.compile(r'Attention|Attn')  # class names of attention modules, in timm and transformers
 # projections that stack q, k and v as three contiguous row blocks (out = 3 * in). GPT-NeoX's and BLOOM's
 # query_key_value interleave them per head, so they are not split: each stays one matrix
 FUSED_QKV_NAMES = ('qkv', 'c_attn', 'Wqkv')
-CLASSIFIER_NAMES = ('head', 'classifier', 'fc', 'head.fc', 'score')  # a new task head: it trains in every method
 QKV_PARTS = ('q', 'k', 'v')
 
 
@@ -50,28 +50,66 @@ def is_dense(module: nn.Module) -> bool:
     return isinstance(module, dense_types())
 
 
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """A dense layer's weight as (out x in), whatever its layout (Conv1D stores in x out; toukit's layers give
-    their effective weight)."""
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is transformers' Conv1D (GPT-2), which stores its weight as (in x out)."""
     conv1d = dense_types()[1:]
-    return module.weight.T if conv1d and isinstance(module, conv1d) else module.weight
+    return bool(conv1d) and isinstance(module, conv1d)
 
 
-def dense_like(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
-    """A new dense layer of `module`'s class (nn.Linear or Conv1D) computing x W^T + b, W given as (out x in)."""
-    out_f, in_f = weight.shape
-    if isinstance(module, nn.Linear) or module is nn.Linear:
-        layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-    else:
-        conv1d = module if isinstance(module, type) else type(module)
-        layer = conv1d(out_f, in_f).to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight.T)
-    if bias is not None:
-        with torch.no_grad():
-            layer.bias.copy_(bias)
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A dense layer's weight as (out x in), whatever its layout (Conv1D stores in x out); a toukit layer's
+    effective weight (formed: for analysis and merge, never in a forward)."""
+    if hasattr(module, 'effective_weight'):
+        return module.effective_weight()
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def dense_shape(module: nn.Module) -> Tuple[int, int]:
+    """(out, in) of a dense layer or a toukit layer, without forming any matrix."""
+    if hasattr(module, 'effective_weight'):
+        return module.out_features, module.in_features
+    shape = tuple(module.weight.shape)
+    return shape[::-1] if is_conv1d(module) else shape
+
+
+def dense_template(module: nn.Module) -> nn.Module:
+    """A weightless copy of a dense layer (nn.Linear, any subclass, Conv1D): its class, attributes and buffers, with
+    its own parameters on the meta device, so `restore_dense` can rebuild it without guessing a constructor.
+
+    Raises:
+        ValueError: a subclass of nn.Linear whose weight is not (out_features x in_features): toukit could not
+            restore its layout.
+    """
+    if isinstance(module, nn.Linear) and tuple(module.weight.shape) != (module.out_features, module.in_features):
+        raise ValueError(f'{type(module).__name__}: weight of shape {tuple(module.weight.shape)} is not (out_features, '
+                         f'in_features) = ({module.out_features}, {module.in_features}); toukit cannot restore this '
+                         f'layer at merge')
+    memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device='meta'), requires_grad=p.requires_grad)
+            for p in module.parameters(recurse=False)}
+    return copy.deepcopy(module, memo)
+
+
+def restore_dense(template: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
+    """`template` (from `dense_template`) as a working layer computing x W^T + b, W given as (out x in): the same
+    class and layout, a bias exactly when the template has one, each parameter's `requires_grad` kept.
+
+    Raises:
+        ValueError: a weight or bias that does not fit the template, or a bias given to a layer without one (or
+            none to a layer with one).
+    """
+    layer = copy.deepcopy(template)
+    stored = weight.T if is_conv1d(layer) else weight
+    name = type(layer).__name__
+    if tuple(stored.shape) != tuple(layer.weight.shape):
+        raise ValueError(f'{name}: a weight of shape {tuple(weight.shape)} (out x in) does not fit its stored '
+                         f'weight of shape {tuple(layer.weight.shape)}')
+    has_bias = getattr(layer, 'bias', None) is not None
+    if has_bias != (bias is not None):
+        raise ValueError(f'{name}: the layer was built {"with" if has_bias else "without"} a bias, and the merge '
+                         f'brings {"none" if bias is None else "one"}')
+    layer.weight = nn.Parameter(stored.detach().contiguous().clone(), requires_grad=template.weight.requires_grad)
+    if has_bias:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=template.bias.requires_grad)
     return layer
 
 
@@ -136,7 +174,7 @@ def model_family(model: nn.Module) -> Optional[Family]:
     modules = dict(model.named_modules())
     kinds, blocks, attention_outputs, mlp_last, fused = {}, {}, {}, {}, []
     for name, module in modules.items():
-        if not (is_dense(module) or hasattr(module, 'merge_class')):  # a toukit layer stands for its dense layer
+        if not (is_dense(module) or hasattr(module, 'effective_weight')):  # a toukit layer stands for its dense layer
             continue
         parts = name.split('.')
         ancestors = ['.'.join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]  # nearest first
@@ -150,8 +188,8 @@ def model_family(model: nn.Module) -> Optional[Family]:
         blocks[name] = (block, block_of[block])
         if attention:
             attention_outputs[attention] = name  # the last dense layer registered under it
-            weight = dense_weight(module)
-            if parts[-1] in FUSED_QKV_NAMES and weight.shape[0] == 3 * weight.shape[1]:
+            out_f, in_f = dense_shape(module)
+            if parts[-1] in FUSED_QKV_NAMES and out_f == 3 * in_f:
                 fused.append(name)
         else:
             mlp_last[block] = name
@@ -205,12 +243,54 @@ def require_family(model: nn.Module, what: str) -> Family:
     return family
 
 
-def classifier_names(model: nn.Module) -> List[str]:
-    """Names of the classifier head's modules (timm's pretrained_cfg['classifier'], else common names)."""
+def _backbones(model: nn.Module) -> List[str]:
+    """Names of the pretrained backbones inside `model`, outermost first: for each Hugging Face model, its base model
+    (the child named by `base_model_prefix`, or the model itself when it is a base model such as BertModel)."""
+    found = []
+    for name, module in model.named_modules():
+        if any(name == b or name.startswith(b + '.') or b == '' for b in found):
+            continue
+        prefix = getattr(module, 'base_model_prefix', None)
+        if not isinstance(prefix, str) or not hasattr(module, 'config'):
+            continue
+        base = getattr(module, prefix, None) if prefix else None
+        found.append(f'{name}.{prefix}'.lstrip('.') if isinstance(base, nn.Module) else name)
+    return found
+
+
+def new_modules(model: nn.Module) -> List[str]:
+    """The modules a task adds to the pretrained backbone (its head): they train under every method.
+
+    timm: the classifier its `pretrained_cfg` names. Hugging Face: every module with parameters outside the base
+    model (`base_model_prefix`), whoever built the model (DistilBERT's pre_classifier and classifier, a score, a
+    head of any name, a wrapper's own head around an encoder), except the output embeddings and anything sharing
+    its weight with an embedding (an LM head is pretrained). Any other model: its last dense layer. Returned as the
+    outermost such modules, in module order.
+    """
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    candidates = [cfg['classifier']] if isinstance(cfg.get('classifier'), str) else list(CLASSIFIER_NAMES)
     modules = dict(model.named_modules())
-    return [c for c in candidates if c in modules]
+    if cfg.get('classifier'):
+        names = [cfg['classifier']] if isinstance(cfg['classifier'], str) else list(cfg['classifier'])
+        return [n for n in names if n in modules]
+    backbones = _backbones(model)
+    if not backbones:
+        dense = [n for n, m in modules.items() if is_dense(m)]
+        return dense[-1:]
+    output = getattr(model, 'get_output_embeddings', None)
+    output = output() if callable(output) else None
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+    def pretrained(name: str, module: nn.Module) -> bool:
+        inside = any(b == '' or name == b or name.startswith(b + '.') or b.startswith(name + '.') for b in backbones)
+        return inside or not name or module is output or id(getattr(module, 'weight', None)) in embedded
+
+    found = []
+    for name, module in modules.items():
+        if any(name.startswith(f + '.') for f in found) or next(module.parameters(), None) is None:
+            continue
+        if not any(pretrained(n, m) for n, m in module.named_modules(prefix=name)):
+            found.append(name)
+    return found
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -220,7 +300,8 @@ def matches(name: str, pattern: str) -> bool:
 
 def head_names(model: nn.Module) -> List[str]:
     """Dense layers that are a head: the classifier, the output embeddings, or tied to any embedding's weight."""
-    heads = set(classifier_names(model))
+    modules = dict(model.named_modules())
+    heads = {n for head in new_modules(model) for n, m in modules[head].named_modules(prefix=head) if is_dense(m)}
     output = getattr(model, 'get_output_embeddings', None)
     output = output() if callable(output) else None
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -303,19 +384,16 @@ class QKVSplit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module) -> 'QKVSplit':
         """Split a fused dense layer (nn.Linear or Conv1D) into three nn.Linear; `to_linear` restores its class."""
-        weight = dense_weight(linear)
+        weight = dense_weight(linear).detach()
         d_out = weight.shape[0] // 3
         parts = []
         for i in range(3):
-            bias = linear.bias[i * d_out:(i + 1) * d_out] if linear.bias is not None else None
-            part = dense_like(nn.Linear, weight[i * d_out:(i + 1) * d_out].detach(),
-                              None if bias is None else bias.detach())
-            part.weight.requires_grad_(linear.weight.requires_grad)
-            if part.bias is not None:
-                part.bias.requires_grad_(linear.bias.requires_grad)
-            parts.append(part)
+            bias = linear.bias[i * d_out:(i + 1) * d_out].detach() if linear.bias is not None else None
+            part = nn.Linear(weight.shape[1], d_out, bias=bias is not None, device='meta', dtype=weight.dtype)
+            part.requires_grad_(linear.weight.requires_grad)
+            parts.append(restore_dense(part, weight[i * d_out:(i + 1) * d_out], bias))
         split = cls(*parts)
-        split.fused_class = type(linear)
+        split.__dict__['_template'] = dense_template(linear)  # not a submodule: to_linear restores it
         return split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,7 +405,10 @@ class QKVSplit(nn.Module):
         if not all(isinstance(p, nn.Linear) for p in parts):
             raise ValueError('QKVSplit.to_linear: merge the q, k, v layers into nn.Linear first (toukit.merge)')
         bias = torch.cat([p.bias for p in parts]).detach() if parts[0].bias is not None else None
-        return dense_like(getattr(self, 'fused_class', nn.Linear), torch.cat([p.weight for p in parts]).detach(), bias)
+        weight = torch.cat([p.weight for p in parts]).detach()
+        template = self.__dict__.get('_template') or dense_template(nn.Linear(
+            weight.shape[1], weight.shape[0], bias=bias is not None, device='meta'))
+        return restore_dense(template, weight, bias)
 
 
 def split_qkv(model: nn.Module) -> List[str]:
@@ -350,3 +431,16 @@ def fuse_qkv(model: nn.Module) -> List[str]:
             setattr(parent, child, module.to_linear())
             fused.append(name)
     return fused
+
+
+def layer_matrices(model: nn.Module, targets: Targets = None) -> Iterator[Tuple[str, Optional[str], torch.Tensor]]:
+    """(name, part, weight) for every targeted linear; a fused q/k/v projection yields its three blocks."""
+    family = model_family(model)
+    for name, linear in find_targets(model, targets).items():
+        weight = dense_weight(linear).detach()
+        splits = fused_splits(family, name, linear)
+        if splits == 1:
+            yield name, None, weight
+        else:
+            for part, block in zip(QKV_PARTS, weight.view(splits, -1, weight.shape[1]).unbind(0)):
+                yield name, part, block

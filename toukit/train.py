@@ -3,11 +3,16 @@
     config = TrainConfig(method='tou')          # the 'demo' preset: MiniLM on BBC News, offline, CPU
     record = run(config)                        # trains, evaluates each epoch, merges, writes results/<run id>.json
 
+A run has three phases around one `RunState` (`toukit.checkpoint`): prepare (model, data, method; a resume restores
+the state), fit (the epochs and their checkpoints) and finish (final evaluation, merge, record). The checkpoint
+writes the state, a resume reads it, and the record's cost fields are written from it, so a resumed run reports
+what an uninterrupted one does.
+
 AdamW at a constant learning rate (the TOU paper's setting); validation and test accuracy after every epoch
 (choices are made on validation, results reported on test), the training loss every step. The record holds the
 training wall time (evaluation and waiting for data excluded; the wait is recorded apart), the time spent
-preparing the model (factorizing, for TOU), peak memory (CUDA max_memory_allocated on a GPU, the process's peak
-RSS on the CPU), the memory the training steps themselves add (`train_memory_mib`), and parameter counts.
+preparing the model (factorizing, for TOU), peak memory and the memory the training steps themselves add (each
+defined in `MEMORY_DEFINITIONS` and in the record), and parameter counts.
 Methods that change the architecture are merged back after training and evaluated again.
 """
 import contextlib
@@ -33,8 +38,8 @@ from .data import load_dataset, num_classes_of
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
 from .models import call_model, create_model
 from .ranks import parse_rank
-from .checkpoint import (RunLock, RunLockedError, checkpoint_dir, has_checkpoint, load_checkpoint, remove_checkpoint,
-                         rng_states, save_checkpoint, set_rng_states)
+from .checkpoint import (RunLock, RunLockedError, RunState, checkpoint_dir, has_checkpoint, load_optimizer,
+                         read_checkpoint, remove_checkpoint, restore_model, rng_states, save_checkpoint, set_rng_states)
 from .results import environment, finished_record, identity, now, run_id, write_record
 
 __all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'run', 'evaluate', 'set_seed', 'RecordExistsError',
@@ -301,33 +306,52 @@ def _rss_mib() -> float:
         return 0.0
 
 
-class _Memory:
-    """Peak memory in MiB, and the part of it the training steps add.
+MEMORY_DEFINITIONS = {
+    'cuda_max_allocated': dict(
+        peak_memory_mib='the most CUDA memory allocated at any point of the run (building and preparing the model, '
+                        'training, evaluation, merge; torch.cuda.max_memory_allocated), over every resumed segment',
+        train_memory_mib='the most CUDA memory allocated during the training steps above what was allocated just '
+                         'before the first (the model prepared, no optimizer state yet): gradients, optimizer state, '
+                         'activations; over every resumed segment'),
+    'process_peak_rss': dict(
+        peak_memory_mib="the process's peak resident set size over the run (building and preparing the model, "
+                        'training, evaluation, merge; getrusage ru_maxrss), over every resumed segment',
+        train_memory_mib='the peak RSS sampled during the training steps above the RSS just before the first (the '
+                         'model prepared, no optimizer state yet): gradients, optimizer state, activations; over '
+                         'every resumed segment'),
+}
 
-    On a GPU: `torch.cuda.max_memory_allocated`, and its peak during training above what was allocated just before
-    the first step. On the CPU: the process's peak RSS (which includes the runtime and the factorization's
-    workspace), and the peak RSS sampled every `interval` seconds during the training steps above the RSS just
-    before the first step: parameters' gradients, optimizer state and activations, which is what separates methods.
+
+class _Memory:
+    """Peak memory in MiB, and the part of it the training steps add (`MEMORY_DEFINITIONS`).
+
+    On a GPU: `torch.cuda.max_memory_allocated`; the training window's peak above what was allocated just before the
+    first step. On the CPU: the process's peak RSS, and the peak RSS sampled every `interval` seconds during the
+    training window above the RSS at its start. The window opens before a resumed run loads its optimizer state, so
+    that state counts in it as it does when an uninterrupted run's first step allocates it.
     """
 
     def __init__(self, device: torch.device, interval: float = 0.005):
         self.device, self.interval = device, interval
         self.kind = 'cuda_max_allocated' if device.type == 'cuda' else 'process_peak_rss'
         self.baseline = self.train_peak = None
+        self.before_training = 0.0  # a GPU's peak before its statistics were reset for the training window
         self._stop = threading.Event()
         self._thread = None
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
 
     def peak_mib(self) -> float:
+        """The most memory the process has held so far (on a GPU, before and during the training window too)."""
         if self.device.type == 'cuda':
-            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            return max(self.before_training, torch.cuda.max_memory_allocated(self.device) / 2 ** 20)
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     def start_training(self) -> None:
-        """Call just before the first training step."""
+        """Open the training window: call once the model is ready, before any optimizer state exists."""
         if self.device.type == 'cuda':
+            self.before_training = self.peak_mib()
             self.baseline = torch.cuda.memory_allocated(self.device) / 2 ** 20
             torch.cuda.reset_peak_memory_stats(self.device)
             return
@@ -339,15 +363,21 @@ class _Memory:
         while not self._stop.wait(self.interval):
             self.train_peak = max(self.train_peak, _rss_mib())
 
-    def stop_training(self) -> Optional[float]:
-        """Stop sampling; the MiB the training steps added over the baseline (None if never started)."""
+    def train_mib(self) -> float:
+        """The MiB the training window has added over its baseline so far (0 before it opens)."""
         if self.baseline is None:
-            return None
+            return 0.0
         if self.device.type == 'cuda':
             return torch.cuda.max_memory_allocated(self.device) / 2 ** 20 - self.baseline
-        self._stop.set()
-        self._thread.join()
         return max(self.train_peak, _rss_mib()) - self.baseline
+
+    def stop_training(self) -> float:
+        """Close the training window; the MiB it added."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        return self.train_mib()
 
 
 def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: bool = False, resume: bool = False,
@@ -384,7 +414,8 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
                       metrics=dict(epochs=[], steps=[], final={}), cost={},
                       env=dict(environment(str(device)), pid=os.getpid(), host=socket.gethostname()))
         try:
-            _train(config, device, record, progress and main, path, resume)
+            job = _prepare(config, device, record, path, resume, progress and main)
+            _finish(job, _fit(job))
             record['status'] = 'ok'
             if main:
                 remove_checkpoint(path)
@@ -417,9 +448,61 @@ def _loaders(config: TrainConfig, data, device: torch.device):
     return train, evals, generator
 
 
-def _train(config: TrainConfig, device: torch.device, record: dict, progress: bool, path: Path,
-           resume: bool = False) -> None:
-    from tqdm.auto import tqdm
+@dataclass
+class _Run:
+    """One run's live objects (model, data, optimizer, engine, memory meter) around its `RunState`."""
+    config: TrainConfig
+    device: torch.device
+    path: Path
+    record: dict
+    state: RunState
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    eval_loaders: Dict[str, DataLoader]
+    generator: torch.Generator
+    memory: '_Memory'
+    engine: object = None
+    progress: bool = True
+
+    @property
+    def distributed(self) -> bool:
+        return self.engine is not None and self.engine.num_processes > 1
+
+    @property
+    def main(self) -> bool:
+        return self.engine is None or self.engine.is_main_process
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n = len(self.train_loader)
+        return n if self.config.max_steps_per_epoch is None else min(n, self.config.max_steps_per_epoch)
+
+    def bare_model(self) -> nn.Module:
+        return self.engine.unwrap_model(self.model) if self.distributed else self.model
+
+    def write_costs(self) -> None:
+        """The record's cost fields, from the run state: the same definitions whether or not the run was resumed."""
+        self.state.peak_memory_mib = max(self.state.peak_memory_mib, self.memory.peak_mib())
+        self.record['cost'].update(self.state.cost_fields())
+
+    def checkpoint(self) -> None:
+        """Save the run state (with the data order and RNGs as they are now) and what training changed."""
+        self.state.rng = rng_states()
+        self.state.train_memory_mib = max(self.state.train_memory_mib, self.memory.train_mib())
+        self.state.peak_memory_mib = max(self.state.peak_memory_mib, self.memory.peak_mib())
+        if self.main:
+            save_checkpoint(self.path, self.bare_model(), self.optimizer, self.state,
+                            identity(dataclasses.asdict(self.config)))
+
+    def evaluate(self) -> Dict[str, dict]:
+        return {split: evaluate(self.model, loader, self.device, self.config.precision, self.engine)
+                for split, loader in self.eval_loaders.items()}
+
+
+def _prepare(config: TrainConfig, device: torch.device, record: dict, path: Path, resume: bool,
+             progress: bool) -> _Run:
+    """Build the model, its data and the method; restore a checkpoint's state; open the training-memory window."""
     set_seed(config.seed)
     model = create_model(config.model, num_classes_of(config.dataset), pretrained=config.pretrained,
                          checkpoint=config.checkpoint, seed=config.seed)
@@ -428,9 +511,7 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
                         test_limit=config.test_limit, download=config.download)
     set_seed(config.seed)  # the data's own draws (limits) never shift the seeded stream the run uses
     engine = _engine(config, path)
-    distributed = engine is not None and engine.num_processes > 1
-    main = engine is None or engine.is_main_process
-    if distributed:
+    if engine is not None and engine.num_processes > 1:
         if config.batch_size % engine.num_processes:
             raise ValueError(f'batch_size={config.batch_size} does not split over {engine.num_processes} processes: '
                              f'the global batch must be a multiple of the world size')
@@ -449,122 +530,133 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
     factorize_seconds = time.perf_counter() - t0  # new layers are built on their weights' device
     trainable, total = count_parameters(model)
     record['cost'].update(trainable_params=trainable, total_params=total, factorize_seconds=factorize_seconds,
-                          memory_kind=memory.kind, num_workers=config.num_workers)
+                          memory_kind=memory.kind, memory_definitions=MEMORY_DEFINITIONS[memory.kind],
+                          num_workers=config.num_workers)
     record['data'] = dict(train_size=len(data.train), val_size=len(data.val), test_size=len(data.test),
                           classes=data.classes)
+    record['new_modules'] = list(model.toukit_new_modules)  # the head: trains under every method
     if getattr(model, 'toukit_ranks', None):
         record['ranks'] = dict(model.toukit_ranks)  # a rank pattern: rank=record['ranks'] replays the allocation
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)  # constant lr
-    steps_per_epoch = len(train_loader) if config.max_steps_per_epoch is None else min(
-        len(train_loader), config.max_steps_per_epoch)
-    step, train_seconds, data_seconds, start_epoch, skip = 0, 0.0, 0.0, 1, 0
-    metrics = record['metrics']
+    state = RunState(created=record['run']['created'])
     if resume:  # everything above is rebuilt deterministically; the checkpoint brings what training changed
-        state = load_checkpoint(path, identity(dataclasses.asdict(config)), model, optimizer)
-        step, start_epoch, skip = state['step'], state['epoch'], state['step_in_epoch']
-        train_seconds, data_seconds = state['train_seconds'], state['data_seconds']
-        record['metrics'] = metrics = state['metrics']
-        record['run']['created'] = state['created']
-        record['resumed'] = state['resumed'] + [dict(at_step=step, time=now())]
-        generator.set_state(state['generator'])
-        set_rng_states(state['rng'])
+        state, tensors = read_checkpoint(path, identity(dataclasses.asdict(config)))
+        restore_model(path, model, tensors)
+        del tensors
+        state.resumed = state.resumed + [dict(at_step=state.step, time=now())]
+        record['run']['created'] = state.created
+        record['resumed'] = state.resumed
+        record['metrics'] = state.metrics
+        generator.set_state(state.generator)
+        set_rng_states(state.rng)
+    record['metrics'] = state.metrics  # one dict: the state's metrics are the record's
 
-    if distributed:  # DDP, and each process gets its share of every global batch (split_batches)
+    if engine is not None and engine.num_processes > 1:  # DDP, each process gets its share of every global batch
         model, optimizer, train_loader, *loaders = engine.prepare(model, optimizer, train_loader,
                                                                   *eval_loaders.values())
         eval_loaders = dict(zip(eval_loaders, loaders))
+    memory.start_training()  # the model is ready and no optimizer state exists yet
+    if resume:
+        load_optimizer(path, optimizer)  # inside the window, as an uninterrupted run's first step allocates it
+    return _Run(config, device, path, record, state, model, optimizer, train_loader, eval_loaders, generator, memory,
+                engine, progress)
 
-    def checkpoint(epoch: int, step_in_epoch: int, epoch_generator: torch.Tensor, epoch_seconds: float = 0.0,
-                   epoch_data: float = 0.0) -> None:
-        if not main:
-            return
-        save_checkpoint(path, engine.unwrap_model(model) if distributed else model, optimizer, dict(
-            identity=identity(dataclasses.asdict(config)), step=step, epoch=epoch, step_in_epoch=step_in_epoch,
-            generator=epoch_generator, rng=rng_states(), metrics=metrics, created=record['run']['created'],
-            resumed=record.get('resumed', []), train_seconds=train_seconds, data_seconds=data_seconds,
-            epoch_seconds=epoch_seconds, epoch_data=epoch_data))
 
-    tracker = engine if config.log_with else None
-    memory.start_training()
+def _fit(run: _Run) -> Optional[Dict[str, dict]]:
+    """The epochs from the run state's position: a step's loss, every epoch's evaluation, a checkpoint after every
+    epoch (and every `checkpoint_every` steps), a partial record after every epoch. Returns the last evaluation
+    (None when the run was resumed after its last epoch)."""
+    from tqdm.auto import tqdm
+    config, state, model, optimizer = run.config, run.state, run.model, run.optimizer
+    metrics = state.metrics
+    tracker = run.engine if config.log_with else None
+    steps = run.steps_per_epoch
     evals = None
     try:
-        for epoch in range(start_epoch, config.epochs + 1):
+        while state.epoch <= config.epochs:
+            epoch, skip = state.epoch, state.step_in_epoch
             model.train()
-            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f'{config.method} epoch {epoch}/{config.epochs}',
-                       disable=not progress, leave=False)
+            bar = tqdm(total=steps, initial=skip, desc=f'{config.method} epoch {epoch}/{config.epochs}',
+                       disable=not run.progress, leave=False)
             losses = [s['loss'] for s in metrics['steps'] if s['epoch'] == epoch]  # those before a resume
-            epoch_seconds, epoch_data = (state['epoch_seconds'], state['epoch_data']) if skip else (0.0, 0.0)
-            epoch_generator = generator.get_state()  # the data order of this epoch is drawn from it
-            batches = iter(train_loader)
-            for i in range(steps_per_epoch):
+            if not skip:
+                state.generator = run.generator.get_state()  # the data order of this epoch is drawn from it
+            batches = iter(run.train_loader)
+            for i in range(steps):
                 t_data = time.perf_counter()
                 batch = next(batches)
                 if i < skip:  # done before the resume: the same order, without training on it again
                     continue
-                inputs, labels = _to(batch, device)
+                inputs, labels = _to(batch, run.device)
                 t_step = time.perf_counter()
-                with _autocast(device, config.precision):
+                with _autocast(run.device, config.precision):
                     loss = F.cross_entropy(call_model(model, inputs).float(), labels)
                 optimizer.zero_grad(set_to_none=True)
-                if distributed:
-                    engine.backward(loss)
+                if run.distributed:
+                    run.engine.backward(loss)
                 else:
                     loss.backward()
                 optimizer.step()
-                if distributed:  # the global batch's loss: the mean of the processes' equal shares
-                    loss = engine.reduce(loss.detach(), reduction='mean')
+                if run.distributed:  # the global batch's loss: the mean of the processes' equal shares
+                    loss = run.engine.reduce(loss.detach(), reduction='mean')
                 losses.append(loss.item())  # .item() waits for the device: the step is done
-                epoch_seconds += time.perf_counter() - t_step
-                epoch_data += t_step - t_data
-                step += 1
+                state.epoch_seconds += time.perf_counter() - t_step
+                state.epoch_data += t_step - t_data
+                state.step += 1
+                state.step_in_epoch = i + 1
                 if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f'training loss is {losses[-1]} at step {step} (epoch {epoch})')
-                metrics['steps'].append(dict(step=step, epoch=epoch, loss=losses[-1]))
+                    raise FloatingPointError(f'training loss is {losses[-1]} at step {state.step} (epoch {epoch})')
+                metrics['steps'].append(dict(step=state.step, epoch=epoch, loss=losses[-1]))
                 if tracker:
-                    tracker.log(dict(train_loss=losses[-1]), step=step)
+                    tracker.log(dict(train_loss=losses[-1]), step=state.step)
                 bar.set_postfix(loss=f'{losses[-1]:.4f}')
                 bar.update()
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
-                    checkpoint(epoch, i + 1, epoch_generator, epoch_seconds, epoch_data)
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < steps:
+                    run.checkpoint()
             del batches
             bar.close()
-            skip = 0
-            train_seconds, data_seconds = train_seconds + epoch_seconds, data_seconds + epoch_data
-            evals = {split: evaluate(model, loader, device, config.precision, engine)
-                     for split, loader in eval_loaders.items()}
-            metrics['epochs'].append(dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)),
+            state.train_seconds += state.epoch_seconds
+            state.data_seconds += state.epoch_data
+            evals = run.evaluate()
+            metrics['epochs'].append(dict(epoch=epoch, step=state.step, train_loss=float(np.mean(losses)),
                                           val_loss=evals['val']['loss'], val_accuracy=evals['val']['accuracy'],
                                           test_loss=evals['test']['loss'], test_accuracy=evals['test']['accuracy'],
-                                          train_seconds=epoch_seconds, data_seconds=epoch_data))
+                                          train_seconds=state.epoch_seconds, data_seconds=state.epoch_data))
             if tracker:
                 tracker.log({f'epoch_{k}': v for k, v in metrics['epochs'][-1].items() if k not in ('epoch', 'step')},
-                            step=step)
-            record['cost'].update(train_seconds=train_seconds, data_seconds=data_seconds,
-                                  peak_memory_mib=memory.peak_mib())
-            checkpoint(epoch + 1, 0, generator.get_state())
-            if main:
-                write_record(record, path)  # a partial record after every epoch: a dead run loses at most one epoch
-            if progress:
+                            step=state.step)
+            state.epoch, state.step_in_epoch, state.epoch_seconds, state.epoch_data = epoch + 1, 0, 0.0, 0.0
+            state.generator = run.generator.get_state()
+            run.checkpoint()
+            run.write_costs()
+            if run.main:
+                write_record(run.record, run.path)  # a partial record after every epoch: a dead run loses one epoch
+            if run.progress:
                 print(f'epoch {epoch}: train loss {np.mean(losses):.4f}  val loss {evals["val"]["loss"]:.4f}  '
                       f'val accuracy {evals["val"]["accuracy"]:.4f}  test accuracy {evals["test"]["accuracy"]:.4f}  '
-                      f'({epoch_seconds:.1f}s)')
+                      f'({metrics["epochs"][-1]["train_seconds"]:.1f}s)')
     finally:
-        record['cost']['train_memory_mib'] = memory.stop_training()
+        state.train_memory_mib = max(state.train_memory_mib, run.memory.stop_training())
+        run.write_costs()
         if tracker:
             tracker.end_training()
-    if distributed:
-        model = engine.unwrap_model(model)  # every process holds the same weights: each merges its copy
-    if evals is None:  # resumed after the last epoch: evaluate the restored model again (deterministic)
-        evals = {split: evaluate(model, loader, device, config.precision, engine)
-                 for split, loader in eval_loaders.items()}
+    return evals
 
+
+def _finish(run: _Run, evals: Optional[Dict[str, dict]]) -> None:
+    """The final metrics, the merge back into the original architecture (checked against the last evaluation), the
+    merged weights, and the cost fields from the run state."""
+    config, metrics = run.config, run.state.metrics
+    model = run.model = run.bare_model()  # every process holds the same weights: each merges its copy
+    if evals is None:  # resumed after the last epoch: evaluate the restored model again (deterministic)
+        evals = run.evaluate()
     last = metrics['epochs'][-1]
     test_predictions = evals['test']['logits'].argmax(-1)
     final = dict(val_accuracy=last['val_accuracy'], val_loss=last['val_loss'], test_accuracy=last['test_accuracy'],
                  test_loss=last['test_loss'], best_val_accuracy=max(e['val_accuracy'] for e in metrics['epochs']),
-                 steps=step, test_predictions=test_predictions.tolist(),
+                 steps=run.state.step, test_predictions=test_predictions.tolist(),
                  test_labels=evals['test']['labels'].tolist(),
                  inference_seconds=evals['test']['seconds'], inference_params=count_parameters(model)[1])
     if not METHODS[config.method].mergeable:
@@ -572,8 +664,7 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
     elif has_method_layers(model):
         # merge back into the original architecture and check nothing changed against the last evaluation
         merge(model)
-        merged = {split: evaluate(model, loader, device, config.precision, engine)
-                  for split, loader in eval_loaders.items()}
+        merged = run.evaluate()
         final.update(merge='merged', merged_val_accuracy=merged['val']['accuracy'],
                      merged_test_accuracy=merged['test']['accuracy'], merged_params=count_parameters(model)[1],
                      merged_max_abs_logit_diff=max(float((merged[k]['logits'] - evals[k]['logits']).abs().max())
@@ -582,11 +673,12 @@ def _train(config: TrainConfig, device: torch.device, record: dict, progress: bo
     else:
         final['merge'] = 'nothing to merge: the architecture never changed'
     metrics['final'] = final
-    if config.save_weights and main:
+    if config.save_weights and run.main:
         from safetensors.torch import save_model
         if METHODS[config.method].mergeable:
             merge(model)  # a no-op when already merged (or never prepared: ft, bitfit)
-        save_model(model, str(path.with_suffix('.safetensors')))
+        save_model(model, str(run.path.with_suffix('.safetensors')))
+    run.write_costs()
 
 
 def _engine(config: TrainConfig, path: Path):
