@@ -30,6 +30,39 @@ def _same_outcome(a: dict, b: dict):
     assert fa['test_predictions'] == fb['test_predictions'] and fa['test_loss'] == fb['test_loss']
 
 
+def _same_costs(resumed: dict, reference: dict):
+    """Every cost field the uninterrupted run records, with the same definitions, and measured (not 0 or None)."""
+    a, b = resumed['cost'], reference['cost']
+    assert a.keys() == b.keys()
+    for key in ('memory_kind', 'memory_definitions', 'trainable_params', 'total_params', 'num_workers'):
+        assert a[key] == b[key], key
+    for key in ('train_seconds', 'data_seconds', 'factorize_seconds', 'peak_memory_mib'):
+        assert a[key] > 0, key
+    assert a['train_memory_mib'] >= 0 and a['train_memory_mib'] is not None
+    # the training time of each epoch adds up to the run's, resumed or not
+    assert a['train_seconds'] == pytest.approx(sum(e['train_seconds'] for e in resumed['metrics']['epochs']))
+
+
+def _kill_at(folder, kw: dict, kill_after: int):
+    """Start the run in a subprocess and SIGKILL it once a checkpoint at step >= kill_after is on disk."""
+    code = f'from toukit import train; train.run(results_dir={str(folder)!r}, progress=False, **{kw!r})'
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = folder / f'{train.resolve_config(results_dir=str(folder), **kw).name}.json'
+    state = checkpoint.checkpoint_dir(path) / 'state.pt'
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                if torch.load(state, weights_only=False)['state']['step'] >= kill_after:
+                    break
+            except Exception:  # noqa: BLE001 - caught mid-replace: look again
+                pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return path
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp('reference')
@@ -41,32 +74,66 @@ def test_kill_at_a_random_step_then_resume_is_bitwise_identical(uninterrupted, t
     reference, reference_path = uninterrupted
     total = len(reference['metrics']['steps'])
     kill_after = random.Random(os.getpid()).randint(2, total - 2)  # any step: mid-epoch or at an epoch's end
-    code = (f'from toukit import train; train.run(results_dir={str(tmp_path)!r}, progress=False, '
-            f'**{KW!r})')
-    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    path = tmp_path / reference_path.name
-    state = checkpoint.checkpoint_dir(path) / 'state.pt'
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if state.exists():
-            try:
-                if torch.load(state, weights_only=False)['step'] >= kill_after:
-                    break
-            except Exception:  # noqa: BLE001 - caught mid-replace: look again
-                pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    path = _kill_at(tmp_path, KW, kill_after)
     runs = results.load_runs(tmp_path)
     if len(runs):  # killed after the first epoch's partial record: it reads as interrupted, not running
         assert runs.status.tolist() == ['interrupted']
     resumed = train.run(results_dir=str(tmp_path), progress=False, resume=True, **KW)
     assert resumed['resumed'][0]['at_step'] >= kill_after
     _same_outcome(resumed, reference)
+    _same_costs(resumed, reference)
     mine, theirs = _weights(path), _weights(reference_path)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert not checkpoint.checkpoint_dir(path).exists()  # a finished run leaves no checkpoint
     assert not path.with_suffix('.lock').exists()
+
+
+# a timm model with BatchNorm (its running statistics are buffers training changes) and the real MiniLM
+RESUMED_MODELS = {
+    'batchnorm': dict(method='ft', preset='test', model='test_efficientnet', epochs=2, checkpoint_every=1,
+                      max_steps_per_epoch=4, train_limit=64, save_weights=True),
+    'minilm': dict(method='tou', preset='demo', epochs=2, checkpoint_every=1, max_steps_per_epoch=3, train_limit=100,
+                   val_limit=20, test_limit=20, max_length=16, batch_size=8, save_weights=True),
+}
+
+
+@pytest.mark.parametrize('model', list(RESUMED_MODELS))
+def test_every_model_resumes_from_a_kill_bitwise_with_every_cost_field(model, tmp_path):
+    kw = RESUMED_MODELS[model]
+    reference = train.run(results_dir=str(tmp_path / 'reference'), progress=False, **kw)
+    kill_after = random.Random(os.getpid()).randint(1, len(reference['metrics']['steps']) - 1)
+    path = _kill_at(tmp_path, kw, kill_after)
+    resumed = train.run(results_dir=str(tmp_path), progress=False, resume=True, **kw)
+    assert resumed['resumed'][0]['at_step'] >= kill_after
+    _same_outcome(resumed, reference)
+    _same_costs(resumed, reference)
+    mine, theirs = _weights(path), _weights(tmp_path / 'reference' / path.name)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    if model == 'batchnorm':
+        assert any('running_mean' in k for k in mine)
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_with_every_cost_field(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    real = train.merge
+
+    def die_in_merge(model):
+        raise KeyboardInterrupt  # dies in merge, after the last epoch's checkpoint
+    train.merge = die_in_merge
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.run(results_dir=str(tmp_path), progress=False, **KW)
+    finally:
+        train.merge = real
+    path = train.resolve_config(results_dir=str(tmp_path), **KW).record_path
+    saved = torch.load(checkpoint.checkpoint_dir(path) / 'state.pt', weights_only=False)['state']
+    resumed = train.run(results_dir=str(tmp_path), progress=False, resume=True, **KW)
+    assert resumed['status'] == 'ok' and resumed['resumed'][0]['at_step'] == len(reference['metrics']['steps'])
+    _same_outcome(resumed, reference)
+    _same_costs(resumed, reference)
+    # nothing trained after the resume: the costs are the checkpointed run's, never a fresh window's 0
+    assert resumed['cost']['train_seconds'] == saved['train_seconds'] > 0
+    assert resumed['cost']['train_memory_mib'] >= saved['train_memory_mib'] > 0
 
 
 def test_resume_without_checkpoint_or_from_another_config_is_refused(tmp_path):
@@ -83,9 +150,9 @@ def test_resume_without_checkpoint_or_from_another_config_is_refused(tmp_path):
 def _interrupt_after_first_epoch(folder, **kw):
     real = checkpoint.save_checkpoint
 
-    def save_then_stop(path, model, optimizer, state):
-        real(path, model, optimizer, state)
-        if state['step_in_epoch'] == 0:  # the end-of-epoch checkpoint
+    def save_then_stop(path, model, optimizer, state, identity):
+        real(path, model, optimizer, state, identity)
+        if state.step_in_epoch == 0:  # the end-of-epoch checkpoint
             raise KeyboardInterrupt
     train.save_checkpoint, saved = save_then_stop, train.save_checkpoint
     try:

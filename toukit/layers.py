@@ -101,7 +101,9 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 def _check_dense(linear: nn.Module, name: str) -> torch.Tensor:
     """`linear`'s weight as (out x in), detached; a ValueError unless it is nn.Linear (or a subclass) or Conv1D."""
     if not is_dense(linear):
-        raise ValueError(f'{name}: expected nn.Linear or Conv1D, got {type(linear).__name__}')
+        own = ' with a forward of its own (it computes something other than x W^T + b)' if isinstance(
+            linear, nn.Linear) else ''
+        raise ValueError(f'{name}: expected nn.Linear or Conv1D, got {type(linear).__name__}{own}')
     return dense_weight(linear).detach()
 
 

@@ -20,11 +20,13 @@ import copy
 import fnmatch
 import re
 import sys
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['Targets', 'Family', 'model_family', 'find_targets', 'fused_splits', 'new_modules',
@@ -47,7 +49,35 @@ def dense_types() -> tuple:
 
 
 def is_dense(module: nn.Module) -> bool:
-    return isinstance(module, dense_types())
+    """Whether `module` computes x W^T + b: nn.Linear or Conv1D, or a subclass that keeps their forward or whose own
+    forward computes the same (Falcon's FalconLinear; checked once on one random row). A subclass whose forward
+    computes something else (Llama 4's router returns scores and logits) is never a target."""
+    types = dense_types()
+    if not isinstance(module, types):
+        return False
+    if any(type(module).forward is t.forward for t in types):
+        return True
+    if module not in _OWN_FORWARD:
+        _OWN_FORWARD[module] = _computes_dense(module)
+    return _OWN_FORWARD[module]
+
+
+_OWN_FORWARD = weakref.WeakKeyDictionary()  # dense subclass with a forward of its own -> whether it is x W^T + b
+
+
+def _computes_dense(module: nn.Module) -> bool:
+    weight = module.weight.T if isinstance(module, dense_types()[1:]) else module.weight
+    if weight.device.type == 'meta':
+        return False
+    x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception:  # noqa: BLE001 - any failure: not a plain dense layer
+        return False
+    expected = F.linear(x, weight, getattr(module, 'bias', None))
+    return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-4,
+                                                                                             atol=1e-5)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -326,7 +356,7 @@ def find_targets(model: nn.Module, targets: Targets = 'all', module_type=None) -
     """
     targets = 'all' if targets is None else targets
     module_type = module_type or dense_types()
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, module_type)]
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, module_type) and is_dense(m)]
     heads = set(head_names(model))
     if isinstance(targets, str) and targets in ('all', 'attention', 'mlp'):
         family = model_family(model)

@@ -1,0 +1,69 @@
+"""What the task adds to a pretrained backbone (its head) trains under every method, decided from the module tree."""
+import pytest
+import torch
+from torch import nn
+
+import toukit
+from toukit import train
+from architectures import build
+
+METHODS = toukit.method_names()
+OPTIONS = dict(tou=dict(rank=4), tou_frozen_ffn=dict(rank=4), lora=dict(rank=2), pissa=dict(rank=2),
+               svfit=dict(rank=2), delora=dict(rank=2), adapter=dict(width=2))
+
+
+def _trains_whole(model, name):
+    return all(p.requires_grad for p in model.get_submodule(name).parameters())
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_distilbert_pre_classifier_trains_under_every_method(method):
+    model, _ = build('distilbert')
+    assert toukit.new_modules(model) == ['pre_classifier', 'classifier']
+    toukit.apply_method(model, method, **OPTIONS.get(method, {}))
+    assert model.toukit_new_modules == ['pre_classifier', 'classifier']
+    assert _trains_whole(model, 'pre_classifier') and _trains_whole(model, 'classifier')
+
+
+class OddlyNamedHead(nn.Module):
+    """A model a user built: a pretrained encoder and a head of no conventional name."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+        torch.manual_seed(0)
+        self.backbone = BertModel(BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4), add_pooling_layer=False)
+        self.sentiment_projection = nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def forward(self, input_ids):
+        return self.sentiment_projection(self.backbone(input_ids=input_ids).last_hidden_state[:, 0])
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_a_head_of_any_name_trains_under_every_method(method):
+    model = OddlyNamedHead()
+    assert toukit.new_modules(model) == ['sentiment_projection']
+    assert not set(toukit.find_targets(model)) & {'sentiment_projection.0', 'sentiment_projection.2'}
+    toukit.apply_method(model, method, **OPTIONS.get(method, {}))
+    assert _trains_whole(model, 'sentiment_projection')
+    model(torch.randint(3, 100, (2, 6)))
+
+
+@pytest.mark.parametrize('model_type,expected', [
+    ('bert', ['classifier']), ('roberta', ['classifier']), ('llama', []), ('gpt2', []), ('t5', []),
+    ('vit', ['classifier']), ('swin', ['classifier'])])
+def test_pretrained_output_embeddings_are_no_new_head(model_type, expected):
+    model, _ = build(model_type)
+    assert toukit.new_modules(model) == expected  # an LM head is the pretrained output embedding
+
+
+def test_timm_head_and_a_plain_model_head(test_vit, mlp):
+    assert toukit.new_modules(test_vit) == ['head']
+    assert toukit.new_modules(mlp) == ['head']  # no backbone known: the last dense layer
+
+
+def test_the_run_record_lists_the_head_that_trained(tmp_path):
+    record = train.run(method='lora', preset='test', epochs=1, max_steps_per_epoch=1, results_dir=str(tmp_path),
+                       progress=False)
+    assert record['new_modules'] == ['head']
