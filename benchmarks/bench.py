@@ -215,9 +215,10 @@ def worker_factorize_llm(args):
     for name, w0 in originals.items():
         module = model.get_submodule(name)
         s = torch.linalg.svdvals(w0.float())
+        error = torch.linalg.norm(module.effective_weight().float() - w0.float()) / torch.linalg.norm(s)
         errors.append(dict(layer=name, rank=module.rank, optimal_error=float(torch.linalg.norm(s[module.rank:]) /
                                                                              torch.linalg.norm(s)),
-                           error=float(torch.linalg.norm(module.weight.float() - w0.float()) / torch.linalg.norm(s))))
+                           error=float(error)))
     t = time.perf_counter()
     toukit.merge(model)
     _sync(device)

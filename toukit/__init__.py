@@ -11,6 +11,7 @@ from .ranks import RankPolicy, allocate_ranks, parse_rank
 from .results import load_runs, run_id
 from .spectrum import layer_matrices, rank_table, spectrum_table
 from .targets import find_targets, fuse_qkv, new_modules, split_qkv
+from .updates import update_table
 
 __all__ = [
     'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear', 'WeightInfo',
@@ -21,6 +22,6 @@ __all__ = [
     'apply_tou', 'apply_method', 'merge', 'count_parameters', 'is_prepared', 'METHODS', 'method_names',
     'method_label',
     'DEFAULT_NOISE_SCALE',
-    'spectrum_table', 'rank_table', 'layer_matrices',
+    'spectrum_table', 'rank_table', 'layer_matrices', 'update_table',
     'create_model', 'load_runs', 'run_id',
 ]

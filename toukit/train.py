@@ -37,7 +37,9 @@ from torch.utils.data import DataLoader
 from .data import load_dataset, num_classes_of
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
 from .models import call_model, create_model
-from .ranks import parse_rank
+from .ranks import DEFAULT_FRACTION, parse_rank
+from .targets import layer_matrices, model_family
+from .updates import conv1d_names, matched_weights, update_rows, update_summary
 from .checkpoint import (RunLock, RunLockedError, RunState, checkpoint_dir, has_checkpoint, load_optimizer,
                          read_checkpoint, remove_checkpoint, restore_model, rng_states, save_checkpoint, set_rng_states)
 from .results import environment, finished_record, identity, now, run_id, write_record
@@ -464,6 +466,7 @@ class _Run:
     memory: '_Memory'
     engine: object = None
     progress: bool = True
+    updates: Optional['_UpdateBaseline'] = None
 
     @property
     def distributed(self) -> bool:
@@ -500,6 +503,41 @@ class _Run:
                 for split, loader in self.eval_loaders.items()}
 
 
+class _UpdateBaseline:
+    """The pretrained weights of every attention and MLP matrix (on the CPU), kept from before the method, and TOU's
+    own starting weights (A_0 B_0), so that the finished run records what it did to each layer (`toukit.updates`)."""
+
+    def __init__(self, entries, conv1d, why: Optional[str] = None):
+        self.entries, self.conv1d, self.why, self.start = entries, conv1d, why, None
+
+    @classmethod
+    def capture(cls, model: nn.Module) -> '_UpdateBaseline':
+        try:
+            entries = [(n, p, w.detach().to('cpu', copy=True)) for n, p, w in layer_matrices(model)]
+        except ValueError as e:  # no attention or MLP matrix (a convolutional network): nothing to analyse
+            return cls([], [], why=f'not defined: {e}')
+        return cls(entries, conv1d_names(model))
+
+    def capture_start(self, model: nn.Module, method: str) -> None:
+        if self.entries and method in ('tou', 'tou_frozen_ffn'):  # the factorization moved the starting point
+            self.start = [w.to('cpu', copy=True) for w in matched_weights(model, self.entries, self.conv1d)]
+
+    def summary(self, model: nn.Module, config: 'TrainConfig', ranks: Optional[dict]) -> dict:
+        if not self.entries:
+            return dict(note=self.why)
+        t0 = time.perf_counter()
+        rank = ranks or PRESETS[config.preset].get('ranks', {}).get('tou', DEFAULT_FRACTION)
+        table = update_rows(self.entries, matched_weights(model, self.entries, self.conv1d), self.start, rank=rank,
+                            family=model_family(model))
+        out = update_summary(table)
+        out['rank'] = 'the run\'s TOU ranks' if ranks else f'{rank} (the preset\'s TOU rank)'
+        if config.method == 'adapter':
+            out['note'] = ('adapters add modules after frozen layers: every target weight is unchanged (dW = 0); the '
+                           'adapters\' own change is not a change of these weights and is not analysed')
+        out['seconds'] = time.perf_counter() - t0
+        return out
+
+
 def _prepare(config: TrainConfig, device: torch.device, record: dict, path: Path, resume: bool,
              progress: bool) -> _Run:
     """Build the model, its data and the method; restore a checkpoint's state; open the training-memory window."""
@@ -524,10 +562,12 @@ def _prepare(config: TrainConfig, device: torch.device, record: dict, path: Path
         calibration = DataLoader(data.train, batch_size=config.batch_size, shuffle=False)
         options['calibration'] = [_to(b, device)[0] for b, _ in zip(calibration, range(config.calibration_batches))]
     memory = _Memory(device)
+    updates = _UpdateBaseline.capture(model)
     t0 = time.perf_counter()
     apply_method(model, config.method, **options)
     _sync(device)
     factorize_seconds = time.perf_counter() - t0  # new layers are built on their weights' device
+    updates.capture_start(model, config.method)
     trainable, total = count_parameters(model)
     record['cost'].update(trainable_params=trainable, total_params=total, factorize_seconds=factorize_seconds,
                           memory_kind=memory.kind, memory_definitions=MEMORY_DEFINITIONS[memory.kind],
@@ -561,7 +601,7 @@ def _prepare(config: TrainConfig, device: torch.device, record: dict, path: Path
     if resume:
         load_optimizer(path, optimizer)  # inside the window, as an uninterrupted run's first step allocates it
     return _Run(config, device, path, record, state, model, optimizer, train_loader, eval_loaders, generator, memory,
-                engine, progress)
+                engine, progress, updates)
 
 
 def _fit(run: _Run) -> Optional[Dict[str, dict]]:
@@ -673,6 +713,8 @@ def _finish(run: _Run, evals: Optional[Dict[str, dict]]) -> None:
     else:
         final['merge'] = 'nothing to merge: the architecture never changed'
     metrics['final'] = final
+    if run.updates is not None and run.main:
+        run.record['updates'] = run.updates.summary(model, config, run.record.get('ranks'))
     if config.save_weights and run.main:
         from safetensors.torch import save_model
         if METHODS[config.method].mergeable:

@@ -1,0 +1,140 @@
+"""The spectrum of the update: designed updates give the designed answers; runs record a summary; bad input is named."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import toukit
+from toukit import train
+from toukit.updates import update_summary
+
+
+class Net(nn.Module):
+    def __init__(self, out_f=200, in_f=120):
+        super().__init__()
+        self.proj = nn.Linear(in_f, out_f, bias=False)
+        self.head = nn.Linear(out_f, 3)
+
+    def forward(self, x):
+        return self.head(self.proj(x))
+
+
+def _pair(update_fn, seed=0):
+    torch.manual_seed(seed)
+    before = Net().double()
+    after = copy.deepcopy(before)
+    with torch.no_grad():
+        after.proj.weight.copy_(update_fn(before.proj.weight.detach().clone()))
+    return before, after
+
+
+def _row(before, after, rank=20, **kw):
+    table = toukit.update_table(before, after, targets=['proj'], rank=rank, **kw)
+    assert len(table) == 1
+    return table.iloc[0]
+
+
+def test_a_rank_k_update_inside_the_top_r_subspace():
+    k, r = 3, 20
+    g = torch.Generator().manual_seed(1)
+
+    def update(w):
+        u, _, _ = torch.linalg.svd(w)
+        return w + u[:, :r] @ torch.randn(r, k, generator=g, dtype=w.dtype) @ torch.randn(k, w.shape[1], generator=g,
+                                                                                             dtype=w.dtype)
+    row = _row(*_pair(update), rank=r)
+    assert row.rank_e99 == k and row.rank_e50 <= k and 1 <= row.stable_rank <= k
+    assert row.left_energy_r == pytest.approx(1.0, abs=1e-9)
+    assert row.random_left_r == pytest.approx(r / 200) and row.random_right_r == pytest.approx(r / 120)
+
+
+def test_an_update_in_a_random_subspace_holds_about_r_over_out():
+    r = 20
+    g = torch.Generator().manual_seed(2)
+    shares = []
+    for seed in range(5):
+        row = _row(*_pair(lambda w: w + torch.randn(w.shape[0], 5, generator=g, dtype=w.dtype) @ torch.randn(
+            5, w.shape[1], generator=g, dtype=w.dtype), seed=seed), rank=r)
+        shares.append(row.left_energy_r)
+    assert abs(sum(shares) / len(shares) - r / 200) < 0.04
+
+
+def test_unrotated_and_orthogonal_subspaces():
+    row = _row(*_pair(lambda w: 3 * w))  # scaling keeps every singular vector
+    assert row.left_similarity_1 == pytest.approx(1.0) and row.right_similarity_8 == pytest.approx(1.0)
+    assert row.left_similarity_r == pytest.approx(1.0)
+
+    def rotate(w):  # W_1's top 8 left vectors orthogonal to W_0's top 8
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u = torch.cat([u[:, 8:16], u[:, :8], u[:, 16:]], dim=1)
+        s = torch.cat([s[:8] * 10, s[8:]])
+        return (u * s) @ vh
+    row = _row(*_pair(rotate))
+    assert row.left_similarity_8 < 1e-9 and row.left_similarity_1 < 1e-9
+
+
+def test_an_update_of_zero_is_reported_as_zero():
+    row = _row(*_pair(lambda w: w))
+    numbers = {k: v for k, v in row.items() if isinstance(v, float)}
+    assert not any(math.isnan(v) for v in numbers.values())
+    for key in ('relative_update', 'spectral_ratio', 'stable_rank', 'effective_rank', 'left_energy_r',
+                'right_energy_8', 'amplification'):
+        assert row[key] == 0.0, key
+    assert row.rank_e90 == 0 and row.left_similarity_8 == pytest.approx(1.0)
+
+
+def test_tou_unmerged_layers_and_their_own_start(test_vit):
+    before = copy.deepcopy(test_vit)
+    toukit.apply_tou(test_vit, rank=8, noise_scale=1e-4)  # test_vit's A is ~0.04 per entry: small noise on it
+    start = copy.deepcopy(test_vit)
+    with torch.no_grad():
+        for layer in test_vit.modules():
+            if isinstance(layer, toukit.FactorizedLinear):
+                layer.tou_B.add_(0.01 * torch.randn_like(layer.tou_B))
+    table = toukit.update_table(before, test_vit, rank=test_vit.toukit_ranks, start=start)
+    assert len(table) == len(list(toukit.layer_matrices(before)))  # q, k and v apart
+    # TOU's own update A (B_1 - B_0) lies in span(A) = W_0's top-r left subspace up to the noise on A
+    assert table.start_left_energy_r.min() > 0.99
+    assert (table.start_relative_update < table.relative_update).all()  # the truncation is part of the full update
+    merged = toukit.merge(copy.deepcopy(test_vit))
+    again = toukit.update_table(before, merged, rank=test_vit.toukit_ranks, start=start)
+    assert again.relative_update.tolist() == pytest.approx(table.relative_update.tolist(), rel=1e-5)
+
+
+def test_bad_input_names_the_layer(test_vit, mlp):
+    other = copy.deepcopy(test_vit)
+    with pytest.raises(ValueError, match='different architectures: VisionTransformer and TwoLayerMLP'):
+        toukit.update_table(test_vit, mlp)
+    state = other.state_dict()
+    del state['blocks.1.mlp.fc2.weight']
+    with pytest.raises(ValueError, match="blocks.1.mlp.fc2: the state dict has no 'blocks.1.mlp.fc2.weight'"):
+        toukit.update_table(test_vit, state)
+    state = other.state_dict()
+    state['blocks.0.mlp.fc1.weight'] = state['blocks.0.mlp.fc1.weight'][:-1]
+    with pytest.raises(ValueError, match=r'blocks.0.mlp.fc1: the fine-tuned weight has shape'):
+        toukit.update_table(test_vit, state)
+    toukit.apply_method(other, 'lora', rank=2)
+    with pytest.raises(ValueError, match='merge the model first|no such layer'):
+        toukit.update_table(test_vit, other)
+
+
+def test_a_training_run_records_the_update_summary(tmp_path):
+    record = train.run(method='tou', preset='test', epochs=1, max_steps_per_epoch=2, results_dir=str(tmp_path),
+                       progress=False)
+    summary = record['updates']
+    assert summary['layers'] and set(toukit.updates.COLUMNS) == set(summary['columns'])
+    layer = summary['layers'][0]
+    assert layer['relative_update'] > 0 and 'start_left_energy_r' in layer and len(layer['singular_values']) <= 8
+    assert summary['seconds'] < 30
+    ft = train.run(method='adapter', preset='test', epochs=1, max_steps_per_epoch=1, results_dir=str(tmp_path),
+                   progress=False)
+    assert 'dW = 0' in ft['updates']['note'] and all(r['relative_update'] == 0 for r in ft['updates']['layers'])
+
+
+def test_the_summary_is_json_ready_and_small():
+    import json
+    row_table = toukit.update_table(*_pair(lambda w: w + 0.1), targets=['proj'])
+    text = json.dumps(update_summary(row_table))
+    assert 'NaN' not in text and len(text) < 10_000

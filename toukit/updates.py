@@ -1,0 +1,198 @@
+"""What fine-tuning did to each layer: the spectrum and the subspaces of the update dW = W_1 - W_0.
+
+    table = toukit.update_table(pretrained, finetuned)            # two models of one architecture (merged)
+    table = toukit.update_table(pretrained, state_dict)           # or the fine-tuned weights as a state dict
+    table = toukit.update_table(pretrained, tou_model, start=...) # TOU's unmerged layers through effective_weight()
+
+One row per targeted weight matrix (q, k and v of a fused projection apart), with W_0 the pretrained weight and W_1
+the fine-tuned one. Every column is defined in `COLUMNS`. TOU's premise is that fine-tuning can stay inside each
+layer's top-r left singular subspace (A = U_r S_r is frozen, so TOU's own update A (B_1 - B_0) lies in span(U_r) by
+construction); the `left_energy_*` columns measure how much of any method's update does. The subspace similarity
+and the amplification factor are the LoRA paper's (Hu et al., 2021, section 7). `update_summary` keeps what a run
+record stores.
+"""
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .linalg import effective_rank, rank_for_energy, stable_rank, svd_many
+from .ranks import DEFAULT_FRACTION, RankSpec, layer_policies
+from .targets import QKV_PARTS, Targets, block_index, is_conv1d, layer_kind, layer_matrices, layer_type, model_family
+
+__all__ = ['update_table', 'update_rows', 'update_summary', 'matched_weights', 'conv1d_names', 'COLUMNS', 'FIXED_RANKS', 'SIMILARITY_K', 'LEADING']
+
+FIXED_RANKS = (8, 32)  # subspace sizes besides each layer's own TOU rank
+SIMILARITY_K = (1, 8, 32)  # top-k singular vectors compared, besides the layer's rank
+AMPLIFICATION_RANK = 8  # the LoRA paper's section 7.3 uses the update's top r directions (r = 4 and 64 there)
+LEADING = 8  # dW's leading singular values kept in a record
+
+COLUMNS = {
+    'relative_update': '||dW||_F / ||W_0||_F',
+    'spectral_ratio': '||dW||_2 / ||W_0||_2',
+    'stable_rank': "||dW||_F^2 / ||dW||_2^2 (0 for dW = 0)",
+    'effective_rank': "exp of the entropy of dW's normalised singular values (Roy and Vetterli; 0 for dW = 0)",
+    'rank_e50 / rank_e90 / rank_e99': "the smallest k whose top-k singular values hold that share of ||dW||_F^2",
+    'left_energy_r': "||U_r^T dW||_F^2 / ||dW||_F^2, U_r the top-r left singular vectors of W_0, r the layer's rank "
+                     "(left_energy_8, left_energy_32: r = 8, 32)",
+    'right_energy_r': '||dW V_r||_F^2 / ||dW||_F^2, V_r the top-r right singular vectors of W_0 (likewise)',
+    'random_left_r / random_right_r': 'what a random r-dimensional subspace holds on average: r / out, r / in',
+    'left_similarity_k / right_similarity_k': '||U_0,k^T U_1,k||_F^2 / k: the LoRA paper\'s normalised subspace '
+                                              'similarity of the top-k left (right) singular vectors of W_0 and W_1, '
+                                              'for k = 1, 8, 32 and r (1: unrotated, 0: orthogonal)',
+    'amplification': "||dW||_F / ||U^T W_0 V||_F, U and V the top-8 left and right singular vectors of dW (the LoRA "
+                     "paper's section 7.3: how much dW amplifies directions W_0 does not emphasise; 0 for dW = 0)",
+    'start_*': "the same from the method's own starting weight (TOU: A_0 B_0, truncation and noise included) instead "
+               "of W_0: relative_update, stable_rank, effective_rank, left_energy_r",
+}
+
+Weights = Union[nn.Module, Mapping[str, torch.Tensor]]
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    """num / den as a float, 0 when den is 0 (an update of zero has no direction: its shares are reported as 0)."""
+    return float(num / den) if float(den) > 0 else 0.0
+
+
+def _energy_rank(s: torch.Tensor, level: float) -> int:
+    return rank_for_energy(s, level) if float(s[0]) > 0 else 0
+
+
+def update_rows(entries: Sequence[Tuple[str, Optional[str], torch.Tensor]], after: Sequence[torch.Tensor],
+                start: Optional[Sequence[torch.Tensor]] = None, rank: Union[RankSpec, Mapping[str, object]] = None,
+                family=None) -> pd.DataFrame:
+    """The update table of matched matrices: `entries` (name, part, W_0), `after` the W_1 of each, `start` the
+    method's own starting weight of each (None: W_0). `rank`: the layers' TOU ranks (any rank spec, or a rank
+    pattern such as a record's `ranks`); default 0.375 of min(out, in). See `update_table`."""
+    names = list(dict.fromkeys(name for name, _, _ in entries))
+    policies = layer_policies(DEFAULT_FRACTION if rank is None else rank, names)
+    w0 = [w.detach().to('cpu', torch.float64) for _, _, w in entries]
+    w1 = [w.detach().to('cpu', torch.float64) for w in after]
+    dw = [b - a for a, b in zip(w0, w1)]
+    svd0, svd1, svdd = svd_many(w0), svd_many(w1), svd_many(dw)
+    starts = None
+    if start is not None:
+        starts = [b - s.detach().to('cpu', torch.float64) for s, b in zip(start, w1)]
+    spectra_start = svd_many(starts) if starts is not None else None
+    rows = []
+    for i, (name, part, _) in enumerate(entries):
+        (u0, s0, v0h), (u1, _, v1h), (ud, sd, vdh) = svd0[i], svd1[i], svdd[i]
+        out_f, in_f = w0[i].shape
+        r = policies[name].resolve((out_f, in_f), s0, name=name)
+        norm = dw[i].norm()
+        row = dict(name=name, part=part, type=layer_type(family, name, part), block=block_index(family, name),
+                   kind=layer_kind(family, name) or 'other', out_features=out_f, in_features=in_f, rank=r,
+                   relative_update=_ratio(norm, w0[i].norm()), spectral_ratio=_ratio(sd[0], s0[0]),
+                   stable_rank=stable_rank(sd) if float(sd[0]) > 0 else 0.0,
+                   effective_rank=effective_rank(sd) if float(sd[0]) > 0 else 0.0)
+        for level in (0.5, 0.9, 0.99):
+            row[f'rank_e{round(level * 100)}'] = _energy_rank(sd, level)
+        for label, k in [('r', r)] + [(str(k), k) for k in FIXED_RANKS]:
+            k = min(k, out_f, in_f)
+            row[f'left_energy_{label}'] = _ratio((u0[:, :k].T @ dw[i]).square().sum(), norm ** 2)
+            row[f'right_energy_{label}'] = _ratio((dw[i] @ v0h[:k].T).square().sum(), norm ** 2)
+            row[f'random_left_{label}'], row[f'random_right_{label}'] = k / out_f, k / in_f
+        for label, k in [(str(k), k) for k in SIMILARITY_K] + [('r', r)]:
+            k = min(k, out_f, in_f)
+            row[f'left_similarity_{label}'] = float((u0[:, :k].T @ u1[:, :k]).square().sum() / k)
+            row[f'right_similarity_{label}'] = float((v0h[:k] @ v1h[:k].T).square().sum() / k)
+        k = min(AMPLIFICATION_RANK, out_f, in_f)
+        row['amplification'] = _ratio(norm, (ud[:, :k].T @ w0[i] @ vdh[:k].T).norm()) if float(norm) > 0 else 0.0
+        if starts is not None:
+            d, sd_start = starts[i], spectra_start[i][1]
+            row.update(start_relative_update=_ratio(d.norm(), w0[i].norm()),
+                       start_stable_rank=stable_rank(sd_start) if float(sd_start[0]) > 0 else 0.0,
+                       start_effective_rank=effective_rank(sd_start) if float(sd_start[0]) > 0 else 0.0,
+                       start_left_energy_r=_ratio((u0[:, :r].T @ d).square().sum(), d.norm() ** 2))
+        row['singular_values'] = sd[:LEADING].numpy()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _matrix(source: Weights, name: str, part: Optional[str], shape: Tuple[int, int], conv1d: bool,
+            modules: Optional[dict]) -> torch.Tensor:
+    """The (out x in) matrix of layer `name` (its q/k/v `part`) in a model or a state dict, checked against `shape`."""
+    if modules is not None:
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f'{name}: no such layer in the fine-tuned model (of class '
+                             f'{type(source).__name__}); are the two models of one architecture?')
+        module = getattr(module, 'base', module)  # a bottleneck adapter wraps its (frozen) layer
+        if hasattr(module, 'effective_weight'):
+            weight = module.effective_weight()
+        elif hasattr(module, 'get_base_layer') or not isinstance(getattr(module, 'weight', None), torch.Tensor):
+            raise ValueError(f'{name}: a {type(module).__name__} holds no plain weight; merge the model first '
+                             f'(toukit.merge)')
+        else:
+            weight = module.weight.T if is_conv1d(module) else module.weight
+    else:
+        key = f'{name}.weight'
+        if key not in source:
+            raise ValueError(f'{name}: the state dict has no {key!r}')
+        weight = source[key].T if conv1d else source[key]
+    weight = weight.detach()
+    full = (shape[0] * (3 if part else 1), shape[1])
+    if tuple(weight.shape) != full:
+        raise ValueError(f'{name}: the fine-tuned weight has shape {tuple(weight.shape)} (out x in), the pretrained '
+                         f'one {full}')
+    return weight.view(3, -1, weight.shape[1])[QKV_PARTS.index(part)] if part else weight
+
+
+def matched_weights(source: Weights, entries, conv1d: Sequence[str] = ()) -> List[torch.Tensor]:
+    """The matrix of each of `entries` (name, part, W_0) in `source` (a model or a state dict); `conv1d` names the
+    layers stored as (in x out) in a state dict."""
+    modules = dict(source.named_modules()) if isinstance(source, nn.Module) else None
+    if modules is None and not isinstance(source, Mapping):
+        raise ValueError(f'expected a model or a state dict, got {type(source).__name__}')
+    return [_matrix(source, name, part, tuple(w.shape), name in conv1d, modules) for name, part, w in entries]
+
+
+def _matched(source: Weights, entries, pretrained: nn.Module) -> List[torch.Tensor]:
+    if isinstance(source, nn.Module) and type(source) is not type(pretrained):
+        raise ValueError(f'the models are of different architectures: {type(pretrained).__name__} and '
+                         f'{type(source).__name__}')
+    return matched_weights(source, entries, conv1d_names(pretrained))
+
+
+def conv1d_names(model: nn.Module) -> List[str]:
+    """The layers of `model` stored as (in x out): transformers' Conv1D."""
+    return [n for n, m in model.named_modules() if is_conv1d(m)]
+
+
+def update_table(pretrained: nn.Module, finetuned: Weights, targets: Targets = None,
+                 rank: Union[RankSpec, Mapping[str, object]] = None, start: Optional[Weights] = None) -> pd.DataFrame:
+    """One row per targeted weight matrix: what fine-tuning did to it (the columns are defined in `COLUMNS`).
+
+    Args:
+        pretrained: the model before fine-tuning (untouched: plain dense layers).
+        finetuned: the fine-tuned model of the same architecture (merged, or with toukit's unmerged layers, read
+            through their effective weight), or its state dict.
+        targets: as `toukit.find_targets` on `pretrained` (default: every attention and MLP matrix).
+        rank: each layer's TOU rank r (any rank spec or a rank pattern, e.g. a record's `ranks`); default 0.375 of
+            min(out, in), the demo's.
+        start: the method's own starting weights (a model or a state dict), e.g. TOU's factorized model before
+            training: adds the `start_*` columns.
+
+    Raises:
+        ValueError: models of different classes, a layer missing from `finetuned` or `start`, a weight of another
+            shape, or a layer of a method that is not merged (peft); the message names the layer.
+    """
+    entries = list(layer_matrices(pretrained, targets))
+    after = _matched(finetuned, entries, pretrained)
+    begin = _matched(start, entries, pretrained) if start is not None else None
+    return update_rows(entries, after, begin, rank=rank, family=model_family(pretrained))
+
+
+def update_summary(table: pd.DataFrame, digits: int = 5) -> Dict[str, object]:
+    """What a run record keeps of an update table: every column per matrix, floats to `digits` significant digits,
+    and dW's leading singular values (`LEADING`)."""
+    def short(v):
+        if isinstance(v, float):
+            return float(f'{v:.{digits}g}')
+        if hasattr(v, 'tolist'):
+            return [float(f'{x:.{digits}g}') for x in v.tolist()]
+        return v
+    rows = [{k: short(v) for k, v in row.items() if not (k == 'part' and v is None)}
+            for row in table.to_dict('records')]
+    return dict(columns=COLUMNS, layers=rows)
