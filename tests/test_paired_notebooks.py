@@ -30,7 +30,8 @@ def paired_differences(notebook: Path) -> list:
 
 
 def test_there_are_notebooks_and_no_generator():
-    assert {p.stem for p in NOTEBOOKS} == {'train', 'spectrum', 'rank_selection', 'reconstruction', 'figures'}
+    assert {p.stem for p in NOTEBOOKS} == {'train', 'spectrum', 'rank_selection', 'reconstruction', 'updates',
+                                           'figures'}
     assert not (ROOT / 'tools' / 'make_notebooks.py').exists()
 
 

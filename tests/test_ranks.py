@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import toukit
-from toukit import calibration, data, spectrum, studies
+from toukit import calibration, data, studies
 from toukit.layers import FactorizedLinear
 from toukit.linalg import balance_factors, optimal_hard_threshold_rank, whitened_truncated_svd, whitening_factor
 from toukit.ranks import allocate_budget, parse_rank

@@ -29,7 +29,7 @@ from .train import TrainConfig, resolve_config
 
 __all__ = ['main', 'reproduce', 'noise_runs']
 
-ANALYSIS_NOTEBOOKS = ('spectrum.ipynb', 'rank_selection.ipynb', 'reconstruction.ipynb')
+ANALYSIS_NOTEBOOKS = ('spectrum.ipynb', 'rank_selection.ipynb', 'reconstruction.ipynb', 'updates.ipynb')
 NOISE_SCALES = (0.0, 1e-4, 1e-3, 1e-2, 3e-2)  # the study's sweep; the default alpha's point is the plain tou run
 RANK_BUDGETS = (0.5, 1.0, 1.5)  # the adaptive-rank study's, multiples of what uniform rank 0.375 spends
 

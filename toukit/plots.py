@@ -12,7 +12,7 @@ from .methods import method_label, method_names
 __all__ = ['training_curves', 'save_figure', 'method_label', 'plot_spectra', 'plot_energy_curves',
            'plot_rank_heatmap', 'plot_rank_by_depth', 'threshold_explorer', 'plot_policy_tradeoff',
            'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs', 'plot_lr_sweep',
-           'plot_budget_study', 'plot_rank_pareto']
+           'plot_budget_study', 'plot_rank_pareto', 'plot_update_by_depth', 'plot_update_similarity']
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -321,5 +321,48 @@ def plot_costs(table: pd.DataFrame):
         ax.grid(alpha=0.3, axis='x')
     for ax in axes[1:]:
         ax.set_yticklabels([])
+    plt.tight_layout()
+    return fig
+
+
+def plot_update_by_depth(updates: pd.DataFrame, value: str, ylabel: str, baseline: Optional[str] = None,
+                         logy: bool = False):
+    """One panel per layer kind (attention, MLP): `value` of each method's update by depth (mean over the block's
+    matrices and the seeds), from `toukit.updates.records_updates`; `baseline` (a column, e.g. what a random
+    subspace holds) dashed in grey."""
+    kinds = [k for k in ('attention', 'mlp', 'other') if k in set(updates.kind)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False, sharey=True)
+    for ax, kind in zip(axes[0], kinds):
+        part = updates[updates.kind == kind]
+        for method, group in part.groupby('method', sort=False):
+            mean = group.groupby('block')[value].mean()
+            ax.plot(mean.index, mean.values, marker='o', label=method_label(method))
+        if baseline is not None:
+            base = part.groupby('block')[baseline].mean()
+            ax.plot(base.index, base.values, color='grey', linestyle='--', label='random subspace')
+        ax.set(xlabel='block (depth)', ylabel=ylabel, title=kind)
+        if logy:
+            ax.set_yscale('log')
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc='best')
+    plt.tight_layout()
+    return fig
+
+
+def plot_update_similarity(updates: pd.DataFrame, ks: Sequence[str] = ('1', '8', '32', 'r')):
+    """Median subspace similarity of the top-k left and right singular vectors of W_0 and W_1, per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    methods = list(dict.fromkeys(updates.method))
+    width = 0.8 / len(ks)
+    for ax, side in zip(axes, ('left', 'right')):
+        for i, k in enumerate(ks):
+            column = f'{side}_similarity_{k}'
+            medians = updates.groupby('method', sort=False)[column].median().reindex(methods)
+            ax.bar(np.arange(len(methods)) + i * width, medians.values, width, label=f'k = {k}')
+        ax.set_xticks(np.arange(len(methods)) + width * (len(ks) - 1) / 2)
+        ax.set_xticklabels([method_label(m) for m in methods], rotation=30, ha='right', fontsize=8)
+        ax.set(ylabel='subspace similarity (1: unrotated)', title=f'{side} singular vectors of W_0 vs W_1')
+        ax.grid(alpha=0.3, axis='y')
+    axes[1].legend(fontsize=8)
     plt.tight_layout()
     return fig

@@ -21,7 +21,8 @@ from .linalg import effective_rank, rank_for_energy, stable_rank, svd_many
 from .ranks import DEFAULT_FRACTION, RankSpec, layer_policies
 from .targets import QKV_PARTS, Targets, block_index, is_conv1d, layer_kind, layer_matrices, layer_type, model_family
 
-__all__ = ['update_table', 'update_rows', 'update_summary', 'matched_weights', 'conv1d_names', 'COLUMNS', 'FIXED_RANKS', 'SIMILARITY_K', 'LEADING']
+__all__ = ['update_table', 'update_rows', 'update_summary', 'matched_weights', 'conv1d_names', 'records_updates',
+           'median_table', 'COLUMNS', 'FIXED_RANKS', 'SIMILARITY_K', 'LEADING']
 
 FIXED_RANKS = (8, 32)  # subspace sizes besides each layer's own TOU rank
 SIMILARITY_K = (1, 8, 32)  # top-k singular vectors compared, besides the layer's rank
@@ -196,3 +197,30 @@ def update_summary(table: pd.DataFrame, digits: int = 5) -> Dict[str, object]:
     rows = [{k: short(v) for k, v in row.items() if not (k == 'part' and v is None)}
             for row in table.to_dict('records')]
     return dict(columns=COLUMNS, layers=rows)
+
+
+MEDIAN_COLUMNS = ('relative_update', 'effective_rank', 'stable_rank', 'rank_e90', 'left_energy_r', 'random_left_r',
+                  'right_energy_r', 'random_right_r', 'left_similarity_8', 'right_similarity_8', 'amplification')
+
+
+def records_updates(records: Mapping[str, Sequence[dict]]) -> pd.DataFrame:
+    """The update summaries of run records as one long table: method, seed, lr and every per-matrix column.
+
+    Args:
+        records: method -> its run records (e.g. `toukit.results.records_by_method`); a record without a summary
+            (made before toukit recorded one) is left out.
+    """
+    rows = []
+    for method, group in records.items():
+        for record in group:
+            config = record['run']['config']
+            for layer in record.get('updates', {}).get('layers', []):
+                rows.append(dict(method=method, seed=config['seed'], lr=config['lr'], **{
+                    k: v for k, v in layer.items() if k != 'singular_values'}))
+    return pd.DataFrame(rows)
+
+
+def median_table(updates: pd.DataFrame, columns: Sequence[str] = MEDIAN_COLUMNS) -> pd.DataFrame:
+    """Per method and layer kind, the median over matrices (and seeds) of the main columns."""
+    columns = [c for c in columns if c in updates]
+    return updates.groupby(['method', 'kind'], sort=False)[columns].median()
