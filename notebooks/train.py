@@ -32,7 +32,10 @@ from toukit import plots, results, train
 method: str = "tou"  # ft, lora, pissa, tou, tou_frozen_ffn, svfit, delora, adapter or bitfit
 preset: str = "demo"  # demo (MiniLM on BBC News, CPU), paper (ViT-B/16 on CIFAR-100, GPU) or test
 model: str = None  # None: the preset's; 'minilm', 'tiny-bert' or a timm model name
-dataset: str = None  # None: the preset's; bbc, cifar100, fashion_mnist or synthetic
+dataset: str = None  # None: the preset's; bbc, cifar100, fashion_mnist, synthetic, a table file or an image folder
+text_column: str = None  # a table file's text column; None: 'text'
+label_column: str = None  # a table file's label column; None: 'label'
+split_column: str = None  # a table file's split column (train / val / test); None: a stratified 60/20/20 split
 rank: str = None  # None: the preset's for this method; an int, a fraction of min(out, in) or 'energy:0.9'
 noise_scale: float = None  # TOU's alpha; None: toukit.DEFAULT_NOISE_SCALE
 targets: str = None  # None: the method's; 'all', 'attention', 'mlp' or a list of module-name patterns
@@ -66,7 +69,8 @@ log_with: str = None  # an accelerate tracker for the metrics, e.g. 'tensorboard
 # %%
 # every parameter is checked here, before any work: a bad one raises a ValueError naming it
 config = train.resolve_config(train.TrainConfig(
-    method=method, preset=preset, model=model, dataset=dataset,
+    method=method, preset=preset, model=model, dataset=dataset, text_column=text_column, label_column=label_column,
+    split_column=split_column,
     rank=rank, noise_scale=noise_scale, targets=targets, epochs=epochs, batch_size=batch_size, lr=lr,
     weight_decay=weight_decay, seed=seed, split_seed=split_seed, max_length=max_length, train_limit=train_limit,
     val_limit=val_limit, test_limit=test_limit, max_steps_per_epoch=max_steps_per_epoch,

@@ -38,7 +38,9 @@ def test_figures_and_tables_written(reproduced):
     for stem in ['spectrum_singular_values', 'spectrum_energy_curves', 'spectrum_rank_heatmap',
                  'spectrum_stable_effective_rank', 'rank_policy_tradeoff', 'reconstruction_weight_error',
                  'reconstruction_output_error', 'noise_scale_errors', 'noise_scale_accuracy',
-                 'lr_sweep', 'figure2_tuned', 'figure2_paper', 'method_costs']:
+                 'lr_sweep', 'figure2_tuned', 'figure2_paper', 'method_costs', 'update_left_energy_tuned',
+                 'update_right_energy_tuned', 'update_effective_rank_tuned', 'update_size_tuned',
+                 'update_similarity_tuned']:
         for ext in ('png', 'pdf'):
             assert (out / f'{stem}.{ext}').stat().st_size > 1000, f'{stem}.{ext}'
     assert (out / 'rank_pareto.png').stat().st_size > 1000
@@ -47,6 +49,8 @@ def test_figures_and_tables_written(reproduced):
     for ext in ('csv', 'md', 'tex'):
         for stem in ('table1_tuned', 'table1_paper', 'table1_vs_paper', 'lr_sweep'):
             assert (out / f'{stem}.{ext}').exists(), f'{stem}.{ext}'
+    medians = pd.read_csv(out / 'updates_tuned.csv')
+    assert set(medians.method) == {'LoRA', 'Full TOU'} and (medians.relative_update > 0).all()
     for protocol in ('tuned', 'paper'):
         table = pd.read_csv(out / f'table1_{protocol}.csv')
         assert table.Method.tolist() == ['LoRA', 'Full TOU'] and (table.Seeds == 2).all()

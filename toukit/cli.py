@@ -25,7 +25,7 @@ from .methods import DEFAULT_NOISE_SCALE, METHODS
 from .notebooks import run_notebook
 from .results import finished_record
 from .sweep import PROTOCOLS, rank_study, sweep
-from .train import TrainConfig, resolve_config
+from .train import FIELD_HELP, TrainConfig, resolve_config
 
 __all__ = ['main', 'reproduce', 'noise_runs']
 
@@ -85,17 +85,19 @@ def _train_parser(sub) -> None:
     trn = sub.add_parser('train', help='one training run (the parameters of notebooks/train.ipynb)')
     for f in dataclasses.fields(TrainConfig):
         flag = '--' + f.name.replace('_', '-')
+        text = FIELD_HELP[f.name]
         if f.name == 'extra':
-            trn.add_argument(flag, type=json.loads, default={}, help='more method options, as JSON')
+            trn.add_argument(flag, type=json.loads, default={}, help=text)
         elif f.name == 'targets':
-            trn.add_argument(flag, nargs='+', default=None, help="'all', 'attention', 'mlp' or module-name patterns")
+            trn.add_argument(flag, nargs='+', default=None, help=text)
         elif f.type in (bool, 'bool'):
-            trn.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            trn.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         elif f.type in (Optional[bool], 'Optional[bool]'):
-            trn.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            trn.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {Optional[int]: int, int: int, Optional[float]: float, float: float}.get(f.type, str)
-            trn.add_argument(flag, type=kind, default=f.default if f.default is not dataclasses.MISSING else None)
+            trn.add_argument(flag, type=kind, default=f.default if f.default is not dataclasses.MISSING else None,
+                             help=text)
     trn.add_argument('--resume', action='store_true', help='continue from the run\'s checkpoint')
     trn.add_argument('--redo', action='store_true', help='replace a successful record of the same run')
     trn.add_argument('--quiet', action='store_true', help='no progress bars')

@@ -5,23 +5,33 @@
     fashion_mnist  Debian's dataset-fashion-mnist files (/usr/share/datasets/fashion-mnist), else torchvision download
     synthetic      small, learnable, made on the fly (tests)
 
+Or your own data, by source:
+    a table file   .csv, .tsv, .jsonl (.json: JSON Lines) or .parquet with a text column and a label column (names
+                   given by `text_column`, `label_column`) and an optional split column (`split_column`: train,
+                   val / validation, test)
+    an image folder torchvision's ImageFolder layout (one folder per class), optionally inside train/, val/ and
+                   test/ subfolders
+    from Python    any map-style torch Dataset of (input, label) pairs: `register_dataset(dataset)` gives it a name
+                   ('python:<class>:<content hash>') that a TrainConfig and the record carry
+
 Every dataset has three disjoint splits. Choices (learning rates, anything tuned) are made on validation; reported
 accuracies are on test. bbc and synthetic are split 60/20/20, stratified; cifar100 and fashion_mnist keep their
 official test set and hold out a stratified 10% of their training set for validation. The split depends on
 `split_seed` alone (fixed at 0 by default), so runs of different seeds see the same three sets.
 """
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 __all__ = ['DATASETS', 'DataBundle', 'load_dataset', 'num_classes_of', 'sample_batch', 'stratified_split', 'SPLITS',
-           'FASHION_MNIST_DIR']
+           'FASHION_MNIST_DIR', 'Source', 'read_source', 'register_dataset', 'is_source', 'TABLE_SUFFIXES']
 
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
 FASHION_MNIST_CLASSES = ['t-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
@@ -43,15 +53,21 @@ class DataBundle:
     test: Dataset
     classes: List[str]
     kind: str  # 'text' or 'image'
+    source: Optional[dict] = None  # your data: its kind, path and content hash
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def num_classes_of(name: str) -> int:
+def num_classes_of(name: str, text_column: str = 'text', label_column: str = 'label',
+                   split_column: Optional[str] = None) -> int:
+    """The number of classes of a dataset by name or source (a table file or an image folder is read for it)."""
+    if is_source(name):
+        return len(read_source(name, text_column, label_column, split_column).classes)
     if name not in NUM_CLASSES:
-        raise ValueError(f'dataset={name!r}: unknown; choose one of {", ".join(DATASETS)}')
+        raise ValueError(f'dataset={name!r}: unknown; choose one of {", ".join(DATASETS)}, or give a table file '
+                         f'({", ".join(TABLE_SUFFIXES)}), an image folder or a registered torch Dataset')
     return NUM_CLASSES[name]
 
 
@@ -226,11 +242,15 @@ def load_dataset(
         val_limit: Optional[int] = None,
         test_limit: Optional[int] = None,
         download: bool = False,
+        text_column: str = 'text',
+        label_column: str = 'label',
+        split_column: Optional[str] = None,
 ) -> DataBundle:
     """Train, validation and test sets of dataset `name`, preprocessed for `model`.
 
     Args:
-        name: 'bbc', 'cifar100', 'fashion_mnist' or 'synthetic'.
+        name: 'bbc', 'cifar100', 'fashion_mnist', 'synthetic', a table file, an image folder, or the name of a
+            registered torch Dataset (`register_dataset`).
         model: the model the data feeds (its tokenizer or image config); None only for 'synthetic'.
         kind: 'text' or 'image' (from the model when None).
         root: where downloadable datasets live.
@@ -238,7 +258,11 @@ def load_dataset(
         max_length: tokens per text.
         train_limit, val_limit, test_limit: keep only a seeded random subset of so many examples (quick runs).
         download: let torchvision download cifar100 / fashion_mnist when they are not on disk.
+        text_column, label_column, split_column: a table file's columns (see the module's docstring).
     """
+    if is_source(name):
+        return _load_source(name, model, kind, split_seed, max_length, (train_limit, val_limit, test_limit),
+                            text_column, label_column, split_column)
     num_classes_of(name)
     tokenizer_path = getattr(model, 'tokenizer_path', None)
     kind = kind or ('text' if tokenizer_path else 'image')
@@ -284,3 +308,227 @@ def sample_batch(bundle: DataBundle, n: int = 32, split: str = 'val'):
     dataset = getattr(bundle, split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(n, len(dataset)), shuffle=False)
     return next(iter(loader))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# your own data: a table file, an image folder, a torch Dataset
+
+TABLE_SUFFIXES = ('.csv', '.tsv', '.jsonl', '.json', '.parquet')
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+SPLIT_NAMES = {'train': 'train', 'val': 'val', 'valid': 'val', 'validation': 'val', 'dev': 'val', 'test': 'test'}
+_REGISTERED: Dict[str, Dataset] = {}
+
+
+@dataclass
+class Source:
+    """Your data, read: inputs (texts, image files, or a torch Dataset's own items), integer labels, the class names,
+    each example's given split (None: split by the stratified rule), and what the record says of it."""
+    kind: str  # 'table', 'image_folder' or 'python'
+    path: str
+    inputs: list
+    labels: np.ndarray
+    classes: List[str]
+    splits: Optional[np.ndarray]
+    sha256: str
+
+    def describe(self) -> dict:
+        return dict(source=self.kind, path=self.path, sha256=self.sha256)
+
+
+def is_source(name) -> bool:
+    """Whether `name` is your data (a table file, an image folder, a registered Dataset) rather than a known name."""
+    if not isinstance(name, str) or name in DATASETS:
+        return False
+    return name.startswith('python:') or name.lower().endswith(TABLE_SUFFIXES) or Path(name).expanduser().is_dir()
+
+
+def register_dataset(dataset: Dataset, name: Optional[str] = None) -> str:
+    """Make a map-style torch Dataset of (input, label) pairs usable as `dataset=`; returns its name,
+    'python:<class>:<hash of its labels and inputs>' unless `name` (after 'python:') is given."""
+    if not hasattr(dataset, '__getitem__') or not hasattr(dataset, '__len__'):
+        raise ValueError(f'dataset: a {type(dataset).__name__} is not a map-style torch Dataset (no __getitem__ and '
+                         f'__len__)')
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        x, y = dataset[i]
+        digest.update(repr(int(y)).encode())
+        for t in (x.values() if isinstance(x, dict) else [x]):
+            digest.update(t.numpy().tobytes() if isinstance(t, torch.Tensor) else repr(t).encode())
+    key = f'python:{name or type(dataset).__name__}:{digest.hexdigest()[:12]}'
+    _REGISTERED[key] = dataset
+    return key
+
+
+_SOURCES: Dict[tuple, Source] = {}
+
+
+def read_source(name: str, text_column: str = 'text', label_column: str = 'label',
+                split_column: Optional[str] = None) -> Source:
+    """Read (and cache, by path and modification time) a table file, an image folder or a registered Dataset.
+
+    Raises:
+        ValueError: naming the file and the problem: it does not exist or is empty, a missing column (listing the
+            columns there are), a label column with missing values, one class only, a split column with values
+            other than train / val / validation / test, an unreadable image.
+    """
+    if name.startswith('python:'):
+        if name not in _REGISTERED:
+            raise ValueError(f'dataset={name!r}: no torch Dataset of that name in this process; pass the Dataset '
+                             f'itself (train.run(data=...)) or register it (toukit.data.register_dataset)')
+        return _python_source(name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ValueError(f'dataset={name!r}: no such file or folder')
+    key = (str(path.resolve()), path.stat().st_mtime_ns, text_column, label_column, split_column)
+    if key not in _SOURCES:
+        _SOURCES[key] = (_image_folder(path) if path.is_dir()
+                         else _table(path, text_column, label_column, split_column))
+    return _SOURCES[key]
+
+
+def _classes_of(values, where: str):
+    """(integer labels, sorted class names) of a label column; one class only is refused."""
+    names = sorted({str(v) for v in values})
+    if len(names) < 2:
+        raise ValueError(f'{where}: one class only ({names[0] if names else "none"}); a classifier needs two or more')
+    index = {n: i for i, n in enumerate(names)}
+    return np.asarray([index[str(v)] for v in values], dtype=np.int64), names
+
+
+def _splits_of(values, where: str) -> np.ndarray:
+    unknown = sorted({str(v) for v in values if str(v).strip().lower() not in SPLIT_NAMES})
+    if unknown:
+        raise ValueError(f'{where}: unknown split values {unknown[:5]}; use train, val (or validation) and test')
+    return np.asarray([SPLIT_NAMES[str(v).strip().lower()] for v in values])
+
+
+def _table(path: Path, text_column: str, label_column: str, split_column: Optional[str]) -> Source:
+    import pandas as pd
+    if path.stat().st_size == 0:
+        raise ValueError(f'{path}: the file is empty')
+    suffix = path.suffix.lower()
+    try:
+        if suffix == '.parquet':
+            frame = pd.read_parquet(path)
+        elif suffix in ('.jsonl', '.json'):
+            frame = pd.read_json(path, lines=True)
+        else:
+            frame = pd.read_csv(path, sep='\t' if suffix == '.tsv' else ',')
+    except Exception as e:  # noqa: BLE001 - any parser's failure is reported with the file's name
+        raise ValueError(f'{path}: not a readable {suffix[1:]} table ({type(e).__name__}: {e})') from None
+    if frame.empty:
+        raise ValueError(f'{path}: the table has no rows')
+    for role, column in (('text', text_column), ('label', label_column), ('split', split_column)):
+        if column is not None and column not in frame:
+            raise ValueError(f'{path}: no {role} column {column!r}; its columns are {", ".join(map(str, frame))}')
+    missing = int(frame[label_column].isna().sum())
+    if missing:
+        raise ValueError(f'{path}: the label column {label_column!r} has {missing} missing values')
+    labels, classes = _classes_of(frame[label_column].tolist(), str(path))
+    splits = _splits_of(frame[split_column].tolist(), f'{path}, column {split_column!r}') if split_column else None
+    texts = frame[text_column].fillna('').astype(str).tolist()
+    return Source('table', str(path), texts, labels, classes, splits, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _image_folder(path: Path) -> Source:
+    subfolders = sorted(p.name for p in path.iterdir() if p.is_dir())
+    split_dirs = [d for d in subfolders if d.lower() in SPLIT_NAMES]
+    roots = [(path / d, SPLIT_NAMES[d.lower()]) for d in split_dirs] if split_dirs else [(path, None)]
+    if split_dirs and 'train' not in {s for _, s in roots}:
+        raise ValueError(f'{path}: split folders {split_dirs} without a train/ folder')
+    classes = sorted({c.name for root, _ in roots for c in root.iterdir() if c.is_dir()})
+    files, names, splits, digest = [], [], [], hashlib.sha256()
+    for root, split in roots:
+        for c in sorted(p for p in root.iterdir() if p.is_dir()):
+            for f in sorted(p for p in c.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+                files.append(str(f))
+                names.append(c.name)
+                splits.append(split)
+                digest.update(f'{f.relative_to(path)}\n'.encode())
+                digest.update(f.read_bytes())
+    if not files:
+        raise ValueError(f'{path}: no images ({", ".join(IMAGE_SUFFIXES)}) in class folders; expected '
+                         f'<class>/<image> or train/<class>/<image>')
+    _classes_of(names, str(path))  # two classes at least
+    index = {n: i for i, n in enumerate(classes)}
+    labels = np.asarray([index[n] for n in names], dtype=np.int64)
+    return Source('image_folder', str(path), files, labels, classes,
+                  np.asarray(splits) if split_dirs else None, digest.hexdigest())
+
+
+def _python_source(name: str) -> Source:
+    dataset = _REGISTERED[name]
+    labels = [int(dataset[i][1]) for i in range(len(dataset))]
+    if len(set(labels)) < 2:
+        raise ValueError(f'{name}: one class only; a classifier needs two or more')
+    n = max(labels) + 1
+    return Source('python', name, list(range(len(dataset))), np.asarray(labels, dtype=np.int64),
+                  [f'class{i}' for i in range(n)], None, name.rsplit(':', 1)[-1])
+
+
+class ImageFileDataset(Dataset):
+    """Image files and labels, through a PIL transform; an unreadable file raises a ValueError naming it."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], transform: Optional[Callable] = None):
+        self.files, self.labels, self.transform = list(files), np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.files[i]) as f:
+                image = f.convert('RGB')
+        except Exception as e:  # noqa: BLE001 - PIL raises several kinds
+            raise ValueError(f'{self.files[i]}: unreadable image ({type(e).__name__}: {e})') from None
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def _check_images(files: Sequence[str]) -> None:
+    from PIL import Image
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                image.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises several kinds
+            raise ValueError(f'{f}: unreadable image ({type(e).__name__}: {e})') from None
+
+
+def _source_parts(source: Source, split_seed: int) -> List[np.ndarray]:
+    """train / val / test indices: a given split kept (test stays test; a train without val gives 10% of it to
+    validation, stratified), else stratified 60/20/20, all seeded by `split_seed`."""
+    if source.splits is None:
+        return stratified_split(source.labels, BBC_FRACTIONS, split_seed)
+    where = {s: np.flatnonzero(source.splits == s) for s in SPLITS}
+    if not len(where['test']):
+        raise ValueError(f'{source.path}: the given splits have no test examples')
+    if not len(where['val']):
+        keep, val = stratified_split(source.labels[where['train']], (1 - HELD_OUT_VAL_FRACTION,
+                                                                      HELD_OUT_VAL_FRACTION), split_seed)
+        where['train'], where['val'] = where['train'][keep], where['train'][val]
+    return [where[s] for s in SPLITS]
+
+
+def _load_source(name: str, model, kind: Optional[str], split_seed: int, max_length: int, limits,
+                 text_column: str, label_column: str, split_column: Optional[str]) -> DataBundle:
+    source = read_source(name, text_column, label_column, split_column)
+    tokenizer_path = getattr(model, 'tokenizer_path', None)
+    kind = kind or ('text' if tokenizer_path else 'image')
+    parts = [_limit(idx, lim, split_seed) for idx, lim in zip(_source_parts(source, split_seed), limits)]
+    if source.kind == 'table':
+        if kind != 'text':
+            raise ValueError(f'{source.path}: a table of texts; the model takes {kind} input')
+        enc = _tokenize([source.inputs[i] for i in np.concatenate(parts)], tokenizer_path, max_length)
+        bounds = np.cumsum([0] + [len(p) for p in parts])
+        sets = [TextDataset({k: v[a:b] for k, v in enc.items()}, source.labels[idx])
+                for idx, a, b in zip(parts, bounds[:-1], bounds[1:])]
+    elif source.kind == 'image_folder':
+        if kind != 'image':
+            raise ValueError(f'{source.path}: a folder of images; the model takes {kind} input')
+        _check_images([source.inputs[i] for i in np.concatenate(parts)])
+        full = ImageFileDataset(source.inputs, source.labels, _image_transform(model))
+        sets = [torch.utils.data.Subset(full, idx.tolist()) for idx in parts]
+    else:
+        sets = [torch.utils.data.Subset(_REGISTERED[name], idx.tolist()) for idx in parts]
+    return DataBundle(*sets, source.classes, kind, source.describe())

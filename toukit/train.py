@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import load_dataset, num_classes_of
+from .data import load_dataset, num_classes_of, register_dataset
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
 from .models import call_model, create_model
 from .ranks import DEFAULT_FRACTION, parse_rank
@@ -74,6 +74,47 @@ PRESETS: Dict[str, dict] = {
 }
 
 
+# one line of help per TrainConfig field: `toukit train --help` shows it, and the training notebook's parameter
+# comments say the same (tests/test_train.py checks they agree)
+FIELD_HELP = {
+    'method': 'ft, lora, pissa, tou, tou_frozen_ffn, svfit, delora, adapter or bitfit',
+    'preset': 'demo (MiniLM on BBC News, CPU), paper (ViT-B/16 on CIFAR-100, GPU) or test',
+    'model': "None: the preset's; 'minilm', 'tiny-bert' or a timm model name",
+    'dataset': "None: the preset's; bbc, cifar100, fashion_mnist, synthetic, a table file or an image folder",
+    'text_column': "a table file's text column; None: 'text'",
+    'label_column': "a table file's label column; None: 'label'",
+    'split_column': "a table file's split column (train / val / test); None: a stratified 60/20/20 split",
+    'rank': "None: the preset's for this method; an int, a fraction of min(out, in) or 'energy:0.9'",
+    'noise_scale': "TOU's alpha; None: toukit.DEFAULT_NOISE_SCALE",
+    'targets': "None: the method's; 'all', 'attention', 'mlp' or a list of module-name patterns",
+    'epochs': "None: the preset's",
+    'batch_size': "None: the preset's",
+    'lr': "None: the preset's (the paper's constant 5e-5)",
+    'weight_decay': "AdamW's",
+    'seed': 'seeds the model head, the shuffling, the noise and random factors (not the split)',
+    'split_seed': 'seeds the train/validation/test split; keep it fixed to compare runs',
+    'max_length': "tokens per text; None: the preset's",
+    'train_limit': 'keep only this many training examples (quick runs)',
+    'val_limit': 'keep only this many validation examples',
+    'test_limit': 'keep only this many test examples',
+    'max_steps_per_epoch': 'stop each epoch early (quick runs)',
+    'calibration_batches': 'TOU: factorize activation-aware on this many training batches',
+    'pretrained': "None: the preset's",
+    'checkpoint': 'local weights file for the model',
+    'data_root': 'where downloadable datasets (cifar100, fashion_mnist) live',
+    'download': "let torchvision download the dataset; None: the preset's",
+    'device': 'auto, cpu or cuda',
+    'precision': 'fp32 or bf16 (autocast)',
+    'num_workers': "DataLoader worker processes; None: the preset's",
+    'results_dir': 'where the run record goes',
+    'run_name': "None: the run's id, {preset}_{method}_lr{lr}_s{seed}_{hash of the other settings}",
+    'save_weights': "also write the merged model's weights (safetensors)",
+    'checkpoint_every': 'also checkpoint every N steps (always after every epoch)',
+    'log_with': "an accelerate tracker for the metrics, e.g. 'tensorboard' (under results_dir/trackers)",
+    'extra': 'more method options, as JSON, e.g. {"svd_method": "exact"}',
+}
+
+
 @dataclass
 class TrainConfig:
     """One fine-tuning run. Fields left None come from the preset, then from the method's own defaults.
@@ -84,7 +125,12 @@ class TrainConfig:
     method: str = 'tou'
     preset: str = 'demo'
     model: Optional[str] = None
+    # a name (bbc, cifar100, fashion_mnist, synthetic), a table file (.csv .tsv .jsonl .parquet), an image folder
+    # (one folder per class, optionally under train/ val/ test/), or a registered torch Dataset ('python:...')
     dataset: Optional[str] = None
+    text_column: Optional[str] = None  # a table file's text column; None: 'text'
+    label_column: Optional[str] = None  # a table file's label column; None: 'label'
+    split_column: Optional[str] = None  # a table file's split column (train / val / test); None: split 60/20/20
     # TOU: int, fraction, 'energy:T', 'ght', 'budget:B' or a rank pattern {name: rank}; SVFit: int, fraction,
     # 'energy:T' or 'ght'; LoRA/PiSSA/DeLoRA: int
     rank: Union[int, float, str, Dict[str, Union[int, float, str]], None] = None
@@ -156,8 +202,10 @@ class TrainConfig:
         if self.precision not in ('fp32', 'bf16'):
             bad('precision', "must be 'fp32' or 'bf16'")
         _check_device(self.device)
+        for name in ('text_column', 'label_column', 'split_column'):  # None keeps every earlier run's id
+            optional(name, str, lambda v: v.strip() != '', 'must be a non-empty string (a column name) or None')
         if self.dataset is not None:
-            num_classes_of(self.dataset)
+            self.num_classes()
         if self.targets is not None and not (isinstance(self.targets, str) or (
                 isinstance(self.targets, (list, tuple)) and self.targets
                 and all(isinstance(t, str) for t in self.targets))):
@@ -176,6 +224,15 @@ class TrainConfig:
             self.rank = {str(k): _normal_rank(v) for k, v in self.rank.items()}  # validated again by apply_tou
         elif self.rank is not None:
             self.rank = _normal_rank(self.rank)
+
+    def num_classes(self) -> int:
+        """The dataset's number of classes (a table file or an image folder is read for it)."""
+        return num_classes_of(self.dataset, **self.columns())
+
+    def columns(self) -> dict:
+        """A table file's columns: text, label and split."""
+        return dict(text_column=self.text_column or 'text', label_column=self.label_column or 'label',
+                    split_column=self.split_column)
 
     @property
     def name(self) -> str:
@@ -244,7 +301,7 @@ def preset_model(preset: str = 'demo', model: Optional[str] = None, pretrained: 
     """(the preset's resolved TOU config, its model with a head for the preset's dataset): the analysis notebooks'
     starting point."""
     config = resolve_config(TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
-    net = create_model(config.model, num_classes=num_classes_of(config.dataset), pretrained=config.pretrained)
+    net = create_model(config.model, num_classes=config.num_classes(), pretrained=config.pretrained)
     return config, net
 
 
@@ -383,7 +440,7 @@ class _Memory:
 
 
 def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: bool = False, resume: bool = False,
-        **overrides) -> dict:
+        data=None, **overrides) -> dict:
     """Fine-tune one model with one method and write its run record; returns the record.
 
     The record goes to `results_dir/<run id>.json`, the id built from every config field that changes the result
@@ -395,12 +452,16 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
     Args:
         resume: continue from the run's checkpoint (after a kill, a crash or a failure); on the CPU the result is
             bitwise the one an uninterrupted run gives.
+        data: a map-style torch Dataset of (input, label) pairs to train on instead of `config.dataset` (split like
+            the built-in sets; its items' inputs are what the model takes: a tensor, or a dict of tensors).
 
     Raises:
         RecordExistsError: a successful record of this run exists and `overwrite` is False (nothing is written).
         RunLockedError: another live process runs the same run.
         ValueError: resume without a checkpoint, or with one made by a different configuration.
     """
+    if data is not None:  # a torch Dataset from Python: named by its content ('python:<class>:<hash>')
+        overrides['dataset'] = register_dataset(data)
     config = resolve_config(config, **overrides)
     device = _device(config.device)
     path = config.record_path
@@ -542,11 +603,11 @@ def _prepare(config: TrainConfig, device: torch.device, record: dict, path: Path
              progress: bool) -> _Run:
     """Build the model, its data and the method; restore a checkpoint's state; open the training-memory window."""
     set_seed(config.seed)
-    model = create_model(config.model, num_classes_of(config.dataset), pretrained=config.pretrained,
+    model = create_model(config.model, config.num_classes(), pretrained=config.pretrained,
                          checkpoint=config.checkpoint, seed=config.seed)
     data = load_dataset(config.dataset, model, root=config.data_root, split_seed=config.split_seed,
                         max_length=config.max_length, train_limit=config.train_limit, val_limit=config.val_limit,
-                        test_limit=config.test_limit, download=config.download)
+                        test_limit=config.test_limit, download=config.download, **config.columns())
     set_seed(config.seed)  # the data's own draws (limits) never shift the seeded stream the run uses
     engine = _engine(config, path)
     if engine is not None and engine.num_processes > 1:
@@ -573,7 +634,7 @@ def _prepare(config: TrainConfig, device: torch.device, record: dict, path: Path
                           memory_kind=memory.kind, memory_definitions=MEMORY_DEFINITIONS[memory.kind],
                           num_workers=config.num_workers)
     record['data'] = dict(train_size=len(data.train), val_size=len(data.val), test_size=len(data.test),
-                          classes=data.classes)
+                          classes=data.classes, **(data.source or dict(source='name', name=config.dataset)))
     record['new_modules'] = list(model.toukit_new_modules)  # the head: trains under every method
     if getattr(model, 'toukit_ranks', None):
         record['ranks'] = dict(model.toukit_ranks)  # a rank pattern: rank=record['ranks'] replays the allocation

@@ -1,0 +1,165 @@
+"""Your data in one parameter: table files, image folders and torch Datasets train like the built-in sets."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from toukit import cli, data, train
+
+QUICK = dict(method='tou', preset='test', epochs=1, max_steps_per_epoch=2, batch_size=4, progress=False)
+WORDS = {'sport': 'match goal team win league', 'tech': 'chip software phone code data',
+         'food': 'bread soup cheese pasta salad'}
+
+
+def _texts(n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = list(WORDS)[i % 3]
+        rows.append(dict(review=' '.join(rng.choice(WORDS[label].split(), 6)), topic=label,
+                         part=['train', 'train', 'train', 'validation', 'test'][i % 5]))
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def csv_file(tmp_path):
+    path = tmp_path / 'reviews.csv'
+    _texts().to_csv(path, index=False)
+    return path
+
+
+def _text_run(tmp_path, dataset, **kw):
+    return train.run(model='tiny-bert', dataset=str(dataset), text_column='review', label_column='topic',
+                     max_length=12, results_dir=str(tmp_path / 'results'), **dict(QUICK, **kw))
+
+
+def test_a_csv_trains_and_the_record_names_it(csv_file, tmp_path):
+    record = _text_run(tmp_path, csv_file)
+    assert record['status'] == 'ok'
+    d = record['data']
+    assert d['source'] == 'table' and d['path'] == str(csv_file) and d['classes'] == ['food', 'sport', 'tech']
+    assert len(d['sha256']) == 64 and (d['train_size'], d['val_size'], d['test_size']) == (18, 6, 6)
+
+
+def test_a_split_column_is_kept(csv_file, tmp_path):
+    record = _text_run(tmp_path, csv_file, split_column='part')
+    assert (record['data']['train_size'], record['data']['val_size'], record['data']['test_size']) == (18, 6, 6)
+    test_rows = _texts().query('part == "test"')
+    assert record['metrics']['final']['test_labels'] == [['food', 'sport', 'tech'].index(t) for t in test_rows.topic]
+
+
+@pytest.mark.parametrize('suffix', ['.jsonl', '.tsv', '.parquet'])
+def test_other_table_formats(suffix, tmp_path):
+    frame = _texts()
+    path = tmp_path / f'reviews{suffix}'
+    if suffix == '.jsonl':
+        path.write_text('\n'.join(json.dumps(r) for r in frame.to_dict('records')) + '\n')
+    elif suffix == '.tsv':
+        frame.to_csv(path, sep='\t', index=False)
+    else:
+        pytest.importorskip('pyarrow', reason='parquet needs pyarrow (pip install pyarrow)')
+        frame.to_parquet(path)
+    assert _text_run(tmp_path, path)['status'] == 'ok'
+
+
+def _image_folder(root, splits=('train', 'test'), per_class=6, bad=None):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, colour in (('red', (200, 30, 30)), ('blue', (30, 30, 200))):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    if bad:
+        (root / splits[0] / 'red' / 'broken.png').write_bytes(b'not a png')
+    return root
+
+
+def test_an_image_folder_with_train_and_test_trains(tmp_path):
+    folder = _image_folder(tmp_path / 'images')
+    record = train.run(dataset=str(folder), results_dir=str(tmp_path / 'results'), **QUICK)
+    d = record['data']
+    assert record['status'] == 'ok' and d['source'] == 'image_folder' and d['classes'] == ['blue', 'red']
+    assert d['test_size'] == 12 and d['train_size'] + d['val_size'] == 12  # test kept, 10% of train to val
+
+
+class Blobs(torch.utils.data.Dataset):
+    """A torch Dataset of (image tensor, label) pairs, as a user writes one."""
+
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(n) % 2
+        self.images = torch.randn(n, 3, 160, 160, generator=g) + self.labels.view(-1, 1, 1, 1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def test_a_torch_dataset_trains_from_python(tmp_path):
+    record = train.run(data=Blobs(), results_dir=str(tmp_path), **QUICK)
+    assert record['status'] == 'ok' and record['data']['source'] == 'python'
+    assert record['run']['config']['dataset'].startswith('python:Blobs:')
+    assert (record['data']['train_size'], record['data']['val_size'], record['data']['test_size']) == (24, 8, 8)
+
+
+def test_the_command_and_the_notebook_take_a_file(csv_file, tmp_path):
+    cli.main(['train', '--method', 'lora', '--preset', 'test', '--model', 'tiny-bert', '--dataset', str(csv_file),
+              '--text-column', 'review', '--label-column', 'topic', '--epochs', '1', '--max-steps-per-epoch', '1',
+              '--rank', '2', '--max-length', '12', '--results-dir', str(tmp_path / 'cli'), '--quiet'])
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / 'cli').glob('*.json')]
+    assert record['status'] == 'ok' and record['data']['source'] == 'table'
+    help_text = subprocess.run([sys.executable, '-m', 'toukit.cli', 'train', '--help'], capture_output=True,
+                               text=True, check=True).stdout
+    assert "a table file's text column" in help_text and 'seeds the train/validation/test split' in help_text
+
+
+@pytest.mark.notebook
+def test_the_training_notebook_takes_a_file(csv_file, tmp_path):
+    from toukit.notebooks import run_notebook
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    run_notebook('train.ipynb', tmp_path / 'out.ipynb', dict(
+        method='tou', preset='test', model='tiny-bert', dataset=str(csv_file), text_column='review',
+        label_column='topic', epochs=1, max_steps_per_epoch=1, max_length=12, results_dir=str(tmp_path / 'nb')),
+        root)
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / 'nb').glob('*.json')]
+    assert record['status'] == 'ok' and record['data']['classes'] == ['food', 'sport', 'tech']
+
+
+def test_bad_files_are_named_with_the_problem(tmp_path, csv_file):
+    with pytest.raises(ValueError, match=r"reviews.csv: no text column 'text'; its columns are review, topic, part"):
+        train.TrainConfig(preset='test', dataset=str(csv_file), label_column='topic')
+    one = tmp_path / 'one.csv'
+    _texts().assign(topic='sport').to_csv(one, index=False)
+    with pytest.raises(ValueError, match='one.csv: one class only'):
+        train.TrainConfig(preset='test', dataset=str(one), text_column='review', label_column='topic')
+    empty = tmp_path / 'empty.csv'
+    empty.write_text('')
+    with pytest.raises(ValueError, match='empty.csv: the file is empty'):
+        train.TrainConfig(preset='test', dataset=str(empty))
+    holes = tmp_path / 'holes.csv'
+    _texts().assign(topic=lambda f: f.topic.where(f.index != 3)).to_csv(holes, index=False)
+    with pytest.raises(ValueError, match="holes.csv: the label column 'topic' has 1 missing values"):
+        train.TrainConfig(preset='test', dataset=str(holes), text_column='review', label_column='topic')
+    odd = tmp_path / 'odd.csv'
+    _texts().assign(part='holdout').to_csv(odd, index=False)
+    with pytest.raises(ValueError, match=r"odd.csv, column 'part': unknown split values \['holdout'\]"):
+        train.TrainConfig(preset='test', dataset=str(odd), text_column='review', label_column='topic',
+                          split_column='part')
+    with pytest.raises(ValueError, match="dataset='nowhere.csv': no such file or folder"):
+        train.TrainConfig(preset='test', dataset='nowhere.csv')
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    folder = _image_folder(tmp_path / 'images', bad=True)
+    with pytest.raises(ValueError, match=r'broken.png: unreadable image'):
+        data.load_dataset(str(folder), model=__import__('timm').create_model('test_vit', num_classes=2))
