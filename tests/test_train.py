@@ -181,3 +181,17 @@ def test_load_runs_skips_unreadable(tmp_path):
     with pytest.warns(UserWarning, match='skipped 1'):
         table = toukit.load_runs(tmp_path)
     assert table.run_id.tolist() == ['x'] and len(table.attrs['skipped']) == 1
+
+
+def test_every_field_has_one_line_of_help_and_the_notebook_says_the_same():
+    import dataclasses
+    import re
+    from pathlib import Path
+    from toukit.train import FIELD_HELP, TrainConfig
+    assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+    notebook = (Path(__file__).resolve().parents[1] / 'notebooks' / 'train.py').read_text()
+    block = notebook.split('# %% tags=["parameters"]')[1].split('# %%')[0]
+    comments = dict(re.match(r'(\w+): \w+ = .*?  # (.*)', line).groups() for line in block.strip().splitlines())
+    for name, text in FIELD_HELP.items():
+        if name != 'extra':  # a dict: no notebook parameter
+            assert comments[name] == text, name

@@ -33,8 +33,8 @@ def csv_file(tmp_path):
 
 
 def _text_run(tmp_path, dataset, **kw):
-    return train.run(model='tiny-bert', dataset=str(dataset), text_column='review', label_column='topic',
-                     max_length=12, results_dir=str(tmp_path / 'results'), **dict(QUICK, **kw))
+    return train.run(dataset=str(dataset), text_column='review', label_column='topic', max_length=12,
+                     results_dir=str(tmp_path / 'results'), **{**QUICK, 'model': 'tiny-bert', **kw})
 
 
 def test_a_csv_trains_and_the_record_names_it(csv_file, tmp_path):
@@ -163,3 +163,40 @@ def test_an_unreadable_image_is_named(tmp_path):
     folder = _image_folder(tmp_path / 'images', bad=True)
     with pytest.raises(ValueError, match=r'broken.png: unreadable image'):
         data.load_dataset(str(folder), model=__import__('timm').create_model('test_vit', num_classes=2))
+
+
+def _text_checkpoint(folder):
+    """A tiny BERT encoder saved as a Hugging Face checkpoint with the bundled MiniLM's tokenizer: no head."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from toukit.models import minilm_path
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    return folder
+
+
+def _image_checkpoint(folder):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8)).save_pretrained(folder)
+    ViTImageProcessor(size={'height': 32, 'width': 32}).save_pretrained(folder)
+    return folder
+
+
+def test_a_local_text_checkpoint_gets_a_new_head_that_trains(csv_file, tmp_path):
+    import toukit
+    folder = _text_checkpoint(tmp_path / 'bert')
+    net = toukit.create_model(str(folder), num_classes=3)
+    assert toukit.new_modules(net) == ['model.classifier']
+    record = _text_run(tmp_path, csv_file, model=str(folder), method='lora', rank=2)
+    assert record['status'] == 'ok' and record['new_modules'] == ['model.classifier']
+
+
+def test_a_local_image_checkpoint_trains_on_an_image_folder(tmp_path):
+    folder = _image_checkpoint(tmp_path / 'vit')
+    images = _image_folder(tmp_path / 'images')
+    record = train.run(model=str(folder), dataset=str(images), results_dir=str(tmp_path / 'results'), **QUICK)
+    assert record['status'] == 'ok' and record['new_modules'] == ['model.classifier']
+    assert record['metrics']['final']['merge'] == 'merged'

@@ -158,7 +158,10 @@ def _tokenize(texts, tokenizer_path: str, max_length: int):
 
 def _image_transform(model):
     """The model's pretrained preprocessing (resize to its input size, normalise); no augmentation, as the
-    paper names none."""
+    paper names none. A model that brings its own (a local Hugging Face checkpoint's image processor) gives it as
+    `image_transform`."""
+    if getattr(model, 'image_transform', None) is not None:
+        return model.image_transform
     import timm.data
     return timm.data.create_transform(**timm.data.resolve_data_config(model=model), is_training=False)
 

@@ -4,14 +4,20 @@
     create_model('tiny-bert', num_classes=3)                 random 2-layer BERT, for tests
     create_model('vit_base_patch16_224', 100)                timm, ImageNet weights (needs the hub once)
     create_model('vit_base_patch16_224', 100, pretrained=False)
-    create_model('vit_base_patch16_224', 100, checkpoint='w.safetensors')   local weights
+    create_model('vit_base_patch16_224', 100, checkpoint='w.safetensors')   a timm name with a local weights file
+    create_model('path/to/checkpoint', 5)                    a local Hugging Face checkpoint directory: text
+                                                             (AutoModelForSequenceClassification and its tokenizer)
+                                                             or images (AutoModelForImageClassification and its
+                                                             image processor); a head it lacks is new
 """
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ['TextClassifier', 'create_model', 'minilm_path', 'is_text_model', 'TEXT_MODELS', 'call_model']
+__all__ = ['TextClassifier', 'HFClassifier', 'create_model', 'minilm_path', 'is_text_model', 'TEXT_MODELS',
+           'call_model', 'is_hf_checkpoint']
 
 TEXT_MODELS = ('minilm', 'tiny-bert')
 
@@ -41,6 +47,69 @@ class TextClassifier(nn.Module):
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
 
 
+class HFClassifier(nn.Module):
+    """A Hugging Face classification model from a local checkpoint, returning logits (a tensor) as every toukit
+    model does. Text: `tokenizer_path` is the checkpoint (its tokenizer). Images: `image_transform` is its image
+    processor's resize and normalisation, as a torchvision transform."""
+
+    def __init__(self, model: nn.Module, tokenizer_path: Optional[str] = None, image_transform=None):
+        super().__init__()
+        self.model, self.tokenizer_path, self.image_transform = model, tokenizer_path, image_transform
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if args and not kwargs:  # an image batch
+            return self.model(pixel_values=args[0]).logits
+        return self.model(*args, **kwargs).logits
+
+
+def is_hf_checkpoint(name) -> bool:
+    """Whether `name` is a local Hugging Face checkpoint directory (it holds a config.json)."""
+    return isinstance(name, str) and (Path(name).expanduser() / 'config.json').is_file()
+
+
+def _image_processor_transform(path: Path):
+    """The checkpoint's image processor (preprocessor_config.json) as a torchvision transform: resize, centre crop
+    when it crops, to tensor, normalise."""
+    import json
+    from torchvision import transforms
+    cfg = json.loads((path / 'preprocessor_config.json').read_text())
+    size = cfg.get('size', 224)
+    if isinstance(size, dict):
+        size = size.get('shortest_edge') or (size.get('height'), size.get('width'))
+    steps = [transforms.Resize(size if isinstance(size, int) else tuple(size))]
+    crop = cfg.get('crop_size')
+    if cfg.get('do_center_crop') and crop:
+        steps.append(transforms.CenterCrop(crop.get('height', crop) if isinstance(crop, dict) else crop))
+    steps.append(transforms.ToTensor())
+    if cfg.get('do_normalize', True):
+        steps.append(transforms.Normalize(cfg.get('image_mean', [0.5] * 3), cfg.get('image_std', [0.5] * 3)))
+    return transforms.Compose(steps)
+
+
+def _hf_checkpoint(path: Path, num_classes: int, pretrained: bool) -> HFClassifier:
+    """A local Hugging Face checkpoint as a classifier of `num_classes`: text when it has a tokenizer, images when it
+    has an image processor. A head the checkpoint lacks (or of another size) is new (`toukit.new_modules`)."""
+    import transformers
+    from transformers.utils import logging
+    text = any((path / f).is_file() for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt'))
+    image = (path / 'preprocessor_config.json').is_file()
+    if not text and not image:
+        raise ValueError(f'model={str(path)!r}: a Hugging Face checkpoint with neither a tokenizer (tokenizer.json, '
+                         f'tokenizer_config.json, vocab.txt) nor an image processor (preprocessor_config.json)')
+    auto = transformers.AutoModelForSequenceClassification if text else transformers.AutoModelForImageClassification
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the new head is reported as 'newly initialized': expected here
+    try:
+        if pretrained:
+            model = auto.from_pretrained(str(path), num_labels=num_classes, ignore_mismatched_sizes=True)
+        else:
+            model = auto.from_config(transformers.AutoConfig.from_pretrained(str(path), num_labels=num_classes))
+    finally:
+        logging.set_verbosity(verbosity)
+    return HFClassifier(model, tokenizer_path=str(path) if text else None,
+                        image_transform=None if text else _image_processor_transform(path))
+
+
 def call_model(model: nn.Module, inputs) -> torch.Tensor:
     """`model` on a batch's inputs: a dict of tensors (text: input_ids, attention_mask) or one tensor (images)."""
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
@@ -55,7 +124,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
     """Create a classifier by name with a new `num_classes` head (seeded).
 
     Args:
-        name: 'minilm', 'tiny-bert', or any timm model name.
+        name: 'minilm', 'tiny-bert', any timm model name, or a local Hugging Face checkpoint directory.
         num_classes: outputs of the new head.
         pretrained: load pretrained weights (timm: from the Hugging Face hub, or `checkpoint`).
         checkpoint: a local weights file (timm: .safetensors/.pth; text models: a transformers directory holding
@@ -65,6 +134,8 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes={num_classes!r}: must be an int >= 1')
     torch.manual_seed(seed)
+    if is_hf_checkpoint(name):
+        return _hf_checkpoint(Path(name).expanduser(), num_classes, pretrained)
     if name == 'minilm':
         from transformers import BertConfig, BertModel
         from transformers.utils import logging
@@ -84,7 +155,8 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
         return TextClassifier(BertModel(config, add_pooling_layer=False), num_classes, tokenizer_path=minilm_path())
     import timm
     if not timm.is_model(name):
-        raise ValueError(f'model={name!r}: not a timm model nor one of {", ".join(TEXT_MODELS)}')
+        raise ValueError(f'model={name!r}: not a timm model, a local Hugging Face checkpoint directory (with a '
+                         f'config.json) nor one of {", ".join(TEXT_MODELS)}')
     kwargs = dict(pretrained=pretrained or checkpoint is not None, num_classes=num_classes)
     if checkpoint is not None:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(checkpoint))
