@@ -46,7 +46,7 @@ def test_a_rank_k_update_inside_the_top_r_subspace():
                                                                                              dtype=w.dtype)
     row = _row(*_pair(update), rank=r)
     assert row.rank_e99 == k and row.rank_e50 <= k and 1 <= row.stable_rank <= k
-    assert row.left_energy_r == pytest.approx(1.0, abs=1e-9)
+    assert row.left_energy_r == pytest.approx(1.0, abs=1e-5)  # float32 singular vectors
     assert row.random_left_r == pytest.approx(r / 200) and row.random_right_r == pytest.approx(r / 120)
 
 
@@ -63,8 +63,8 @@ def test_an_update_in_a_random_subspace_holds_about_r_over_out():
 
 def test_unrotated_and_orthogonal_subspaces():
     row = _row(*_pair(lambda w: 3 * w))  # scaling keeps every singular vector
-    assert row.left_similarity_1 == pytest.approx(1.0) and row.right_similarity_8 == pytest.approx(1.0)
-    assert row.left_similarity_r == pytest.approx(1.0)
+    assert row.left_similarity_1 == pytest.approx(1.0, abs=1e-5) and row.right_similarity_8 == pytest.approx(1.0, abs=1e-5)
+    assert row.left_similarity_r == pytest.approx(1.0, abs=1e-5)
 
     def rotate(w):  # W_1's top 8 left vectors orthogonal to W_0's top 8
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -72,7 +72,7 @@ def test_unrotated_and_orthogonal_subspaces():
         s = torch.cat([s[:8] * 10, s[8:]])
         return (u * s) @ vh
     row = _row(*_pair(rotate))
-    assert row.left_similarity_8 < 1e-9 and row.left_similarity_1 < 1e-9
+    assert row.left_similarity_8 < 1e-6 and row.left_similarity_1 < 1e-6
 
 
 def test_an_update_of_zero_is_reported_as_zero():

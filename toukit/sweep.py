@@ -327,8 +327,9 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
                 done.add(name)
                 ran = True
                 _write_manifest(planner(), results_dir)
-        if not ran and not any(_held_here(manifest['configs'][n].record_path) for n in busy):
-            break
+        freed = [n for n in busy if lock_owner(manifest['configs'][n].record_path) is None]
+        if not ran and not freed and not any(_held_here(manifest['configs'][n].record_path) for n in busy):
+            break  # (a run freed since this pass found it held, its owner gone meanwhile, is tried in another pass)
         if not ran:  # every run left is another local worker's; their records may unlock tuned runs
             time.sleep(poll_seconds)
     manifest = planner()
