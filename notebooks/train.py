@@ -46,6 +46,7 @@ weight_decay: float = 0.01  # AdamW's
 seed: int = 0  # seeds the model head, the shuffling, the noise and random factors (not the split)
 split_seed: int = 0  # seeds the train/validation/test split; keep it fixed to compare runs
 max_length: int = None  # tokens per text; None: the preset's
+image_size: int = None  # images: resize to this square side (a ViT interpolates its positions); None: the preset's
 train_limit: int = None  # keep only this many training examples (quick runs)
 val_limit: int = None  # keep only this many validation examples
 test_limit: int = None  # keep only this many test examples
@@ -72,7 +73,8 @@ config = train.resolve_config(train.TrainConfig(
     method=method, preset=preset, model=model, dataset=dataset, text_column=text_column, label_column=label_column,
     split_column=split_column,
     rank=rank, noise_scale=noise_scale, targets=targets, epochs=epochs, batch_size=batch_size, lr=lr,
-    weight_decay=weight_decay, seed=seed, split_seed=split_seed, max_length=max_length, train_limit=train_limit,
+    weight_decay=weight_decay, seed=seed, split_seed=split_seed, max_length=max_length, image_size=image_size,
+    train_limit=train_limit,
     val_limit=val_limit, test_limit=test_limit, max_steps_per_epoch=max_steps_per_epoch,
     calibration_batches=calibration_batches, pretrained=pretrained, checkpoint=checkpoint, data_root=data_root,
     download=download, device=device, precision=precision, num_workers=num_workers, results_dir=results_dir,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 # bottom to top: each module may import only those before it
-ORDER = ['linalg', 'targets', 'models', 'convert', 'calibration', 'ranks', 'layers', 'methods', 'spectrum', 'updates',
+ORDER = ['linalg', 'targets', 'convert', 'models', 'calibration', 'ranks', 'layers', 'methods', 'spectrum', 'updates',
          'studies', 'data', 'checkpoint', 'results', 'train', 'notebooks', 'sweep', 'claims', 'plots', 'cli']
 PACKAGE = Path(__file__).resolve().parents[1] / 'toukit'
 

@@ -249,14 +249,23 @@ def _tokenize(texts, tokenizer_path: str, max_length: int):
     return tokenizer(list(texts), truncation=True, max_length=max_length, padding='max_length', return_tensors='pt')
 
 
-def _image_transform(model):
+def _image_transform(model, image_size: Optional[int] = None):
     """The model's pretrained preprocessing (resize to its input size, normalise); no augmentation, as the
     paper names none. A model that brings its own (a local Hugging Face checkpoint's image processor) gives it as
-    `image_transform`."""
-    if getattr(model, 'image_transform', None) is not None:
-        return model.image_transform
+    `image_transform`. With `image_size`, images are resized to that square side instead (a ViT interpolates its
+    position embeddings), keeping the model's normalisation."""
+    own = getattr(model, 'image_transform', None)
+    if own is not None:
+        if image_size is None:
+            return own
+        from torchvision import transforms
+        normalize = [t for t in own.transforms if isinstance(t, transforms.Normalize)]
+        return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor(), *normalize])
     import timm.data
-    return timm.data.create_transform(**timm.data.resolve_data_config(model=model), is_training=False)
+    config = timm.data.resolve_data_config(model=model)
+    if image_size is not None:
+        config.update(input_size=(3, image_size, image_size), crop_pct=1.0)
+    return timm.data.create_transform(**config, is_training=False)
 
 
 def _read_idx_gz(path: Path) -> np.ndarray:
@@ -338,6 +347,7 @@ def load_dataset(
         val_limit: Optional[int] = None,
         test_limit: Optional[int] = None,
         download: bool = False,
+        image_size: Optional[int] = None,
         text_column: str = 'text',
         label_column: str = 'label',
         split_column: Optional[str] = None,
@@ -354,11 +364,12 @@ def load_dataset(
         max_length: tokens per text.
         train_limit, val_limit, test_limit: keep only a seeded random subset of so many examples (quick runs).
         download: let torchvision download cifar100 / fashion_mnist when they are not on disk.
+        image_size: resize images to this square side instead of the model's input size.
         text_column, label_column, split_column: a table file's columns (see the module's docstring).
     """
     if is_source(name):
         return _load_source(name, model, kind, split_seed, max_length, (train_limit, val_limit, test_limit),
-                            text_column, label_column, split_column)
+                            text_column, label_column, split_column, image_size)
     num_classes_of(name)
     tokenizer_path = getattr(model, 'tokenizer_path', None)
     kind = kind or ('text' if tokenizer_path else 'image')
@@ -385,7 +396,7 @@ def load_dataset(
         parts = stratified_split(labels.numpy(), BBC_FRACTIONS, split_seed)
         sets = [torch.utils.data.Subset(full, _limit(idx, lim, split_seed).tolist()) for idx, lim in zip(parts, limits)]
         return DataBundle(*sets, [f'class{i}' for i in range(n_classes)], kind)
-    transform = _image_transform(model)
+    transform = _image_transform(model, image_size)
     if name == 'cifar100':
         train, test, classes = _cifar100(root, download, transform)
         train_labels = train.targets
@@ -610,7 +621,8 @@ def _source_parts(source: Source, split_seed: int) -> List[np.ndarray]:
 
 
 def _load_source(name: str, model, kind: Optional[str], split_seed: int, max_length: int, limits,
-                 text_column: str, label_column: str, split_column: Optional[str]) -> DataBundle:
+                 text_column: str, label_column: str, split_column: Optional[str],
+                 image_size: Optional[int] = None) -> DataBundle:
     source = read_source(name, text_column, label_column, split_column)
     tokenizer_path = getattr(model, 'tokenizer_path', None)
     kind = kind or ('text' if tokenizer_path else 'image')
@@ -626,7 +638,7 @@ def _load_source(name: str, model, kind: Optional[str], split_seed: int, max_len
         if kind != 'image':
             raise ValueError(f'{source.path}: a folder of images; the model takes {kind} input')
         _check_images([source.inputs[i] for i in np.concatenate(parts)])
-        full = ImageFileDataset(source.inputs, source.labels, _image_transform(model))
+        full = ImageFileDataset(source.inputs, source.labels, _image_transform(model, image_size))
         sets = [torch.utils.data.Subset(full, idx.tolist()) for idx in parts]
     else:
         sets = [torch.utils.data.Subset(_REGISTERED[name], idx.tolist()) for idx in parts]

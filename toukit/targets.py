@@ -31,8 +31,9 @@ from torch import nn
 
 __all__ = ['Targets', 'Family', 'model_family', 'find_targets', 'fused_splits', 'new_modules',
            'QKVSplit', 'split_qkv', 'fuse_qkv', 'get_submodule_parent', 'layer_kind', 'block_index', 'layer_type',
-           'output_projections', 'layer_matrices', 'describe_linears', 'require_family', 'QKV_PARTS', 'matches', 'dense_types',
-           'is_dense', 'is_conv1d', 'dense_weight', 'dense_shape', 'dense_template', 'restore_dense', 'FUSED_QKV_NAMES']
+           'output_projections', 'layer_matrices', 'describe_linears', 'require_family', 'QKV_PARTS', 'matches',
+           'dense_types', 'is_dense', 'is_conv1d', 'dense_weight', 'dense_shape', 'dense_template', 'restore_dense',
+           'FUSED_QKV_NAMES']
 
 Targets = Union[str, Sequence[str], None]
 ATTENTION_CLASS = re.compile(r'Attention|Attn')  # class names of attention modules, in timm and transformers
