@@ -102,12 +102,13 @@ def worker_step(args):
     trainable, total = toukit.count_parameters(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
     model.train()
+    net = torch.compile(model) if args.compile else model  # compiled during the warm-up steps
     times = []
     for i in range(args.warmup + args.steps):
         _sync(device)
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
-            loss = torch.nn.functional.cross_entropy(call_model(model, inputs).float(), labels)
+            loss = torch.nn.functional.cross_entropy(call_model(net, inputs).float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -205,7 +206,7 @@ def worker_factorize_llm(args):
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and '.layers.0.' in n}
     t = time.perf_counter()
-    toukit.apply_tou(model, rank=args.rank, svd_method=args.svd_method)
+    toukit.apply_tou(model, rank=args.rank, svd_method=args.svd_method, chunk=getattr(args, 'chunk', None))
     _sync(device)
     seconds = time.perf_counter() - t
     peak, after = _peak_mib(device), _allocated_mib(device)
@@ -469,6 +470,8 @@ def main(argv=None):
     common.add_argument('--warmup', type=int, default=2)
     common.add_argument('--steps', type=int, default=5)
     common.add_argument('--json', default=None, help='also write the results here')
+    common.add_argument('--compile', action='store_true', help='torch.compile the prepared model (methods: compiled '
+                                                               'in the warm-up steps; pass --warmup 3 or more)')
     m = sub.add_parser('methods', parents=[common])
     m.add_argument('--methods', nargs='+', default=method_names())
     m.add_argument('--rounds', type=int, default=1)
@@ -482,6 +485,7 @@ def main(argv=None):
     ll.add_argument('--svd-methods', nargs='+', default=['gram', 'randomized'])
     ll.add_argument('--layers', type=int, default=None, help='fewer blocks than 32 (a smoke test)')
     ll.add_argument('--width-div', type=int, default=1, help='divide hidden and MLP widths (a smoke test)')
+    ll.add_argument('--chunk', type=int, default=None, help='factorize at most this many same-shape matrices at once')
     ll.set_defaults(func=cmd_factorize_llm)
     r = sub.add_parser('rank-sweep', parents=[common])
     r.add_argument('--ranks', nargs='+', type=int, default=[32, 96, 192, 288, 384, 480, 576, 768])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one call on a lent GPU machine (see the device notes in BENCHMARKS.md):
-# every method's training step on ViT-B/16 at the paper's batch 64 in fp32 and bf16, then apply_tou on a
-# Llama-2-7B-shaped model. Each part has its own time limit, so one that hangs leaves the others' results.
+# every method's training step on ViT-B/16 at the paper's batch 64 in fp32 and bf16, FT / LoRA / full TOU / TOU
+# frozen FFN compiled too (torch.compile), then apply_tou on a Llama-2-7B-shaped model, whole and in chunks of 16
+# same-shape matrices. Each part has its own time limit, so one that hangs leaves the others' results.
 # Usage: OUT=<folder> bash benchmarks/gpu.sh
 set -u
 OUT="${OUT:-benchmarks/results}"
@@ -17,4 +18,6 @@ part() {  # part NAME LIMIT ARGS...: one bench.py command, its table to $OUT/NAM
 }
 part methods_vit_b16_cuda_fp32 190 methods --batch-size 64 --precision fp32 --warmup 3 --steps 10
 part methods_vit_b16_cuda_bf16 120 methods --batch-size 64 --precision bf16 --warmup 3 --steps 10 --methods ft lora tou tou_frozen_ffn adapter
-part factorize_llama2_7b_cuda_bf16 200 factorize-llm --precision bf16
+part methods_vit_b16_cuda_bf16_compiled 150 methods --batch-size 64 --precision bf16 --warmup 4 --steps 10 --compile --methods ft lora tou tou_frozen_ffn
+part factorize_llama2_7b_cuda_bf16 120 factorize-llm --precision bf16
+part factorize_llama2_7b_cuda_bf16_chunk16 120 factorize-llm --precision bf16 --chunk 16

@@ -58,6 +58,7 @@ data_root: str = "data"  # where downloadable datasets (cifar100, fashion_mnist)
 download: bool = None  # let torchvision download the dataset; None: the preset's
 device: str = "auto"  # auto, cpu or cuda
 precision: str = "fp32"  # fp32 or bf16 (autocast)
+compile: bool = None  # torch.compile the prepared model for its training steps and evaluations; None: eager
 num_workers: int = None  # DataLoader worker processes; None: the preset's
 results_dir: str = "results"  # where the run record goes
 run_name: str = None  # None: the run's id, {preset}_{method}_lr{lr}_s{seed}_{hash of the other settings}
@@ -71,14 +72,13 @@ log_with: str = None  # an accelerate tracker for the metrics, e.g. 'tensorboard
 # every parameter is checked here, before any work: a bad one raises a ValueError naming it
 config = train.resolve_config(train.TrainConfig(
     method=method, preset=preset, model=model, dataset=dataset, text_column=text_column, label_column=label_column,
-    split_column=split_column,
-    rank=rank, noise_scale=noise_scale, targets=targets, epochs=epochs, batch_size=batch_size, lr=lr,
-    weight_decay=weight_decay, seed=seed, split_seed=split_seed, max_length=max_length, image_size=image_size,
-    train_limit=train_limit,
-    val_limit=val_limit, test_limit=test_limit, max_steps_per_epoch=max_steps_per_epoch,
-    calibration_batches=calibration_batches, pretrained=pretrained, checkpoint=checkpoint, data_root=data_root,
-    download=download, device=device, precision=precision, num_workers=num_workers, results_dir=results_dir,
-    run_name=run_name, save_weights=save_weights, checkpoint_every=checkpoint_every, log_with=log_with))
+    split_column=split_column, rank=rank, noise_scale=noise_scale, targets=targets, epochs=epochs,
+    batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, split_seed=split_seed, max_length=max_length,
+    image_size=image_size, train_limit=train_limit, val_limit=val_limit, test_limit=test_limit,
+    max_steps_per_epoch=max_steps_per_epoch, calibration_batches=calibration_batches, pretrained=pretrained,
+    checkpoint=checkpoint, data_root=data_root, download=download, device=device, precision=precision,
+    compile=compile, num_workers=num_workers, results_dir=results_dir, run_name=run_name, save_weights=save_weights,
+    checkpoint_every=checkpoint_every, log_with=log_with))
 pd.Series({k: v for k, v in vars(config).items()}, dtype=object).to_frame('value')
 
 # %%

@@ -135,3 +135,28 @@ def test_gram_svd_matches_exact(shape):
 def test_unknown_svd_method():
     with pytest.raises(ValueError, match="svd method='qr'"):
         linalg.truncated_svd(random_weight(), rank=3, method='qr')
+
+
+def test_chunked_factorization_equals_one_batch_per_shape():
+    from toukit.linalg import factorize
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(24, 16, generator=g) for _ in range(7)] + [torch.randn(16, 40, generator=g) for _ in range(3)]
+    for method in ('gram', 'exact'):
+        whole = factorize(mats, 5, method=method)
+        for chunk in (1, 3):
+            for (a, b), (a2, b2) in zip(whole, factorize(mats, 5, method=method, chunk=chunk)):
+                torch.testing.assert_close(a2 @ b2, a @ b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='chunk=0: must be an int >= 1'):
+        factorize(mats, 5, chunk=0)
+
+
+def test_tou_noise_is_seeded_and_drawn_in_the_factors_dtype():
+    from torch import nn
+    from toukit.layers import FactorizedLinear
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 48).to(torch.bfloat16)
+    a = FactorizedLinear.from_linear(lin, rank=4, noise_scale=1e-2, seed=5)
+    b = FactorizedLinear.from_linear(lin, rank=4, noise_scale=1e-2, seed=5)
+    c = FactorizedLinear.from_linear(lin, rank=4, noise_scale=1e-2, seed=6)
+    assert a.tou_B.dtype == torch.bfloat16 and torch.equal(a.tou_B, b.tou_B) and torch.equal(a.tou_A, b.tou_A)
+    assert not torch.equal(a.tou_B, c.tou_B)

@@ -195,3 +195,14 @@ def test_every_field_has_one_line_of_help_and_the_notebook_says_the_same():
     for name, text in FIELD_HELP.items():
         if name != 'extra':  # a dict: no notebook parameter
             assert comments[name] == text, name
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_within_tolerance(tmp_path):
+    """torch.compile (inductor, on the CPU) computes the same steps as eager up to its kernels' rounding."""
+    kw = dict(method='tou', preset='test', epochs=1, max_steps_per_epoch=4, progress=False)
+    eager = train.run(results_dir=str(tmp_path / 'eager'), **kw)
+    compiled = train.run(results_dir=str(tmp_path / 'compiled'), compile=True, **kw)
+    losses = [[s['loss'] for s in r['metrics']['steps']] for r in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3, abs=1e-4)
+    assert compiled['metrics']['final']['merged_max_abs_logit_diff'] < 1e-3

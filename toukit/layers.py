@@ -171,11 +171,12 @@ class FactorizedLinear(ToukitLayer):
         with torch.no_grad():
             layer.tou_A.copy_(a)
             layer.tou_B.copy_(b.reshape(splits * rank, in_f))
-            if noise_scale > 0:
-                gen = torch.Generator(device='cpu')
+            if noise_scale > 0:  # drawn on the factors' device in their dtype: no full-size pass through the host
+                gen = torch.Generator(device=layer.tou_A.device)
                 gen.manual_seed(0 if seed is None else seed)
-                layer.tou_A.add_(torch.randn(layer.tou_A.shape, generator=gen).to(layer.tou_A) * noise_scale)
-                layer.tou_B.add_(torch.randn(layer.tou_B.shape, generator=gen).to(layer.tou_B) * noise_scale)
+                for factor in (layer.tou_A, layer.tou_B):
+                    factor.add_(torch.randn(factor.shape, generator=gen, device=factor.device, dtype=factor.dtype)
+                                * noise_scale)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         if layer.bias is not None:

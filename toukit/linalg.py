@@ -122,6 +122,7 @@ def factorize(
         whitening: Optional[Sequence[Optional[torch.Tensor]]] = None,
         niter: int = 4,
         seed: Optional[int] = None,
+        chunk: Optional[int] = None,
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The one factorization of toukit: (A_i, B_i) with A_i B_i the rank-r_i truncation of each matrix W_i.
 
@@ -137,6 +138,7 @@ def factorize(
         method: 'gram', 'exact' or 'randomized' (see `truncated_svd`); whitened matrices always use 'exact'.
         whitening: per matrix, its whitening factor L or None; None for none at all.
         niter, seed: the randomized method's subspace iterations and sketch seed.
+        chunk: at most this many matrices per batched call (bounds the workspace; None: one call per shape).
 
     Returns:
         (A, B) per matrix, in its dtype.
@@ -157,13 +159,13 @@ def factorize(
     if any(f is not None for f in whitening):
         method = 'exact'
     if callable(rank):
-        svds = svd_many(work, rank=None, method=method, niter=niter, seed=seed)
+        svds = svd_many(work, rank=None, method=method, niter=niter, seed=seed, chunk=chunk)
         ranks = list(rank([s for _, s, _ in svds]))
     else:
         ranks = [rank] * len(work) if isinstance(rank, int) else list(rank)
         for r, w in zip(ranks, work):
             check_rank(r, tuple(w.shape[-2:]))
-        svds = svd_many(work, rank=max(ranks), method=method, niter=niter, seed=seed)
+        svds = svd_many(work, rank=max(ranks), method=method, niter=niter, seed=seed, chunk=chunk)
     out = []
     for w, factor, (u, s, vh), r in zip(matrices, whitening, svds, ranks):
         check_rank(r, tuple(w.shape[-2:]))
@@ -174,15 +176,22 @@ def factorize(
     return out
 
 
-def _per_shape(matrices: Sequence[torch.Tensor], fn) -> list:
-    """fn applied to one stack per distinct (shape, dtype, device), results returned in input order."""
+def _per_shape(matrices: Sequence[torch.Tensor], fn, chunk: Optional[int] = None) -> list:
+    """fn applied to stacks of same-(shape, dtype, device) matrices, `chunk` at most per stack (None: one stack per
+    shape), results returned in input order. Chunks bound the workspace: a stack, its Gram matrices and their
+    eigenvectors are a few times `chunk` matrices, not a few times the model."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f'chunk={chunk!r}: must be an int >= 1 (matrices per batched call) or None')
     groups = {}
     for i, m in enumerate(matrices):
         groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
     out = [None] * len(matrices)
     for (shape, _, _), idx in groups.items():
-        for i, result in zip(idx, fn(shape, torch.stack([matrices[i] for i in idx]))):
-            out[i] = result
+        step = chunk or len(idx)
+        for start in range(0, len(idx), step):
+            part = idx[start:start + step]
+            for i, result in zip(part, fn(shape, torch.stack([matrices[i] for i in part]))):
+                out[i] = result
     return out
 
 
@@ -192,8 +201,9 @@ def svd_many(
         method: str = 'exact',
         niter: int = 4,
         seed: Optional[int] = None,
+        chunk: Optional[int] = None,
 ) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(U, S, Vh) of each matrix, computed with one batched SVD per distinct shape.
+    """(U, S, Vh) of each matrix, computed with one batched SVD per distinct shape (per `chunk` matrices of it).
 
     A loop of SVDs over a transformer's 72 block matrices costs several times one batched call per shape.
     With `rank` (required by the randomized method) the factors are truncated to min(rank, min(shape)).
@@ -201,7 +211,7 @@ def svd_many(
     def batch(shape, stack):
         r = None if rank is None else min(rank, min(shape))
         return zip(*_svd(_work_dtype(stack), r, method, niter, seed))
-    return _per_shape(matrices, batch)
+    return _per_shape(matrices, batch, chunk)
 
 
 def singular_values_many(matrices: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -108,6 +108,7 @@ def apply_tou(
         seed: int = 0,
         svd_method: str = 'gram',
         calibration=None,
+        chunk: Optional[int] = None,
 ) -> nn.Module:
     """Replace the targeted linears of `model` in place by TOU FactorizedLinear layers.
 
@@ -133,6 +134,8 @@ def apply_tou(
             'exact' for the kept triplets; see `toukit.linalg.truncated_svd`), 'exact' (`torch.linalg.svd`) or
             'randomized' (`torch.svd_lowrank`; needs a fixed or fractional rank). Ignored with calibration.
         calibration: model inputs (a batch or a list of a few training batches), or layer name -> inputs.
+        chunk: factorize at most this many same-shape matrices per batched call (bounds the factorization's
+            workspace on a large model; the factors are the same); None: all of a shape at once.
 
     Returns:
         `model`, modified in place; `model.toukit_ranks` holds the rank of every factorized layer (JSON-ready, a
@@ -171,7 +174,8 @@ def apply_tou(
         rule = layer_ranks  # the whole spectrum decides each rank
     else:
         rule = layer_ranks()
-    pairs = factorize(blocks, rule, method=svd_method, whitening=whitening if factors else None, seed=seed)
+    pairs = factorize(blocks, rule, method=svd_method, whitening=whitening if factors else None, seed=seed,
+                      chunk=chunk)
     layers, start = {}, 0
     for i, (name, linear, splits, shape) in enumerate(owners):  # every layer is built before the model changes
         a = torch.stack([p[0] for p in pairs[start:start + splits]])

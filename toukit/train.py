@@ -124,6 +124,7 @@ FIELD_HELP = {
     'download': "let torchvision download the dataset; None: the preset's",
     'device': 'auto, cpu or cuda',
     'precision': 'fp32 or bf16 (autocast)',
+    'compile': 'torch.compile the prepared model for its training steps and evaluations; None: eager',
     'num_workers': "DataLoader worker processes; None: the preset's",
     'results_dir': 'where the run record goes',
     'run_name': "None: the run's id, {preset}_{method}_lr{lr}_s{seed}_{hash of the other settings}",
@@ -174,6 +175,7 @@ class TrainConfig:
     data_root: str = 'data'
     device: str = 'auto'  # 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'
     precision: str = 'fp32'  # or 'bf16' (autocast)
+    compile: Optional[bool] = None  # torch.compile the prepared model for training and evaluation (None: no)
     results_dir: str = 'results'
     run_name: Optional[str] = None  # default: toukit.results.run_id of the config
     save_weights: bool = False  # write the merged model's weights next to the record (safetensors)
@@ -215,7 +217,7 @@ class TrainConfig:
                 bad(name, 'must be a non-empty string (a folder)')
         if self.run_name is not None and ('/' in self.run_name or self.run_name in ('.', '..')):
             bad('run_name', 'must be a file name, not a path')
-        for name in ('pretrained', 'download'):
+        for name in ('pretrained', 'download', 'compile'):
             optional(name, bool)
         if not isinstance(self.save_weights, bool):
             bad('save_weights', 'must be True or False')
@@ -548,6 +550,7 @@ class _Run:
     engine: object = None
     progress: bool = True
     updates: Optional['_UpdateBaseline'] = None
+    forward: Optional[nn.Module] = None  # what computes the steps and evaluations: the model, or it compiled
 
     @property
     def distributed(self) -> bool:
@@ -561,6 +564,11 @@ class _Run:
     def steps_per_epoch(self) -> int:
         n = len(self.train_loader)
         return n if self.config.max_steps_per_epoch is None else min(n, self.config.max_steps_per_epoch)
+
+    @property
+    def net(self) -> nn.Module:
+        """What computes the steps and evaluations: the compiled model with compile=True, else the model."""
+        return self.model if self.forward is None else self.forward
 
     def bare_model(self) -> nn.Module:
         return self.engine.unwrap_model(self.model) if self.distributed else self.model
@@ -580,7 +588,7 @@ class _Run:
                             identity(dataclasses.asdict(self.config)))
 
     def evaluate(self) -> Dict[str, dict]:
-        return {split: evaluate(self.model, loader, self.device, self.config.precision, self.engine)
+        return {split: evaluate(self.net, loader, self.device, self.config.precision, self.engine)
                 for split, loader in self.eval_loaders.items()}
 
 
@@ -682,8 +690,11 @@ def _prepare(config: TrainConfig, device: torch.device, record: dict, path: Path
     memory.start_training()  # the model is ready and no optimizer state exists yet
     if resume:
         load_optimizer(path, optimizer)  # inside the window, as an uninterrupted run's first step allocates it
-    return _Run(config, device, path, record, state, model, optimizer, train_loader, eval_loaders, generator, memory,
-                engine, progress, updates)
+    job = _Run(config, device, path, record, state, model, optimizer, train_loader, eval_loaders, generator, memory,
+               engine, progress, updates)
+    if config.compile:  # the steps and evaluations run compiled; checkpoints, merge and the record read `model`
+        job.forward = torch.compile(model)
+    return job
 
 
 def _fit(run: _Run) -> Optional[Dict[str, dict]]:
@@ -714,7 +725,7 @@ def _fit(run: _Run) -> Optional[Dict[str, dict]]:
                 inputs, labels = _to(batch, run.device)
                 t_step = time.perf_counter()
                 with _autocast(run.device, config.precision):
-                    loss = F.cross_entropy(call_model(model, inputs).float(), labels)
+                    loss = F.cross_entropy(call_model(run.net, inputs).float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 if run.distributed:
                     run.engine.backward(loss)
@@ -784,8 +795,10 @@ def _finish(run: _Run, evals: Optional[Dict[str, dict]]) -> None:
     if not METHODS[config.method].mergeable:
         final['merge'] = f'not applicable: {config.method} adds modules, which stay at inference'
     elif has_method_layers(model):
-        # merge back into the original architecture and check nothing changed against the last evaluation
+        # merge back into the original architecture and check nothing changed against the last evaluation (eager:
+        # with compile=True the difference also holds the compiled kernels' rounding)
         merge(model)
+        run.forward = None
         merged = run.evaluate()
         final.update(merge='merged', merged_val_accuracy=merged['val']['accuracy'],
                      merged_test_accuracy=merged['test']['accuracy'], merged_params=count_parameters(model)[1],
