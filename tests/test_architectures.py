@@ -278,3 +278,11 @@ def test_a_linear_subclass_with_its_own_forward_is_never_a_target():
     assert routers and not set(routers) & set(toukit.find_targets(model))
     with pytest.raises(ValueError, match='with a forward of its own'):
         toukit.FactorizedLinear.from_linear(model.get_submodule(routers[0]), rank=2)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_falcon_linear_is_a_target_in_every_dtype(dtype):
+    model, _ = build('falcon')
+    model.to(dtype)
+    targets = toukit.find_targets(model)
+    assert targets and all(type(m).__name__ == 'FalconLinear' for m in targets.values())

@@ -67,3 +67,28 @@ def test_the_run_record_lists_the_head_that_trained(tmp_path):
     record = train.run(method='lora', preset='test', epochs=1, max_steps_per_epoch=1, results_dir=str(tmp_path),
                        progress=False)
     assert record['new_modules'] == ['head']
+
+
+@pytest.mark.parametrize('model_class', ['BertForMaskedLM', 'BertForPreTraining'])
+def test_a_pretrained_language_modelling_head_is_no_new_module(model_class):
+    import transformers
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+    assert toukit.new_modules(model) == []  # cls.predictions.transform, cls.seq_relationship are pretrained
+
+
+def test_what_a_checkpoint_lacked_is_new_when_loaded(tmp_path):
+    """A masked-LM checkpoint has no pooler and no classifier: both are new in a sequence classifier."""
+    import transformers
+    from transformers import AutoTokenizer
+    from toukit.models import minilm_path
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(tmp_path)
+    model = toukit.create_model(str(tmp_path), num_classes=3)
+    assert toukit.new_modules(model) == ['model.bert.pooler.dense', 'model.classifier']
+    toukit.apply_method(model, 'lora', rank=2)
+    assert _trains_whole(model, 'model.bert.pooler') and _trains_whole(model, 'model.classifier')

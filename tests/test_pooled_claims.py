@@ -35,8 +35,22 @@ def test_pooled_difference_is_the_mean_of_the_tasks_and_verdicts_follow_the_inte
     assert within.loc['pooled'].ci_low < pooled < within.loc['pooled'].ci_high
     assert within.loc['pooled'].verdict == 'does not hold'
     faster = table[table.statement == 'Full TOU trains faster than FT'].set_index('task')
-    assert faster.loc['pooled'].unit == 'ratio' and faster.loc['pooled'].measured == pytest.approx(33 / 94, rel=0.02)
-    assert faster.loc['pooled'].verdict == 'holds' and faster.loc['pooled'].threshold == 1.0
+    pooled = faster.loc['pooled']
+    logs = np.log(np.array([10, 11, 12]) / np.array([30, 31, 33]))
+    assert pooled.unit == 'ratio' and pooled.measured == pytest.approx(np.exp(logs.mean()))
+    assert pooled.verdict == 'holds' and pooled.threshold == 1.0 and pooled.n_tasks == 2
+    # each task's row is claims_table's paired t interval of the log ratios, over its 3 seeds
+    mean, low, high = claims.paired_t_interval(logs, np.zeros(3))
+    assert (faster.loc['a'].ci_low, faster.loc['a'].ci_high) == pytest.approx((np.exp(low), np.exp(high)))
+    # pooling two identical tasks: the same mean, a narrower interval (more seeds, more degrees of freedom)
+    assert pooled.ci_high - pooled.ci_low < faster.loc['a'].ci_high - faster.loc['a'].ci_low
+
+
+def test_a_cost_that_is_not_positive_is_named():
+    a, ra = _task({'ft': 570, 'tou': 569, 'tou_frozen_ffn': 500, 'lora': 480},
+                  seconds={'ft': [30, 0, 33], 'tou': [10, 11, 12], 'tou_frozen_ffn': [9, 9, 9], 'lora': [20, 21, 22]})
+    with pytest.raises(ValueError, match='train_seconds must be positive .* ft_1'):
+        claims.pooled_claims({'a': a}, n_boot=50, load=ra.__getitem__)
 
 
 def test_a_task_without_a_method_is_not_measured_and_the_forest_plot_draws():

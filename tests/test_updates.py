@@ -138,3 +138,31 @@ def test_the_summary_is_json_ready_and_small():
     row_table = toukit.update_table(*_pair(lambda w: w + 0.1), targets=['proj'])
     text = json.dumps(update_summary(row_table))
     assert 'NaN' not in text and len(text) < 10_000
+
+
+def test_the_effective_rank_of_a_low_rank_update_of_float32_weights_is_its_rank():
+    """The update's spectrum is computed exactly: float32 Gram eigenvalues would lift its zero singular values."""
+    from toukit.updates import update_rows
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(384, 384, generator=g)
+    dw = torch.randn(384, 8, generator=g) @ torch.randn(8, 384, generator=g) * 1e-3
+    row = update_rows([('x', None, w0)], [w0 + dw]).iloc[0]
+    assert row.rank_e99 <= 8 and row.effective_rank < 8.05
+
+
+def test_a_partial_rank_pattern_and_a_large_fixed_rank_cover_every_layer(test_vit):
+    before = copy.deepcopy(test_vit)
+    with torch.no_grad():
+        test_vit.blocks[0].mlp.fc1.weight.add_(0.01)
+    table = toukit.update_table(before, test_vit, rank={'blocks.0.attn.qkv': 4})
+    assert table.set_index('name').loc['blocks.0.mlp.fc1', 'rank'] == round(0.375 * 64)
+    assert (toukit.update_table(before, test_vit, rank=10_000)['rank'] == 64).all()  # the whole subspace
+
+
+def test_a_run_on_some_targets_records_every_layer(tmp_path):
+    record = train.run(method='tou', preset='test', targets='attention', epochs=1, max_steps_per_epoch=1,
+                       results_dir=str(tmp_path), progress=False)
+    layers = record['updates']['layers']
+    assert record['status'] == 'ok' and len(layers) == len(list(toukit.layer_matrices(
+        toukit.create_model('test_vit', 4, pretrained=False))))
+    assert {r['kind'] for r in layers if r['relative_update'] > 0} >= {'attention'}

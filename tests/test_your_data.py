@@ -45,6 +45,14 @@ def test_a_csv_trains_and_the_record_names_it(csv_file, tmp_path):
     assert len(d['sha256']) == 64 and (d['train_size'], d['val_size'], d['test_size']) == (18, 6, 6)
 
 
+def test_the_run_id_follows_the_file_content(csv_file, tmp_path):
+    before = train.resolve_config(preset='test', dataset=str(csv_file), text_column='review', label_column='topic')
+    _texts(seed=1).to_csv(csv_file, index=False)
+    after = train.resolve_config(preset='test', dataset=str(csv_file), text_column='review', label_column='topic')
+    assert before.dataset_sha256 != after.dataset_sha256 and before.name != after.name
+    assert train.resolve_config(preset='test').dataset_sha256 is None  # a built-in set: ids as before
+
+
 def test_a_split_column_is_kept(csv_file, tmp_path):
     record = _text_run(tmp_path, csv_file, split_column='part')
     assert (record['data']['train_size'], record['data']['val_size'], record['data']['test_size']) == (18, 6, 6)
@@ -83,7 +91,7 @@ def _image_folder(root, splits=('train', 'test'), per_class=6, bad=None):
 
 def test_an_image_folder_with_train_and_test_trains(tmp_path):
     folder = _image_folder(tmp_path / 'images')
-    record = train.run(dataset=str(folder), results_dir=str(tmp_path / 'results'), **QUICK)
+    record = train.run(dataset=str(folder), results_dir=str(tmp_path / 'results'), image_size=64, **QUICK)
     d = record['data']
     assert record['status'] == 'ok' and d['source'] == 'image_folder' and d['classes'] == ['blue', 'red']
     assert d['test_size'] == 12 and d['train_size'] + d['val_size'] == 12  # test kept, 10% of train to val
@@ -197,6 +205,46 @@ def test_a_local_text_checkpoint_gets_a_new_head_that_trains(csv_file, tmp_path)
 def test_a_local_image_checkpoint_trains_on_an_image_folder(tmp_path):
     folder = _image_checkpoint(tmp_path / 'vit')
     images = _image_folder(tmp_path / 'images')
-    record = train.run(model=str(folder), dataset=str(images), results_dir=str(tmp_path / 'results'), **QUICK)
+    record = train.run(model=str(folder), dataset=str(images), results_dir=str(tmp_path / 'results'), image_size=48,
+                       **QUICK)  # not the checkpoint's 32: its position embeddings are interpolated
     assert record['status'] == 'ok' and record['new_modules'] == ['model.classifier']
     assert record['metrics']['final']['merge'] == 'merged'
+
+
+def test_duplicates_are_dropped_before_the_split_and_counted(tmp_path):
+    frame = _texts()
+    path = tmp_path / 'dup.csv'
+    pd.concat([frame, frame.iloc[:4].assign(review=lambda f: f.review + '  ')]).to_csv(path, index=False)
+    source = data.read_source(str(path), 'review', 'topic')
+    assert source.duplicates == 4 and len(source.labels) == 30  # whitespace-normalised copies: first kept
+
+
+def test_too_few_examples_of_a_class_are_named(tmp_path):
+    path = tmp_path / 'few.csv'
+    _texts().assign(topic=lambda f: np.where(f.index == 0, 'rare', f.topic)).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r'few.csv: too few examples to split by class: rare \(1\)'):
+        data.load_dataset(str(path), model=train.create_model('tiny-bert', 4), text_column='review',
+                          label_column='topic')
+
+
+def test_python_inputs_are_hashed_by_content():
+    class Arrays(torch.utils.data.Dataset):
+        def __init__(self, big):
+            self.x = [np.full(2000, v, dtype=np.float32) for v in (0.0, big)]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return self.x[i], i
+
+    assert data.register_dataset(Arrays(1.0)) != data.register_dataset(Arrays(2.0))  # repr would summarise both
+
+    class Opaque(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return object(), 0
+    with pytest.raises(ValueError, match='item 0: an input of type object cannot be hashed'):
+        data.register_dataset(Opaque())

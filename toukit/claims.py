@@ -182,22 +182,29 @@ def rank_study_table(runs: pd.DataFrame, manifest: dict, n_boot: int = 4000,
 # ---------------------------------------------------------------------------------------------------------------
 # claims pooled across tasks
 
-POOLING = ('stratified bootstrap: every replicate resamples, within each task, the seeds (paired) and, for accuracy, '
-           'the test examples, and averages the tasks\' differences with equal weight')
+POOLING = ('accuracy: a stratified bootstrap, every replicate resampling within each task the seeds (paired) and the '
+           'test examples and averaging the tasks\' differences with equal weight; time and memory: the log ratio A / B '
+           'per seed, a t interval per task, and the tasks\' mean with its combined standard error (Welch-Satterthwaite '
+           'degrees of freedom)')
 
 
-def _task_replicates(kind: str, ra: pd.DataFrame, rb: pd.DataFrame, seeds: list, load, rng, n_boot: int):
-    """(point estimate, n_boot replicates) of one task's difference: accuracy in points (A - B), time and memory as
-    the log of the ratio A / B (pooled on that scale, reported as a ratio)."""
-    if kind == 'accuracy':
-        diff = _correct(ra.loc[seeds, 'path'], load).astype(float) - _correct(rb.loc[seeds, 'path'], load)
-        n_seeds, n_examples = diff.shape
-        reps = np.array([diff[rng.integers(0, n_seeds, n_seeds)][:, rng.integers(0, n_examples, n_examples)].mean()
-                         for _ in range(n_boot)])
-        return diff.mean() * 100, reps * 100
-    logs = np.log(ra.loc[seeds, kind].to_numpy(float) / rb.loc[seeds, kind].to_numpy(float))
-    reps = np.array([logs[rng.integers(0, len(logs), len(logs))].mean() for _ in range(n_boot)])
-    return logs.mean(), reps
+def _accuracy_replicates(ra: pd.DataFrame, rb: pd.DataFrame, seeds: list, load, rng, n_boot: int):
+    """(point estimate, n_boot bootstrap replicates) of one task's accuracy difference A - B, in points."""
+    diff = _correct(ra.loc[seeds, 'path'], load).astype(float) - _correct(rb.loc[seeds, 'path'], load)
+    n_seeds, n_examples = diff.shape
+    reps = np.array([diff[rng.integers(0, n_seeds, n_seeds)][:, rng.integers(0, n_examples, n_examples)].mean()
+                     for _ in range(n_boot)])
+    return diff.mean() * 100, reps * 100
+
+
+def _log_ratios(kind: str, ra: pd.DataFrame, rb: pd.DataFrame, seeds: list) -> np.ndarray:
+    """log(A / B) per seed of a cost (time, memory); a value that is not positive is refused, naming its run."""
+    a, b = ra.loc[seeds, kind].to_numpy(float), rb.loc[seeds, kind].to_numpy(float)
+    for values, runs in ((a, ra), (b, rb)):
+        bad = [str(p) for p, v in zip(runs.loc[seeds, 'path'], values) if not v > 0]
+        if bad:
+            raise ValueError(f'{kind} must be positive to pool it as a ratio; not so in {", ".join(bad[:3])}')
+    return np.log(a / b)
 
 
 def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, seed: int = 0,
@@ -205,58 +212,83 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
     """Each claim per task and pooled across tasks, with 95% intervals and the same holds / does not hold / undecided
     rule as `claims_table`.
 
-    Pooling is a stratified bootstrap (`POOLING`): the tasks are a fixed set, each weighs the same, and the
-    interval carries the seed and test-example uncertainty of every task. A random-effects meta-analysis would
-    instead estimate a between-task variance, which three tasks cannot estimate (DerSimonian-Laird's estimate is
-    then mostly noise and its intervals too narrow), and it answers a question about tasks not run; the pooled
-    verdict here is about these tasks. Accuracy is pooled in points; time and memory as the mean log ratio A / B
-    over tasks, reported as a ratio (a claim of 'below' holds when the whole interval is below 1).
+    The tasks are a fixed set and each weighs the same (`POOLING`). Accuracy: a stratified bootstrap over every
+    task's seeds and test examples, as `claims_table` does within one task. Time and memory: the mean log ratio
+    A / B over tasks, reported as a ratio (a 'below' claim holds when the whole interval is below 1), with a t
+    interval from the tasks' combined standard error, so that each task's row agrees with `claims_table`'s paired t
+    interval on the same runs. A random-effects meta-analysis would instead estimate a between-task variance, which
+    three tasks cannot (DerSimonian-Laird's estimate is then mostly noise and its intervals too narrow), and would
+    answer a question about tasks not run; the pooled verdict here is about these tasks. A task missing a method
+    leaves that claim's pooled row to the others (`n_tasks` says how many).
 
     Args:
         runs_by_task: task name (e.g. its preset) -> one protocol's runs of that task (`with_protocol`).
-        n_boot: bootstrap replicates.
+        n_boot: bootstrap replicates of the accuracy claims.
         load: reads a record from its path (default `toukit.results.read_record`).
 
     Returns:
         One row per (claim, task) and (claim, 'pooled'): claim, statement, comparison, task, measured, ci_low,
-        ci_high, unit, threshold, seeds, verdict.
+        ci_high, unit, threshold, seeds, n_tasks, verdict.
+
+    Raises:
+        ValueError: a time or memory that is not positive (named by its run).
     """
+    from scipy import stats
     load = load or read_record
     rng = np.random.default_rng(seed)
     rows = []
     for claim, statement, (a, b), kind, threshold, side in CLAIMS:
+        accuracy = kind == 'accuracy'
         base = dict(claim=claim, statement=statement, comparison=f'{method_label(a)} - {method_label(b)}' if
-                    kind == 'accuracy' else f'{method_label(a)} / {method_label(b)}',
-                    unit=UNITS[kind] if kind == 'accuracy' else 'ratio',
-                    threshold=threshold if kind == 'accuracy' else 1.0)
-        points, replicates = [], []
+                    accuracy else f'{method_label(a)} / {method_label(b)}',
+                    unit=UNITS[kind] if accuracy else 'ratio', threshold=threshold if accuracy else 1.0)
+        points, replicates, logs, counts = [], [], [], []
         for task, runs in runs_by_task.items():
             ra, rb = _by_seed(runs, a), _by_seed(runs, b)
             seeds = sorted(set(ra.index) & set(rb.index))
             if not seeds:
-                rows.append(dict(base, task=task, measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0,
+                rows.append(dict(base, task=task, measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0, n_tasks=1,
                                  verdict='not measured'))
                 continue
-            point, reps = _task_replicates(kind, ra, rb, seeds, load, rng, n_boot)
-            points.append(point)
-            replicates.append(reps)
-            rows.append(dict(base, task=task, seeds=len(seeds), **_decide(point, reps, kind, threshold, side,
-                                                                            len(seeds))))
-        if not points:
-            rows.append(dict(base, task='pooled', measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0,
+            if accuracy:
+                point, reps = _accuracy_replicates(ra, rb, seeds, load, rng, n_boot)
+                points.append(point)
+                replicates.append(reps)
+                low, high = np.percentile(reps, [2.5, 97.5])
+            else:
+                values = _log_ratios(kind, ra, rb, seeds)
+                logs.append(values)
+                point, low, high = paired_t_interval(values, np.zeros_like(values))
+            counts.append(len(seeds))
+            rows.append(dict(base, task=task, seeds=len(seeds), n_tasks=1,
+                             **_decide(point, low, high, accuracy, threshold, side)))
+        measured = points if accuracy else logs
+        if not measured:
+            rows.append(dict(base, task='pooled', measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0, n_tasks=0,
                              verdict='not measured'))
             continue
-        seeds = min(r['seeds'] for r in rows if r['claim'] == claim and r['statement'] == statement and r['seeds'])
-        rows.append(dict(base, task='pooled', seeds=seeds, **_decide(float(np.mean(points)), np.mean(replicates, 0),
-                                                                    kind, threshold, side, seeds)))
+        seeds = min(counts)
+        if accuracy:
+            point = float(np.mean(points))
+            low, high = np.percentile(np.mean(replicates, 0), [2.5, 97.5])
+        else:  # the tasks' mean of per-task mean log ratios, its variance the sum of theirs / T^2
+            point = float(np.mean([v.mean() for v in logs]))
+            parts = [v.var(ddof=1) / len(v) / len(logs) ** 2 if len(v) > 1 else np.nan for v in logs]
+            se = float(np.sqrt(np.sum(parts)))
+            df = np.sum(parts) ** 2 / np.sum([p ** 2 / (len(v) - 1) for p, v in zip(parts, logs)]) if np.isfinite(
+                se) and se > 0 else np.nan
+            half = float(stats.t.ppf(0.975, df) * se) if np.isfinite(df) else (0.0 if se == 0 else np.nan)
+            low, high = point - half, point + half
+        rows.append(dict(base, task='pooled', seeds=seeds, n_tasks=len(measured),
+                         **_decide(point, low, high, accuracy, threshold, side)))
     columns = ['claim', 'statement', 'comparison', 'task', 'measured', 'ci_low', 'ci_high', 'unit', 'threshold',
-               'seeds', 'verdict']
+               'seeds', 'n_tasks', 'verdict']
     return pd.DataFrame(rows)[columns]
 
 
-def _decide(point: float, reps: np.ndarray, kind: str, threshold: float, side: str, seeds: int) -> dict:
-    low, high = np.percentile(reps, [2.5, 97.5])
-    if kind != 'accuracy':  # log ratios back to ratios; the threshold 0 (A = B) is the ratio 1
+def _decide(point: float, low: float, high: float, accuracy: bool, threshold: float, side: str) -> dict:
+    if not accuracy:  # log ratios back to ratios; the threshold 0 (A = B) is the ratio 1
         point, low, high, threshold = float(np.exp(point)), float(np.exp(low)), float(np.exp(high)), 1.0
-    decided = verdict(low, high, threshold, side) if kind == 'accuracy' or seeds > 1 else 'undecided (one seed)'
+    decided = (verdict(low, high, threshold, side) if np.isfinite(low) and np.isfinite(high) else
+               'undecided (one seed)')
     return dict(measured=float(point), ci_low=float(low), ci_high=float(high), verdict=decided)

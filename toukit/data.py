@@ -440,9 +440,10 @@ class Source:
     classes: List[str]
     splits: Optional[np.ndarray]
     sha256: str
+    duplicates: int = 0  # exact copies dropped (whitespace-normalised texts, byte-identical images): first kept
 
     def describe(self) -> dict:
-        return dict(source=self.kind, path=self.path, sha256=self.sha256)
+        return dict(source=self.kind, path=self.path, sha256=self.sha256, duplicates_dropped=self.duplicates)
 
 
 def is_source(name) -> bool:
@@ -463,10 +464,24 @@ def register_dataset(dataset: Dataset, name: Optional[str] = None) -> str:
         x, y = dataset[i]
         digest.update(repr(int(y)).encode())
         for t in (x.values() if isinstance(x, dict) else [x]):
-            digest.update(t.numpy().tobytes() if isinstance(t, torch.Tensor) else repr(t).encode())
+            digest.update(_content(t, i))
     key = f'python:{name or type(dataset).__name__}:{digest.hexdigest()[:12]}'
     _REGISTERED[key] = dataset
     return key
+
+
+def _content(value, index: int) -> bytes:
+    """The bytes an input's hash reads: its data, never a summary or a memory address (which `repr` may give)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().contiguous().numpy().tobytes()
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value).tobytes()
+    if isinstance(value, (str, int, float)):
+        return repr(value).encode()
+    if hasattr(value, 'tobytes') and hasattr(value, 'size'):  # a PIL image
+        return value.tobytes()
+    raise ValueError(f'dataset item {index}: an input of type {type(value).__name__} cannot be hashed for the run '
+                     f'id; give tensors, arrays, PIL images or strings')
 
 
 _SOURCES: Dict[tuple, Source] = {}
@@ -537,25 +552,45 @@ def _table(path: Path, text_column: str, label_column: str, split_column: Option
     labels, classes = _classes_of(frame[label_column].tolist(), str(path))
     splits = _splits_of(frame[split_column].tolist(), f'{path}, column {split_column!r}') if split_column else None
     texts = frame[text_column].fillna('').astype(str).tolist()
-    return Source('table', str(path), texts, labels, classes, splits, hashlib.sha256(path.read_bytes()).hexdigest())
+    keep = _first_of_each([' '.join(t.split()) for t in texts])  # a copy on each side of a split would leak test
+    return Source('table', str(path), [texts[i] for i in keep], labels[keep], classes,
+                  None if splits is None else splits[keep], hashlib.sha256(path.read_bytes()).hexdigest(),
+                  duplicates=len(texts) - len(keep))
+
+
+def _first_of_each(keys: Sequence) -> np.ndarray:
+    """Indices of the first occurrence of each key, in order."""
+    seen, keep = set(), []
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
 
 
 def _image_folder(path: Path) -> Source:
     subfolders = sorted(p.name for p in path.iterdir() if p.is_dir())
-    split_dirs = [d for d in subfolders if d.lower() in SPLIT_NAMES]
+    split_dirs = [d for d in subfolders if d.lower() in SPLIT_NAMES  # a split holds class folders; a class, images
+                  and any(p.is_dir() for p in (path / d).iterdir())]
     roots = [(path / d, SPLIT_NAMES[d.lower()]) for d in split_dirs] if split_dirs else [(path, None)]
     if split_dirs and 'train' not in {s for _, s in roots}:
         raise ValueError(f'{path}: split folders {split_dirs} without a train/ folder')
     classes = sorted({c.name for root, _ in roots for c in root.iterdir() if c.is_dir()})
-    files, names, splits, digest = [], [], [], hashlib.sha256()
+    files, names, splits, digest, seen, duplicates = [], [], [], hashlib.sha256(), set(), 0
     for root, split in roots:
         for c in sorted(p for p in root.iterdir() if p.is_dir()):
             for f in sorted(p for p in c.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+                content = f.read_bytes()
+                digest.update(f'{f.relative_to(path)}\n'.encode())
+                digest.update(content)
+                key = hashlib.sha256(content).digest()
+                if key in seen:  # a copy on each side of a split would leak test into train
+                    duplicates += 1
+                    continue
+                seen.add(key)
                 files.append(str(f))
                 names.append(c.name)
                 splits.append(split)
-                digest.update(f'{f.relative_to(path)}\n'.encode())
-                digest.update(f.read_bytes())
     if not files:
         raise ValueError(f'{path}: no images ({", ".join(IMAGE_SUFFIXES)}) in class folders; expected '
                          f'<class>/<image> or train/<class>/<image>')
@@ -563,7 +598,7 @@ def _image_folder(path: Path) -> Source:
     index = {n: i for i, n in enumerate(classes)}
     labels = np.asarray([index[n] for n in names], dtype=np.int64)
     return Source('image_folder', str(path), files, labels, classes,
-                  np.asarray(splits) if split_dirs else None, digest.hexdigest())
+                  np.asarray(splits) if split_dirs else None, digest.hexdigest(), duplicates)
 
 
 def _python_source(name: str) -> Source:
@@ -573,7 +608,7 @@ def _python_source(name: str) -> Source:
         raise ValueError(f'{name}: one class only; a classifier needs two or more')
     n = max(labels) + 1
     return Source('python', name, list(range(len(dataset))), np.asarray(labels, dtype=np.int64),
-                  [f'class{i}' for i in range(n)], None, name.rsplit(':', 1)[-1])
+                  [f'class{i}' for i in range(n)], None, name.rsplit(':', 1)[-1])  # sha256's first 12 hex digits
 
 
 class ImageFileDataset(Dataset):
@@ -608,6 +643,11 @@ def _check_images(files: Sequence[str]) -> None:
 def _source_parts(source: Source, split_seed: int) -> List[np.ndarray]:
     """train / val / test indices: a given split kept (test stays test; a train without val gives 10% of it to
     validation, stratified), else stratified 60/20/20, all seeded by `split_seed`."""
+    counts = np.bincount(source.labels, minlength=len(source.classes))
+    if counts.min() < 5:  # a stratified split needs a few examples of each class in every part
+        few = [f'{source.classes[i]} ({counts[i]})' for i in np.flatnonzero(counts < 5)]
+        raise ValueError(f'{source.path}: too few examples to split by class: {", ".join(few[:5])}; give at least 5 '
+                         f'of each class')
     if source.splits is None:
         return stratified_split(source.labels, BBC_FRACTIONS, split_seed)
     where = {s: np.flatnonzero(source.splits == s) for s in SPLITS}

@@ -56,11 +56,14 @@ class HFClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer_path: Optional[str] = None, image_transform=None):
         super().__init__()
+        import inspect
         self.model, self.tokenizer_path, self.image_transform = model, tokenizer_path, image_transform
+        self.interpolates = 'interpolate_pos_encoding' in inspect.signature(model.forward).parameters
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        if args and not kwargs:  # an image batch
-            return self.model(pixel_values=args[0]).logits
+        if args and not kwargs:  # an image batch, at any size: position embeddings interpolated where supported
+            extra = dict(interpolate_pos_encoding=True) if self.interpolates else {}
+            return self.model(pixel_values=args[0], **extra).logits
         return self.model(*args, **kwargs).logits
 
 
@@ -101,15 +104,30 @@ def _hf_checkpoint(path: Path, num_classes: int, pretrained: bool) -> HFClassifi
     auto = transformers.AutoModelForSequenceClassification if text else transformers.AutoModelForImageClassification
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the new head is reported as 'newly initialized': expected here
+    new = None
     try:
         if pretrained:
-            model = auto.from_pretrained(str(path), num_labels=num_classes, ignore_mismatched_sizes=True)
+            model, info = auto.from_pretrained(str(path), num_labels=num_classes, ignore_mismatched_sizes=True,
+                                               output_loading_info=True)
+            missing = list(info.get('missing_keys', [])) + [k[0] if isinstance(k, tuple) else k
+                                                             for k in info.get('mismatched_keys', [])]
+            new = _owners(model, missing)
         else:
             model = auto.from_config(transformers.AutoConfig.from_pretrained(str(path), num_labels=num_classes))
     finally:
         logging.set_verbosity(verbosity)
-    return HFClassifier(model, tokenizer_path=str(path) if text else None,
-                        image_transform=None if text else _image_processor_transform(path))
+    wrapped = HFClassifier(model, tokenizer_path=str(path) if text else None,
+                           image_transform=None if text else _image_processor_transform(path))
+    if new is not None:  # what the checkpoint lacked trains under every method (`toukit.targets.new_modules`)
+        wrapped.toukit_new_modules_from_loading = [f'model.{n}' for n in new]
+    return wrapped
+
+
+def _owners(model: nn.Module, keys) -> list:
+    """The outermost modules owning the parameters and buffers named by `keys` (a state dict's names)."""
+    modules = dict(model.named_modules())
+    owners = sorted({k.rsplit('.', 1)[0] for k in keys if k.rsplit('.', 1)[0] in modules})
+    return [o for o in owners if not any(o.startswith(p + '.') for p in owners)]
 
 
 def call_model(model: nn.Module, inputs) -> torch.Tensor:
@@ -122,7 +140,7 @@ def is_text_model(name: str) -> bool:
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoint: Optional[str] = None,
-                 seed: int = 0) -> nn.Module:
+                 seed: int = 0, image_size: Optional[int] = None) -> nn.Module:
     """Create a classifier by name with a new `num_classes` head (seeded).
 
     Args:
@@ -132,6 +150,8 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
         checkpoint: a local weights file (timm: .safetensors/.pth; text models: a transformers directory holding
             the weights and the tokenizer files, as `save_pretrained` of both writes them).
         seed: seeds the head's (and any random) initialisation.
+        image_size: the square input side the model will see, when not its own (timm: `img_size`, its position
+            embeddings resampled; a Hugging Face ViT interpolates them at every forward).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes={num_classes!r}: must be an int >= 1')
@@ -163,6 +183,8 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
         raise ValueError(f'model={name!r}: not a timm model, a local Hugging Face checkpoint directory (with a '
                          f'config.json) nor one of {", ".join(TEXT_MODELS + IMAGE_MODELS)}')
     kwargs = dict(pretrained=pretrained or checkpoint is not None, num_classes=num_classes)
+    if image_size is not None:
+        kwargs['img_size'] = image_size
     if checkpoint is not None:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(checkpoint))
         if _head_classes(name, checkpoint) == num_classes:  # a fine-tuned checkpoint: keep its head

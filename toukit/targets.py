@@ -76,9 +76,10 @@ def _computes_dense(module: nn.Module) -> bool:
             out = module(x)
     except Exception:  # noqa: BLE001 - any failure: not a plain dense layer
         return False
-    expected = F.linear(x, weight, getattr(module, 'bias', None))
-    return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-4,
-                                                                                             atol=1e-5)
+    expected = F.linear(x, weight, getattr(module, 'bias', None)).float()
+    tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2  # bf16 / fp16 round at ~1e-2
+    return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.allclose(
+        out.float(), expected, rtol=tol, atol=tol * float(expected.abs().max().clamp_min(1e-6)))
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -292,12 +293,18 @@ def _backbones(model: nn.Module) -> List[str]:
 def new_modules(model: nn.Module) -> List[str]:
     """The modules a task adds to the pretrained backbone (its head): they train under every method.
 
-    timm: the classifier its `pretrained_cfg` names. Hugging Face: every module with parameters outside the base
-    model (`base_model_prefix`), whoever built the model (DistilBERT's pre_classifier and classifier, a score, a
-    head of any name, a wrapper's own head around an encoder), except the output embeddings and anything sharing
-    its weight with an embedding (an LM head is pretrained). Any other model: its last dense layer. Returned as the
-    outermost such modules, in module order.
+    Decided from loading where loading told: a model built by `toukit.create_model` from a local Hugging Face
+    checkpoint lists the modules whose weights the checkpoint lacked (`toukit_new_modules_from_loading`: a new
+    classifier, a pooler the checkpoint did not have). Otherwise from the module tree: timm's classifier as its
+    `pretrained_cfg` names it; for a Hugging Face model every module with parameters outside the base model
+    (`base_model_prefix`), whoever built the model (DistilBERT's pre_classifier and classifier, a score, a head of any
+    name around an encoder), except in a model with output embeddings (a language-modelling head, MLM transforms
+    included, is pretrained) and anything sharing its weight with an embedding; any other model: its last dense
+    layer. Returned as the outermost such modules, in module order.
     """
+    loaded = getattr(model, 'toukit_new_modules_from_loading', None)
+    if loaded is not None:
+        return list(loaded)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     modules = dict(model.named_modules())
     if cfg.get('classifier'):
@@ -307,13 +314,13 @@ def new_modules(model: nn.Module) -> List[str]:
     if not backbones:
         dense = [n for n, m in modules.items() if is_dense(m)]
         return dense[-1:]
-    output = getattr(model, 'get_output_embeddings', None)
-    output = output() if callable(output) else None
+    language_models = [n for n, m in modules.items() if _output_embeddings(m) is not None]
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
     def pretrained(name: str, module: nn.Module) -> bool:
-        inside = any(b == '' or name == b or name.startswith(b + '.') or b.startswith(name + '.') for b in backbones)
-        return inside or not name or module is output or id(getattr(module, 'weight', None)) in embedded
+        inside = any(b == '' or name == b or name.startswith(b + '.') or b.startswith(name + '.')
+                     for b in backbones + language_models)
+        return inside or not name or id(getattr(module, 'weight', None)) in embedded
 
     found = []
     for name, module in modules.items():
@@ -322,6 +329,17 @@ def new_modules(model: nn.Module) -> List[str]:
         if not any(pretrained(n, m) for n, m in module.named_modules(prefix=name)):
             found.append(name)
     return found
+
+
+def _output_embeddings(module: nn.Module) -> Optional[nn.Module]:
+    """A Hugging Face model's output embeddings (its LM head), or None (no such head, or not such a model)."""
+    get = getattr(type(module), 'get_output_embeddings', None)
+    if get is None or not hasattr(module, 'config'):
+        return None
+    try:
+        return get(module)
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import load_dataset, num_classes_of, register_dataset
+from .data import is_source, load_dataset, num_classes_of, read_source, register_dataset
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
 from .models import call_model, create_model
 from .ranks import DEFAULT_FRACTION, parse_rank
@@ -131,6 +131,7 @@ FIELD_HELP = {
     'save_weights': "also write the merged model's weights (safetensors)",
     'checkpoint_every': 'also checkpoint every N steps (always after every epoch)',
     'log_with': "an accelerate tracker for the metrics, e.g. 'tensorboard' (under results_dir/trackers)",
+    'dataset_sha256': "set by toukit: a table file's or image folder's content hash (in the run's id)",
     'extra': 'more method options, as JSON, e.g. {"svd_method": "exact"}',
 }
 
@@ -151,6 +152,7 @@ class TrainConfig:
     text_column: Optional[str] = None  # a table file's text column; None: 'text'
     label_column: Optional[str] = None  # a table file's label column; None: 'label'
     split_column: Optional[str] = None  # a table file's split column (train / val / test); None: split 60/20/20
+    dataset_sha256: Optional[str] = None  # set by resolve_config: a table file's or image folder's content hash
     # TOU: int, fraction, 'energy:T', 'ght', 'budget:B' or a rank pattern {name: rank}; SVFit: int, fraction,
     # 'energy:T' or 'ght'; LoRA/PiSSA/DeLoRA: int
     rank: Union[int, float, str, Dict[str, Union[int, float, str]], None] = None
@@ -312,6 +314,9 @@ def resolve_config(config: Optional[TrainConfig] = None, **overrides) -> TrainCo
         filled['rank'] = preset['ranks'][config.method]
     if config.noise_scale is None and 'noise_scale' in METHODS[config.method].defaults:
         filled['noise_scale'] = METHODS[config.method].defaults['noise_scale']  # recorded, not implied
+    dataset = filled.get('dataset', config.dataset)
+    if is_source(dataset) and not dataset.startswith('python:'):  # the content is part of the run's identity
+        filled['dataset_sha256'] = read_source(dataset, **config.columns()).sha256
     defaults = dict(epochs=3, batch_size=32, lr=5e-5, max_length=128, pretrained=True, download=False, num_workers=0)
     for k, v in defaults.items():
         if getattr(config, k) is None and k not in filled:
@@ -632,7 +637,7 @@ def _prepare(config: TrainConfig, device: torch.device, record: dict, path: Path
     """Build the model, its data and the method; restore a checkpoint's state; open the training-memory window."""
     set_seed(config.seed)
     model = create_model(config.model, config.num_classes(), pretrained=config.pretrained,
-                         checkpoint=config.checkpoint, seed=config.seed)
+                         checkpoint=config.checkpoint, seed=config.seed, image_size=config.image_size)
     data = load_dataset(config.dataset, model, root=config.data_root, split_seed=config.split_seed,
                         max_length=config.max_length, train_limit=config.train_limit, val_limit=config.val_limit,
                         test_limit=config.test_limit, download=config.download, image_size=config.image_size,
@@ -678,7 +683,6 @@ def _prepare(config: TrainConfig, device: torch.device, record: dict, path: Path
         state.resumed = state.resumed + [dict(at_step=state.step, time=now())]
         record['run']['created'] = state.created
         record['resumed'] = state.resumed
-        record['metrics'] = state.metrics
         generator.set_state(state.generator)
         set_rng_states(state.rng)
     record['metrics'] = state.metrics  # one dict: the state's metrics are the record's
@@ -721,6 +725,8 @@ def _fit(run: _Run) -> Optional[Dict[str, dict]]:
                 t_data = time.perf_counter()
                 batch = next(batches)
                 if i < skip:  # done before the resume: the same order, without training on it again
+                    if i == skip - 1:  # the RNGs as they were after this batch (a random transform draws from them)
+                        set_rng_states(state.rng)
                     continue
                 inputs, labels = _to(batch, run.device)
                 t_step = time.perf_counter()
@@ -809,7 +815,10 @@ def _finish(run: _Run, evals: Optional[Dict[str, dict]]) -> None:
         final['merge'] = 'nothing to merge: the architecture never changed'
     metrics['final'] = final
     if run.updates is not None and run.main:
-        run.record['updates'] = run.updates.summary(model, config, run.record.get('ranks'))
+        try:
+            run.record['updates'] = run.updates.summary(model, config, run.record.get('ranks'))
+        except Exception as e:  # noqa: BLE001 - an analysis never fails a finished run; the record says why
+            run.record['updates'] = dict(note=f'not computed: {type(e).__name__}: {e}')
     if config.save_weights and run.main:
         from safetensors.torch import save_model
         if METHODS[config.method].mergeable:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .linalg import effective_rank, rank_for_energy, stable_rank, svd_many
+from .linalg import effective_rank, rank_for_energy, singular_values_many, stable_rank, svd_many
 from .ranks import DEFAULT_FRACTION, RankSpec, layer_policies
 from .targets import QKV_PARTS, Targets, block_index, is_conv1d, layer_kind, layer_matrices, layer_type, model_family
 
@@ -63,8 +63,9 @@ def _energy_rank(s: torch.Tensor, level: float) -> int:
 
 def _svds(matrices: Sequence[torch.Tensor]):
     """(U, S, V^T) of each matrix, from float32 Gram eigenproblems batched by shape (`SVD_METHOD`), returned in
-    float64. Singular values below about 3e-4 of a matrix's largest lose their relative accuracy; they hold a
-    negligible share of its energy, which is what every column measures."""
+    float64: the leading singular vectors the subspace columns read. Singular values below about 3e-4 of a matrix's
+    largest lose their relative accuracy here, so the update's own spectrum (its ranks) is computed apart, exactly
+    (`singular_values_many`, float64)."""
     return [tuple(t.double() for t in usv) for usv in svd_many([m.float() for m in matrices], method=SVD_METHOD)]
 
 
@@ -75,20 +76,25 @@ def update_rows(entries: Sequence[Tuple[str, Optional[str], torch.Tensor]], afte
     method's own starting weight of each (None: W_0). `rank`: the layers' TOU ranks (any rank spec, or a rank
     pattern such as a record's `ranks`); default 0.375 of min(out, in). See `update_table`."""
     names = list(dict.fromkeys(name for name, _, _ in entries))
-    policies = layer_policies(DEFAULT_FRACTION if rank is None else rank, names)
+    rank = DEFAULT_FRACTION if rank is None else rank
+    if isinstance(rank, Mapping) and '*' not in rank:  # a run's ranks name its targets only: the rest get the default
+        rank = {**rank, '*': DEFAULT_FRACTION}
+    policies = layer_policies(rank, names)
     w0 = [w.detach().to('cpu', torch.float64) for _, _, w in entries]
     w1 = [w.detach().to('cpu', torch.float64) for w in after]
     dw = [b - a for a, b in zip(w0, w1)]
     svd0, svd1, svdd = (_svds(m) for m in (w0, w1, dw))
+    spectra = singular_values_many(dw)  # the update's whole spectrum in float64: its small values count in its ranks
     starts = None
     if start is not None:
         starts = [b - s.detach().to('cpu', torch.float64) for s, b in zip(start, w1)]
-    spectra_start = _svds(starts) if starts is not None else None
+    spectra_start = singular_values_many(starts) if starts is not None else None
     rows = []
     for i, (name, part, _) in enumerate(entries):
-        (u0, s0, v0h), (u1, _, v1h), (ud, sd, vdh) = svd0[i], svd1[i], svdd[i]
+        (u0, s0, v0h), (u1, _, v1h), (ud, _, vdh), sd = svd0[i], svd1[i], svdd[i], spectra[i]
         out_f, in_f = w0[i].shape
-        r = policies[name].resolve((out_f, in_f), s0, name=name)
+        policy = policies[name]  # a fixed rank above a matrix's smaller side is that side: the whole subspace
+        r = min(int(policy.value), out_f, in_f) if policy.kind == 'fixed' else policy.resolve((out_f, in_f), s0, name)
         norm = dw[i].norm()
         row = dict(name=name, part=part, type=layer_type(family, name, part), block=block_index(family, name),
                    kind=layer_kind(family, name) or 'other', out_features=out_f, in_features=in_f, rank=r,
@@ -109,7 +115,7 @@ def update_rows(entries: Sequence[Tuple[str, Optional[str], torch.Tensor]], afte
         k = min(AMPLIFICATION_RANK, out_f, in_f)
         row['amplification'] = _ratio(norm, (ud[:, :k].T @ w0[i] @ vdh[:k].T).norm()) if float(norm) > 0 else 0.0
         if starts is not None:
-            d, sd_start = starts[i], spectra_start[i][1]
+            d, sd_start = starts[i], spectra_start[i]
             row.update(start_relative_update=_ratio(d.norm(), w0[i].norm()),
                        start_stable_rank=stable_rank(sd_start) if float(sd_start[0]) > 0 else 0.0,
                        start_effective_rank=effective_rank(sd_start) if float(sd_start[0]) > 0 else 0.0,
