@@ -163,12 +163,12 @@ def factorize(
         ranks = list(rank([s for _, s, _ in svds]))
     else:
         ranks = [rank] * len(work) if isinstance(rank, int) else list(rank)
-        for r, w in zip(ranks, work):
+        for r, w in zip(ranks, work):  # before the work, not after it
             check_rank(r, tuple(w.shape[-2:]))
         svds = svd_many(work, rank=max(ranks), method=method, niter=niter, seed=seed, chunk=chunk)
     out = []
     for w, factor, (u, s, vh), r in zip(matrices, whitening, svds, ranks):
-        check_rank(r, tuple(w.shape[-2:]))
+        check_rank(r, tuple(w.shape[-2:]))  # a rank rule's answers are checked here
         a, b = u[:, :r] * s[:r], vh[:r]
         if factor is not None:
             a, b = balance_factors(a, unwhiten(b, factor.to(b.device, b.dtype)))

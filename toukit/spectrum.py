@@ -20,7 +20,7 @@ __all__ = ['layer_matrices', 'spectrum_table', 'rank_table', 'ENERGY_LEVELS']
 ENERGY_LEVELS = (0.5, 0.9, 0.99)
 
 
-def _layer_columns(family: Optional[Family], name: str, part: Optional[str]) -> dict:
+def layer_columns(family: Optional[Family], name: str, part: Optional[str]) -> dict:
     """The name, part, type, block and kind columns of a weight matrix's row (kind 'other' outside attention/MLP)."""
     return dict(name=name, part=part, type=layer_type(family, name, part), block=block_index(family, name),
                 kind=layer_kind(family, name) or 'other')
@@ -47,7 +47,7 @@ def spectrum_table(model: nn.Module, targets: Targets = None, energy_levels: Seq
     spectra = singular_values_many([w for _, _, w in entries])
     rows = []
     for (name, part, weight), s in zip(entries, spectra):
-        row = dict(**_layer_columns(family, name, part), out_features=weight.shape[0], in_features=weight.shape[1],
+        row = dict(**layer_columns(family, name, part), out_features=weight.shape[0], in_features=weight.shape[1],
                    max_rank=min(weight.shape),
                    fro_norm=float(s.square().sum().sqrt()), spectral_norm=float(s[0]),
                    stable_rank=stable_rank(s), effective_rank=effective_rank(s))
@@ -163,13 +163,13 @@ def layer_output_errors(model: nn.Module, inputs, fractions: Sequence[float], ta
         for f in fractions:
             k = max(1, min(len(s), int(round(f * len(s)))))
             approx = (xv[:, :k] * s[:k]) @ u[:, :k].T
-            rows.append(dict(**_layer_columns(family, name, part), fraction=float(f), rank=k,
+            rows.append(dict(**layer_columns(family, name, part), fraction=float(f), rank=k,
                              output_error=float(torch.linalg.norm(approx - reference) / torch.linalg.norm(reference)),
                              weight_error=relative_error(s, k)))
     return pd.DataFrame(rows)
 
 
-def _pattern_cost(table: pd.DataFrame, ranks: Dict[str, int], cost: str = 'trainable') -> int:
+def pattern_cost(table: pd.DataFrame, ranks: Dict[str, int], cost: str = 'trainable') -> int:
     """Parameters TOU spends under a rank pattern: rank times `in` (B's row) for every matrix of every layer,
     plus `out` (A's column) with cost='total'."""
     return int(sum(ranks[name] * int(parts.in_features.sum() + (parts.out_features.sum() if cost == 'total' else 0))
@@ -185,7 +185,7 @@ def _uniform_cost(table: pd.DataFrame, cost: str = 'trainable') -> int:
 def _energy_for_budget(table: pd.DataFrame, spend: float, iterations: int = 40) -> str:
     """The largest energy threshold whose ranks (q, k, v sharing their largest, as apply_tou does) cost <= spend."""
     def cost(threshold):
-        return _pattern_cost(table, rank_table(table, f'energy:{threshold!r}').groupby('name', sort=False)['rank']
+        return pattern_cost(table, rank_table(table, f'energy:{threshold!r}').groupby('name', sort=False)['rank']
                              .max().to_dict())
     low, high = 1e-6, 1.0
     for _ in range(iterations):
@@ -213,4 +213,4 @@ def budget_policies(table: pd.DataFrame, budget: float) -> Dict[str, Tuple[objec
 
 
 __all__ += ['error_curves', 'total_error', 'compare_policies', 'layer_output_errors', 'allocate_from_table',
-            'budget_policies', 'BUDGET_POLICIES']
+            'layer_columns', 'pattern_cost', 'budget_policies', 'BUDGET_POLICIES']

@@ -15,7 +15,7 @@ from .calibration import capture_layer_inputs
 from .methods import apply_tou
 from .models import call_model
 from .ranks import RankSpec
-from .spectrum import _layer_columns, _pattern_cost, budget_policies, spectrum_table
+from .spectrum import layer_columns, pattern_cost, budget_policies, spectrum_table
 from .targets import QKV_PARTS, Targets, dense_weight, layer_matrices, model_family
 
 __all__ = ['tou_errors', 'budget_study']
@@ -55,7 +55,7 @@ def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales
                     diff = float(torch.linalg.norm((merged - w).double()) ** 2)
                     energy = float(torch.linalg.norm(w.double()) ** 2)
                     num, den = num + diff, den + energy
-                    layer_rows.append(dict(rank=str(rank), noise_scale=alpha, **_layer_columns(family, name, part),
+                    layer_rows.append(dict(rank=str(rank), noise_scale=alpha, **layer_columns(family, name, part),
                                            weight_error=float(np.sqrt(diff / energy))))
             total_rows.append(dict(rank=str(rank), noise_scale=alpha, weight_error=float(np.sqrt(num / den)),
                                    logit_error=_relative(logits, reference)))
@@ -101,7 +101,7 @@ def budget_study(model: nn.Module, budgets: Sequence[float], heldout, calibratio
                     o_den += float((x @ w.T).square().sum())
                 logits = torch.cat([call_model(prepared.eval(), batch) for batch in (
                     heldout if isinstance(heldout, (list, tuple)) else [heldout])])
-            rows.append(dict(budget=budget, policy=policy, trainable=_pattern_cost(table, prepared.toukit_ranks),
+            rows.append(dict(budget=budget, policy=policy, trainable=pattern_cost(table, prepared.toukit_ranks),
                              weight_error=(w_num / w_den) ** 0.5, output_error=(o_num / o_den) ** 0.5,
                              logit_error=_relative(logits, reference)))
     return pd.DataFrame(rows)

@@ -19,7 +19,8 @@ from torch import nn
 
 from .linalg import effective_rank, rank_for_energy, singular_values_many, stable_rank, svd_many
 from .ranks import DEFAULT_FRACTION, RankSpec, layer_policies
-from .targets import QKV_PARTS, Targets, block_index, is_conv1d, layer_kind, layer_matrices, layer_type, model_family
+from .spectrum import layer_columns
+from .targets import QKV_PARTS, Targets, is_conv1d, layer_matrices, model_family
 
 __all__ = ['update_table', 'update_rows', 'update_summary', 'matched_weights', 'conv1d_names', 'records_updates',
            'median_table', 'COLUMNS', 'FIXED_RANKS', 'SIMILARITY_K', 'LEADING']
@@ -96,8 +97,7 @@ def update_rows(entries: Sequence[Tuple[str, Optional[str], torch.Tensor]], afte
         policy = policies[name]  # a fixed rank above a matrix's smaller side is that side: the whole subspace
         r = min(int(policy.value), out_f, in_f) if policy.kind == 'fixed' else policy.resolve((out_f, in_f), s0, name)
         norm = dw[i].norm()
-        row = dict(name=name, part=part, type=layer_type(family, name, part), block=block_index(family, name),
-                   kind=layer_kind(family, name) or 'other', out_features=out_f, in_features=in_f, rank=r,
+        row = dict(**layer_columns(family, name, part), out_features=out_f, in_features=in_f, rank=r,
                    relative_update=_ratio(norm, w0[i].norm()), spectral_ratio=_ratio(sd[0], s0[0]),
                    stable_rank=stable_rank(sd) if float(sd[0]) > 0 else 0.0,
                    effective_rank=effective_rank(sd) if float(sd[0]) > 0 else 0.0)
