@@ -128,9 +128,11 @@ def test_a_training_run_records_the_update_summary(tmp_path):
     layer = summary['layers'][0]
     assert layer['relative_update'] > 0 and 'start_left_energy_r' in layer and len(layer['singular_values']) <= 8
     assert summary['seconds'] < 30
-    ft = train.run(method='adapter', preset='test', epochs=1, max_steps_per_epoch=1, results_dir=str(tmp_path),
-                   progress=False)
-    assert 'dW = 0' in ft['updates']['note'] and all(r['relative_update'] == 0 for r in ft['updates']['layers'])
+    adapter = train.run(method='adapter', preset='test', epochs=1, max_steps_per_epoch=1,
+                        results_dir=str(tmp_path), progress=False)
+    layers = adapter['updates']['layers']
+    assert 'dW = 0' in adapter['updates']['note'] and all(r['relative_update'] == 0 for r in layers)
+    assert {r['kind'] for r in layers} == {'attention', 'mlp'}  # the wrapped layers' kinds too, as pretrained
 
 
 def test_the_summary_is_json_ready_and_small():

@@ -601,8 +601,8 @@ class _UpdateBaseline:
     """The pretrained weights of every attention and MLP matrix (on the CPU), kept from before the method, and TOU's
     own starting weights (A_0 B_0), so that the finished run records what it did to each layer (`toukit.updates`)."""
 
-    def __init__(self, entries, conv1d, why: Optional[str] = None):
-        self.entries, self.conv1d, self.why, self.start = entries, conv1d, why, None
+    def __init__(self, entries, conv1d, family=None, why: Optional[str] = None):
+        self.entries, self.conv1d, self.family, self.why, self.start = entries, conv1d, family, why, None
 
     @classmethod
     def capture(cls, model: nn.Module) -> '_UpdateBaseline':
@@ -610,7 +610,7 @@ class _UpdateBaseline:
             entries = [(n, p, w.detach().to('cpu', copy=True)) for n, p, w in layer_matrices(model)]
         except ValueError as e:  # no attention or MLP matrix (a convolutional network): nothing to analyse
             return cls([], [], why=f'not defined: {e}')
-        return cls(entries, conv1d_names(model))
+        return cls(entries, conv1d_names(model), model_family(model))  # the layout as pretrained, before any method
 
     def capture_start(self, model: nn.Module, method: str) -> None:
         if self.entries and method in ('tou', 'tou_frozen_ffn'):  # the factorization moved the starting point
@@ -622,7 +622,7 @@ class _UpdateBaseline:
         t0 = time.perf_counter()
         rank = ranks or PRESETS[config.preset].get('ranks', {}).get('tou', DEFAULT_FRACTION)
         table = update_rows(self.entries, matched_weights(model, self.entries, self.conv1d), self.start, rank=rank,
-                            family=model_family(model))
+                            family=self.family)
         out = update_summary(table)
         out['rank'] = 'the run\'s TOU ranks' if ranks else f'{rank} (the preset\'s TOU rank)'
         if config.method == 'adapter':
