@@ -67,27 +67,31 @@ if table is not None and not table.empty:
 
 # %% [markdown]
 # ## How much of each update lies in W_0's top-r subspaces, by depth (dashed: a random subspace of that size)
+#
+# Each method's own update (`toukit.updates.own_updates`): the layers it changed, and for TOU and TOU frozen FFN
+# the update from their own starting weight A_0 B_0 (from W_0 their truncation dominates: see the medians above).
 
 # %%
 if table is not None and not table.empty:
-    fig = plots.plot_update_by_depth(table, 'left_energy_r', "share of ||dW||² in W_0's top-r left subspace",
+    own = updates.own_updates(table)
+    fig = plots.plot_update_by_depth(own, 'left_energy_r', "share of ||dW||² in W_0's top-r left subspace",
                                      baseline='random_left_r')
     plots.save_figure(fig, out_dir / f'update_left_energy_{protocol}')
     plt.show()
-    fig = plots.plot_update_by_depth(table, 'right_energy_r', "share of ||dW||² in W_0's top-r right subspace",
+    fig = plots.plot_update_by_depth(own, 'right_energy_r', "share of ||dW||² in W_0's top-r right subspace",
                                      baseline='random_right_r')
     plots.save_figure(fig, out_dir / f'update_right_energy_{protocol}')
     plt.show()
 
 # %% [markdown]
-# ## The update's effective rank and relative size, by depth
+# ## The update's effective rank and relative size, by depth (each method's own update)
 
 # %%
 if table is not None and not table.empty:
-    fig = plots.plot_update_by_depth(table, 'effective_rank', 'effective rank of dW')
+    fig = plots.plot_update_by_depth(own, 'effective_rank', 'effective rank of dW')
     plots.save_figure(fig, out_dir / f'update_effective_rank_{protocol}')
     plt.show()
-    fig = plots.plot_update_by_depth(table, 'relative_update', '||dW||_F / ||W_0||_F', logy=True)
+    fig = plots.plot_update_by_depth(own, 'relative_update', '||dW||_F / ||W_0||_F', logy=True)
     plots.save_figure(fig, out_dir / f'update_size_{protocol}')
     plt.show()
 
@@ -96,6 +100,6 @@ if table is not None and not table.empty:
 
 # %%
 if table is not None and not table.empty:
-    fig = plots.plot_update_similarity(table)
+    fig = plots.plot_update_similarity(updates.own_updates(table))
     plots.save_figure(fig, out_dir / f'update_similarity_{protocol}')
     plt.show()

@@ -168,3 +168,19 @@ def test_a_run_on_some_targets_records_every_layer(tmp_path):
     assert record['status'] == 'ok' and len(layers) == len(list(toukit.layer_matrices(
         toukit.create_model('test_vit', 4, pretrained=False))))
     assert {r['kind'] for r in layers if r['relative_update'] > 0} >= {'attention'}
+
+
+def test_own_updates_show_tou_from_its_start_and_drop_unchanged_layers():
+    import pandas as pd
+    from toukit.updates import own_updates
+    table = pd.DataFrame([
+        dict(method='tou', relative_update=0.4, left_energy_r=0.01, right_energy_r=0.01, start_relative_update=0.02,
+             start_left_energy_r=1.0, start_right_energy_r=0.3),
+        dict(method='tou', relative_update=0.4, left_energy_r=0.01, right_energy_r=0.01, start_relative_update=0.02,
+             start_left_energy_r=1.0, start_right_energy_r=None),
+        dict(method='lora', relative_update=0.0, left_energy_r=0.0, right_energy_r=0.0),
+        dict(method='ft', relative_update=0.01, left_energy_r=0.37, right_energy_r=0.4)])
+    own = own_updates(table)
+    assert own.method.tolist() == ['tou', 'tou', 'ft']
+    assert own.left_energy_r.tolist() == [1.0, 1.0, 0.37] and own.relative_update.tolist() == [0.02, 0.02, 0.01]
+    assert own.right_energy_r.iloc[0] == 0.3 and pd.isna(own.right_energy_r.iloc[1])  # no twin recorded: not shown

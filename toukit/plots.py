@@ -325,6 +325,12 @@ def plot_costs(table: pd.DataFrame):
     return fig
 
 
+def _method_color(method: str):
+    """One colour per registered method, the same in every panel and figure."""
+    names = method_names()
+    return plt.cm.tab10(names.index(method) % 10) if method in names else 'black'
+
+
 def plot_update_by_depth(updates: pd.DataFrame, value: str, ylabel: str, baseline: Optional[str] = None,
                          logy: bool = False):
     """One panel per layer kind (attention, MLP): `value` of each method's update by depth (mean over the block's
@@ -336,7 +342,7 @@ def plot_update_by_depth(updates: pd.DataFrame, value: str, ylabel: str, baselin
         part = updates[updates.kind == kind]
         for method, group in part.groupby('method', sort=False):
             mean = group.groupby('block')[value].mean()
-            ax.plot(mean.index, mean.values, marker='o', label=method_label(method))
+            ax.plot(mean.index, mean.values, marker='o', label=method_label(method), color=_method_color(method))
         if baseline is not None:
             base = part.groupby('block')[baseline].mean()
             ax.plot(base.index, base.values, color='grey', linestyle='--', label='random subspace')
@@ -344,7 +350,8 @@ def plot_update_by_depth(updates: pd.DataFrame, value: str, ylabel: str, baselin
         if logy:
             ax.set_yscale('log')
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc='best')
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc='best')
     plt.tight_layout()
     return fig
 

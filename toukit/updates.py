@@ -23,7 +23,7 @@ from .spectrum import layer_columns
 from .targets import QKV_PARTS, Targets, is_conv1d, layer_matrices, model_family
 
 __all__ = ['update_table', 'update_rows', 'update_summary', 'matched_weights', 'conv1d_names', 'records_updates',
-           'median_table', 'COLUMNS', 'FIXED_RANKS', 'SIMILARITY_K', 'LEADING']
+           'median_table', 'own_updates', 'COLUMNS', 'FIXED_RANKS', 'SIMILARITY_K', 'LEADING']
 
 FIXED_RANKS = (8, 32)  # subspace sizes besides each layer's own TOU rank
 SIMILARITY_K = (1, 8, 32)  # top-k singular vectors compared, besides the layer's rank
@@ -47,7 +47,8 @@ COLUMNS = {
     'amplification': "||dW||_F / ||U^T W_0 V||_F, U and V the top-8 left and right singular vectors of dW (the LoRA "
                      "paper's section 7.3: how much dW amplifies directions W_0 does not emphasise; 0 for dW = 0)",
     'start_*': "the same from the method's own starting weight (TOU: A_0 B_0, truncation and noise included) instead "
-               "of W_0: relative_update, stable_rank, effective_rank, left_energy_r",
+               "of W_0 (still divided by ||W_0|| and projected on W_0's subspaces): relative_update, stable_rank, "
+               "effective_rank, left_energy_r, right_energy_r",
 }
 
 Weights = Union[nn.Module, Mapping[str, torch.Tensor]]
@@ -119,7 +120,8 @@ def update_rows(entries: Sequence[Tuple[str, Optional[str], torch.Tensor]], afte
             row.update(start_relative_update=_ratio(d.norm(), w0[i].norm()),
                        start_stable_rank=stable_rank(sd_start) if float(sd_start[0]) > 0 else 0.0,
                        start_effective_rank=effective_rank(sd_start) if float(sd_start[0]) > 0 else 0.0,
-                       start_left_energy_r=_ratio((u0[:, :r].T @ d).square().sum(), d.norm() ** 2))
+                       start_left_energy_r=_ratio((u0[:, :r].T @ d).square().sum(), d.norm() ** 2),
+                       start_right_energy_r=_ratio((d @ v0h[:r].T).square().sum(), d.norm() ** 2))
         row['singular_values'] = sd[:LEADING].numpy()
         rows.append(row)
     return pd.DataFrame(rows)
@@ -238,3 +240,23 @@ def median_table(updates: pd.DataFrame, columns: Sequence[str] = MEDIAN_COLUMNS)
     """Per method and layer kind, the median over matrices (and seeds) of the main columns."""
     columns = [c for c in columns if c in updates]
     return updates.groupby(['method', 'kind'], sort=False)[columns].median()
+
+
+def own_updates(updates: pd.DataFrame) -> pd.DataFrame:
+    """Each method's own update, for figures: the layers it changed only (dW = 0 rows dropped: LoRA's MLP, an
+    adapter's targets), and for the TOU family the update from its own start A_0 B_0 (`start_*` columns) rather than
+    from W_0, whose truncation would otherwise dominate every column that has a `start_*` twin."""
+    out = updates.copy()
+    started = out.start_relative_update.notna() if 'start_relative_update' in out else pd.Series(False, out.index)
+    twins = {c[len('start_'):] for c in out.columns if c.startswith('start_')}
+    for column in out.columns:
+        if column.startswith('start_'):  # a started row shows its start twin, or nothing (a record without it)
+            own = column[len('start_'):]
+            out[own] = out[column].where(started, out[own])
+        elif column in DW_COLUMNS and column not in twins:  # of the truncation, not of the training: not shown
+            out.loc[started, column] = float('nan')
+    return out[out.relative_update > 0].reset_index(drop=True)  # TOU frozen FFN's MLP: no update of its own
+
+
+DW_COLUMNS = ('spectral_ratio', 'rank_e50', 'rank_e90', 'rank_e99', 'left_energy_r', 'right_energy_r',
+              'left_energy_8', 'right_energy_8', 'left_energy_32', 'right_energy_32', 'amplification')
