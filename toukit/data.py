@@ -260,7 +260,10 @@ def _image_transform(model, image_size: Optional[int] = None):
             return own
         from torchvision import transforms
         normalize = [t for t in own.transforms if isinstance(t, transforms.Normalize)]
-        return transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor(), *normalize])
+        resize = next((t for t in own.transforms if isinstance(t, transforms.Resize)), None)
+        mode = resize.interpolation if resize is not None else transforms.InterpolationMode.BILINEAR
+        return transforms.Compose([transforms.Resize((image_size, image_size), interpolation=mode),
+                                   transforms.ToTensor(), *normalize])
     import timm.data
     config = timm.data.resolve_data_config(model=model)
     if image_size is not None:

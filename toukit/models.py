@@ -73,15 +73,18 @@ def is_hf_checkpoint(name) -> bool:
 
 
 def _image_processor_transform(path: Path):
-    """The checkpoint's image processor (preprocessor_config.json) as a torchvision transform: resize, centre crop
-    when it crops, to tensor, normalise."""
+    """The checkpoint's image processor (preprocessor_config.json) as a torchvision transform: resize (with its
+    resampling filter), centre crop when it crops, to tensor, normalise."""
     import json
     from torchvision import transforms
     cfg = json.loads((path / 'preprocessor_config.json').read_text())
     size = cfg.get('size', 224)
     if isinstance(size, dict):
         size = size.get('shortest_edge') or (size.get('height'), size.get('width'))
-    steps = [transforms.Resize(size if isinstance(size, int) else tuple(size))]
+    modes = {0: transforms.InterpolationMode.NEAREST, 2: transforms.InterpolationMode.BILINEAR,
+             3: transforms.InterpolationMode.BICUBIC}  # PIL's resample codes, as the processor stores them
+    interpolation = modes.get(cfg.get('resample', 2), transforms.InterpolationMode.BILINEAR)
+    steps = [transforms.Resize(size if isinstance(size, int) else tuple(size), interpolation=interpolation)]
     crop = cfg.get('crop_size')
     if cfg.get('do_center_crop') and crop:
         steps.append(transforms.CenterCrop(crop.get('height', crop) if isinstance(crop, dict) else crop))
