@@ -49,8 +49,10 @@ def test_figures_and_tables_written(reproduced):
     for ext in ('csv', 'md', 'tex'):
         for stem in ('table1_tuned', 'table1_paper', 'table1_vs_paper', 'lr_sweep'):
             assert (out / f'{stem}.{ext}').exists(), f'{stem}.{ext}'
-    medians = pd.read_csv(out / 'updates_tuned.csv')
-    assert set(medians.method) == {'LoRA', 'Full TOU'} and (medians.relative_update > 0).all()
+    medians = pd.read_csv(out / 'updates_tuned.csv').set_index(['method', 'kind'])
+    assert set(medians.index.get_level_values(0)) == {'LoRA', 'Full TOU'}
+    assert (medians.loc['Full TOU'].relative_update > 0).all() and medians.loc[('LoRA', 'mlp'), 'relative_update'] == 0
+    assert medians.loc[('LoRA', 'attention'), 'relative_update'] > 0  # LoRA changes attention only
     for protocol in ('tuned', 'paper'):
         table = pd.read_csv(out / f'table1_{protocol}.csv')
         assert table.Method.tolist() == ['LoRA', 'Full TOU'] and (table.Seeds == 2).all()
