@@ -5,16 +5,19 @@ one invocation (these machines are noisy; compare nothing across invocations).
     python benchmarks/bench.py methods   --model minilm --batch-size 32 --seq-len 128
     python benchmarks/bench.py factorize --model vit_base_patch16_224
     python benchmarks/bench.py inference --model vit_base_patch16_224 --batch-size 8
+    python benchmarks/bench.py profile   --batch-size 8 --precision bf16 --steps 2   (where a step's time goes)
     python benchmarks/bench.py layer     --batch-size 8                 (one block's linears, dense vs TOU)
     python benchmarks/bench.py rank-sweep --model vit_base_patch16_224 --batch-size 8 \
         --figure figures/benchmarks/rank_sweep
     python benchmarks/bench.py factorize-llm --device cuda --precision bf16   (Llama-2-7B shapes, random weights)
     python benchmarks/bench.py scaling   --preset test --batch-size 16  (1 vs 2 processes through torchrun)
+    python benchmarks/bench.py regression --before ../old-checkout     (TOU/FT step ratio and factorize time)
 
 Add --device cuda [--precision bf16] on a GPU machine. Random weights are used for timing (shapes decide cost).
 """
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -84,8 +87,8 @@ def _options(method, rank, lora_rank):
     return {}
 
 
-def worker_step(args):
-    """Time training steps of one method (forward, backward, AdamW step)."""
+def _prepared(args):
+    """The model with `args.method` applied, its AdamW, and one batch, on the device; then the prepare time."""
     import toukit
     device = torch.device(args.device)
     model, inputs, labels = _model_and_batch(args)
@@ -93,25 +96,39 @@ def worker_step(args):
     inputs, labels = _to(inputs, device), labels.to(device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    rss_before = _peak_mib(device)
     t0 = time.perf_counter()
     toukit.apply_method(model, args.method, **_options(args.method, args.rank, args.lora_rank))
     model.to(device)
     _sync(device)
     prepare_s = time.perf_counter() - t0
-    trainable, total = toukit.count_parameters(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
     model.train()
+    return model, opt, inputs, labels, prepare_s
+
+
+def _train_step(net, opt, inputs, labels, args):
+    """One forward (bf16 autocast when asked), backward and AdamW step."""
+    with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
+        loss = torch.nn.functional.cross_entropy(call_model(net, inputs).float(), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def worker_step(args):
+    """Time training steps of one method (forward, backward, AdamW step)."""
+    import toukit
+    device = torch.device(args.device)
+    rss_before = _peak_mib(device)
+    model, opt, inputs, labels, prepare_s = _prepared(args)
+    trainable, total = toukit.count_parameters(model)
     net = torch.compile(model) if args.compile else model  # compiled during the warm-up steps
     times = []
     for i in range(args.warmup + args.steps):
         _sync(device)
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
-            loss = torch.nn.functional.cross_entropy(call_model(net, inputs).float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _train_step(net, opt, inputs, labels, args)
         _sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
@@ -119,6 +136,104 @@ def worker_step(args):
     return dict(method=args.method, step_s=step, steps=len(times), samples_per_s=args.batch_size / step,
                 peak_mib=_peak_mib(device), start_mib=rss_before, prepare_s=prepare_s, trainable=trainable,
                 total=total)
+
+
+# operator -> category of the profile tables (aten names; anything else is 'other')
+OP_CATEGORIES = {
+    'matmul': ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::linear', 'aten::matmul',
+               'aten::_convolution', 'aten::convolution', 'aten::mkldnn_convolution', 'aten::cudnn_convolution',
+               'aten::convolution_backward'),
+    'attention (sdpa)': ('aten::_scaled_dot_product_flash_attention_for_cpu',
+               'aten::_scaled_dot_product_flash_attention_for_cpu_backward',
+               'aten::_scaled_dot_product_efficient_attention', 'aten::_efficient_attention_backward',
+               'aten::_scaled_dot_product_flash_attention', 'aten::_flash_attention_backward',
+               'aten::_scaled_dot_product_cudnn_attention', 'aten::_cudnn_attention_backward'),
+    'copy / cast': ('aten::copy_', 'aten::_to_copy', 'aten::clone', 'aten::contiguous', 'aten::to',
+                    'aten::_reshape_alias', 'aten::cat', 'aten::stack'),
+    'optimizer': ('aten::_foreach_', 'aten::_fused_adamw_', 'Optimizer.step', 'aten::addcdiv_', 'aten::addcmul_',
+                  'aten::lerp_', 'aten::sqrt', 'aten::_foreach_sqrt'),
+    'reduction (grad sums)': ('aten::sum',),
+    'norm': ('aten::native_layer_norm', 'aten::native_layer_norm_backward', 'aten::layer_norm'),
+    'activation': ('aten::gelu', 'aten::gelu_backward'),
+    'zero / fill': ('aten::zero_', 'aten::fill_', 'aten::zeros', 'aten::empty', 'aten::empty_strided'),
+}
+
+
+# a GPU profile's self time is in its kernels, named by the libraries: matched by substring (lower case)
+KERNEL_CATEGORIES = {
+    'attention (sdpa)': ('fmha', 'flash', 'attention'),
+    'matmul': ('gemm', 'cutlass', 'xmma', 'cublas', 'matmul', 'conv', 'implicit'),
+    'copy / cast': ('copy', 'cast', 'convert', 'memcpy', 'transpose', 'cat', 'stack'),
+    'optimizer': ('adam', 'foreach', 'multi_tensor'),
+    'reduction (grad sums)': ('reduce',),
+    'norm': ('layer_norm', 'layernorm'),
+    'activation': ('gelu',),
+    'zero / fill': ('fill', 'memset'),
+}
+
+
+def _category(op):
+    for cat, names in OP_CATEGORIES.items():
+        if any(op == n or (n.endswith('_') and op.startswith(n)) for n in names):
+            return cat
+    if not op.startswith('aten::'):
+        for cat, parts in KERNEL_CATEGORIES.items():
+            if any(p in op.lower() for p in parts):
+                return cat
+    return 'other'
+
+
+MATMULS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')
+# an H200 SXM's dense peaks (NVIDIA's data sheet): bf16 tensor cores, fp32 without TF32, HBM3e bandwidth
+H200 = dict(bf16_flops=989e12, fp32_flops=67e12, bytes_per_s=4.8e12)
+
+
+def worker_profile(args):
+    """torch.profiler over `args.steps` training steps of one method after warm-up: self time by operator (CPU
+    time on the CPU, device time on a GPU), the number of operator calls, and the FLOPs the profiler counts for
+    matrix products (mm, addmm, bmm, baddbmm: forward and backward)."""
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(args.device)
+    model, opt, inputs, labels, _ = _prepared(args)
+    for _ in range(args.warmup):
+        _train_step(model, opt, inputs, labels, args)
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with profile(activities=activities, with_flops=True, record_shapes=True) as prof:
+        for _ in range(args.steps):
+            _train_step(model, opt, inputs, labels, args)
+        _sync(device)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
+    gemms = dict(flops=0.0, bytes=0.0, calls=0, roofline_s=0.0, memory_bound_s=0.0, by_shape={})
+    size = 2 if args.precision == 'bf16' else 4  # bytes per element of the matrix products' operands
+    peak = H200['bf16_flops' if args.precision == 'bf16' else 'fp32_flops']
+    for e in prof.events():  # the matrix products' FLOPs and the bytes they must move at least: a roofline
+        if e.name not in MATMULS or not e.input_shapes:
+            continue
+        shapes = [tuple(x) for x in e.input_shapes if isinstance(x, (list, tuple)) and len(x) >= 2]
+        left, right = shapes[-2:]
+        out = (*left[:-1], right[-1])
+        moved = size * sum(math.prod(x) for x in (left, right, out))
+        flops = 2 * math.prod(out) * left[-1]
+        gemms['flops'] += flops / args.steps
+        gemms['bytes'] += moved / args.steps
+        gemms['calls'] += 1 / args.steps
+        compute_s, memory_s = flops / peak, moved / H200['bytes_per_s']
+        gemms['roofline_s'] += max(compute_s, memory_s) / args.steps
+        gemms['memory_bound_s'] += (memory_s if memory_s > compute_s else 0.0) / args.steps
+        key = f'{e.name} {left}x{right}'
+        gemms['by_shape'][key] = gemms['by_shape'].get(key, 0) + 1 / args.steps
+    ops = {}
+    for e in prof.key_averages():
+        own = getattr(e, 'self_device_time_total', getattr(e, 'self_cuda_time_total', 0)) if device.type == 'cuda' \
+            else e.self_cpu_time_total
+        if own <= 0 and not e.flops:
+            continue
+        ops[e.key] = dict(self_ms=own / 1e3 / args.steps, calls=e.count / args.steps, flops=(e.flops or 0) / args.steps)
+    gemms['memory_bound_share'] = gemms.pop('memory_bound_s') / max(gemms['roofline_s'], 1e-12)
+    return dict(method=args.method, ops=ops, step_ms=sum(o['self_ms'] for o in ops.values()), gemms=gemms,
+                page_faults=faults)
 
 
 def worker_inference(args):
@@ -174,21 +289,51 @@ def worker_factorize(args):
                 matrices=len(originals))
 
 
-LLAMA_2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+LLAMA_SHAPES = {  # configs of public checkpoints (shapes only: the weights are random)
+    'llama-2-7b': dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    # TinyLlama-1.1B: Llama-2's architecture at 1.1B parameters, grouped-query attention (k, v are 256 x 2048)
+    'llama-1.1b': dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5),
+}
+
+
+def _reset_peak(device):
+    """Start a new peak: the CUDA allocator's, or on Linux the process's peak RSS (VmHWM, via clear_refs)."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass  # then the peak is the process's whole life's, model building included: an overestimate
+
+
+def _peak_since_reset_mib(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 1024
+    except (OSError, StopIteration):
+        return _peak_mib(device)
 
 
 def worker_factorize_llm(args):
-    """apply_tou on every block linear of a Llama-2-7B-shaped causal LM (random weights from the config, built on
-    the device): time, peak memory, and the error of layer 0's factors against the optimum."""
+    """apply_tou on every block linear of a Llama-shaped causal LM (random weights from the config, built on
+    the device): time, peak memory over the weights' size, and the error of layer 0's factors against the optimum.
+    On the CPU memory is resident set size, so the runtime's own (measured before the model exists) is subtracted."""
     import toukit
     from transformers import LlamaConfig, LlamaForCausalLM
     device = torch.device(args.device)
-    shape = dict(LLAMA_2_7B, num_hidden_layers=args.layers or LLAMA_2_7B['num_hidden_layers'])
+    base = LLAMA_SHAPES[args.shape]
+    shape = dict(base, num_hidden_layers=args.layers or base['num_hidden_layers'])
     shape.update(hidden_size=shape['hidden_size'] // args.width_div,
                  intermediate_size=shape['intermediate_size'] // args.width_div)
     dtype = torch.bfloat16 if args.precision == 'bf16' else torch.float32
     torch.manual_seed(0)
+    runtime = 0.0 if device.type == 'cuda' else _allocated_mib(device)
     t = time.perf_counter()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -200,16 +345,17 @@ def worker_factorize_llm(args):
     _sync(device)
     build_s = time.perf_counter() - t
     params = sum(p.numel() for p in model.parameters())
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    before = _allocated_mib(device)  # the model alone
-    originals = {n: m.weight.detach().clone() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and '.layers.0.' in n}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    before = _allocated_mib(device) - runtime  # the model alone
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules()  # counted in the peak: keep few
+                 if n.endswith(('layers.0.self_attn.q_proj', 'layers.0.mlp.down_proj'))}
+    copies = sum(w.numel() * w.element_size() for w in originals.values()) / 2 ** 20
+    _reset_peak(device)
     t = time.perf_counter()
     toukit.apply_tou(model, rank=args.rank, svd_method=args.svd_method, chunk=getattr(args, 'chunk', None))
     _sync(device)
     seconds = time.perf_counter() - t
-    peak, after = _peak_mib(device), _allocated_mib(device)
+    peak, after = _peak_since_reset_mib(device) - runtime, _allocated_mib(device) - runtime
     trainable, total = toukit.count_parameters(model)
     ranks = sorted(set(model.toukit_ranks.values()))
     errors = []  # layer 0's matrices: relative error of A B (noise included) against the optimal rank-r error
@@ -225,7 +371,8 @@ def worker_factorize_llm(args):
     _sync(device)
     merge_s = time.perf_counter() - t
     return dict(svd_method=args.svd_method, config=shape, params=params, weights_dtype=str(dtype), build_s=build_s,
-                seconds=seconds, merge_s=merge_s, model_mib=before, peak_mib=peak, after_mib=after,
+                seconds=seconds, merge_s=merge_s, weights_mib=weights, runtime_mib=runtime, copies_mib=copies, model_mib=before,
+                peak_mib=peak, after_mib=after, threads=torch.get_num_threads(),
                 trainable=trainable, total=total, ranks=ranks, layer0=errors)
 
 
@@ -259,7 +406,7 @@ def worker_layer(args):
     return out
 
 
-WORKERS = dict(layer=worker_layer, step=worker_step, inference=worker_inference, factorize=worker_factorize,
+WORKERS = dict(layer=worker_layer, step=worker_step, profile=worker_profile, inference=worker_inference, factorize=worker_factorize,
                factorize_llm=worker_factorize_llm)
 
 
@@ -267,12 +414,16 @@ WORKERS = dict(layer=worker_layer, step=worker_step, inference=worker_inference,
 # driver side
 
 
-def spawn(kind, args, **overrides):
-    """Run one worker in a fresh process; returns its JSON result."""
+def spawn(kind, args, source=None, **overrides):
+    """Run one worker in a fresh process (importing toukit from `source`, a checkout's root, when given); returns
+    its JSON result."""
     cfg = dict(vars(args), **overrides, worker=kind)
     cfg.pop('func', None)
+    env = dict(os.environ, TQDM_DISABLE='1')
+    if source:
+        env['PYTHONPATH'] = os.pathsep.join([str(source)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
     out = subprocess.run([sys.executable, __file__, '_worker', json.dumps(cfg)], capture_output=True, text=True,
-                         env=dict(os.environ, TQDM_DISABLE='1'))
+                         env=env)
     if out.returncode != 0:
         raise RuntimeError(f'worker {kind} {overrides} failed:\n{out.stderr[-3000:]}')
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -289,32 +440,118 @@ def header(args, title):
 
 
 def cmd_methods(args):
+    modes = [False, True] if args.eager_and_compiled else [bool(args.compile)]
     header(args, f'training step per method (median of {args.steps} steps after {args.warmup} warm-up, '
-                 f'best of {args.rounds} round(s), each method in its own process)')
+                 f'best of {args.rounds} round(s), each method{" and mode" if len(modes) > 1 else ""} in its own '
+                 f'process)')
+    runs = [(m, c) for m in args.methods for c in modes]
+    key = {run: run[0] + (' compiled' if run[1] and len(modes) > 1 else '') for run in runs}
     rows, failed = {}, {}
     print(f'{"method":16s} {"step s":>8s} {"samples/s":>10s} {"vs FT":>6s} {"peak MiB":>9s} {"vs FT":>6s} '
           f'{"trainable":>11s} {"total":>11s} {"prepare s":>9s}')
     for round_ in range(args.rounds):
-        for m in args.methods:
+        for run in runs:
+            k = key[run]
             try:
-                r = spawn('step', args, method=m)
+                r = spawn('step', args, method=run[0], compile=run[1])
             except RuntimeError as e:  # one method's failure leaves the others' rows
-                if m not in rows:
-                    failed[m] = str(e).strip().splitlines()[-1]
+                if k not in rows:
+                    failed[k] = str(e).strip().splitlines()[-1]
             else:
-                failed.pop(m, None)
-                if m not in rows or r['step_s'] < rows[m]['step_s']:
-                    rows[m] = r
-            if round_ == args.rounds - 1 and m in rows:  # a row as soon as it is final (list FT first for ratios)
-                r, ft = rows[m], rows.get('ft')
+                failed.pop(k, None)
+                if k not in rows or r['step_s'] < rows[k]['step_s']:
+                    rows[k] = dict(r, compiled=run[1])
+            if round_ == args.rounds - 1 and k in rows:  # a row as soon as it is final (list FT first for ratios)
+                r, ft = rows[k], rows.get('ft')
                 t_ratio = r['step_s'] / ft['step_s'] if ft else float('nan')
                 m_ratio = r['peak_mib'] / ft['peak_mib'] if ft else float('nan')
-                print(f'{m:16s} {r["step_s"]:8.3f} {r["samples_per_s"]:10.2f} {t_ratio:6.2f} {r["peak_mib"]:9.0f} '
+                print(f'{k:16s} {r["step_s"]:8.3f} {r["samples_per_s"]:10.2f} {t_ratio:6.2f} {r["peak_mib"]:9.0f} '
                       f'{m_ratio:6.2f} {r["trainable"]:11,d} {r["total"]:11,d} {r["prepare_s"]:9.2f}', flush=True)
                 _save(args, 'methods', rows)
-    for m, why in failed.items():
-        print(f'{m:16s} failed: {why}')
-    _save(args, 'methods', dict(rows, **{m: dict(failed=why) for m, why in failed.items()}))
+    for k, why in failed.items():
+        print(f'{k:16s} failed: {why}')
+    if len(modes) > 1 and 'ft' in rows:
+        best = {m: min((r for k, r in rows.items() if k.split()[0] == m), key=lambda r: r['step_s'])
+                for m in args.methods if any(k.split()[0] == m for k in rows)}
+        print('each method at the faster of eager and compiled, against FT at its faster:')
+        for m, r in best.items():
+            print(f'{m:16s} {"compiled" if r["compiled"] else "eager":>8s} {r["step_s"]:8.3f} s '
+                  f'{r["step_s"] / best["ft"]["step_s"]:6.2f} x FT')
+    _save(args, 'methods', dict(rows, **{k: dict(failed=why) for k, why in failed.items()}))
+
+
+def cmd_profile(args):
+    header(args, f'profile of {args.steps} training step(s) per method after {args.warmup} warm-up (torch.profiler; '
+                 f'self time per operator, {"device" if args.device == "cuda" else "CPU"} time; each method in its '
+                 f'own process)')
+    rows = {m: spawn('profile', args, method=m) for m in args.methods}
+    names = list(rows)
+    cats = list(OP_CATEGORIES) + ['other']
+    by_cat = {m: {c: dict(ms=0.0, calls=0.0, flops=0.0) for c in cats} for m in names}
+    for m, r in rows.items():
+        for op, o in r['ops'].items():
+            c = by_cat[m][_category(op)]
+            c['ms'] += o['self_ms']
+            c['calls'] += o['calls']
+            c['flops'] += o['flops']
+    print('per step, by operator category: milliseconds (share of the profiled step) and operator calls')
+    print(f'{"category":22s}' + ''.join(f'{m + " ms":>16s}{"calls":>7s}' for m in names)
+          + (f'{"ratio":>7s}' if len(names) == 2 else ''))
+    for c in cats + ['total']:
+        vals = [(sum(v['ms'] for v in by_cat[m].values()), sum(v['calls'] for v in by_cat[m].values()))
+                if c == 'total' else (by_cat[m][c]['ms'], by_cat[m][c]['calls']) for m in names]
+        line = f'{c:22s}' + ''.join(f'{ms:9.1f} ({ms / rows[m]["step_ms"]:4.0%}){calls:7.0f}'
+                                    for (ms, calls), m in zip(vals, names))
+        if len(names) == 2:
+            line += f'{vals[1][0] / vals[0][0] if vals[0][0] else float("nan"):7.2f}'
+        print(line)
+    print('minor page faults per step (memory the allocator takes afresh from the OS, zeroed by the kernel on '
+          'first touch): ' + ', '.join(f'{m} {rows[m]["page_faults"]:,.0f}' for m in names))
+    print('matrix products (mm, addmm, bmm, baddbmm): GFLOP per step (from their shapes), their self time and rate')
+    for m in names:
+        gflop = rows[m]['gemms']['flops'] / 1e9
+        ms = sum(o['self_ms'] for op, o in rows[m]['ops'].items() if op in MATMULS)
+        print(f'{m:16s} {gflop:9.2f} GFLOP {ms:9.1f} ms {gflop / max(ms / 1e3, 1e-9):9.1f} GFLOP/s')
+    peak = H200['bf16_flops' if args.precision == 'bf16' else 'fp32_flops']
+    print(f'the same matrix products on an H200 by the roofline (each at the slower of {peak / 1e12:.0f} TFLOP/s and '
+          f'{H200["bytes_per_s"] / 1e12:.1f} TB/s for its operands and output; attention, elementwise and launch '
+          f'costs not included)')
+    print(f'{"method":16s} {"products":>9s} {"GFLOP":>8s} {"GB moved":>9s} {"FLOP/byte":>10s} {"roofline ms":>12s} '
+          f'{"memory-bound":>13s}')
+    for m in names:
+        g = rows[m]['gemms']
+        print(f'{m:16s} {g["calls"]:9.0f} {g["flops"] / 1e9:8.2f} {g["bytes"] / 1e9:9.3f} '
+              f'{g["flops"] / max(g["bytes"], 1):10.0f} {g["roofline_s"] * 1e3:12.3f} {g["memory_bound_share"]:13.0%}')
+    for m in names:
+        print(f'top operators of {m} (self ms per step, calls per step)')
+        top = sorted(rows[m]['ops'].items(), key=lambda kv: -kv[1]['self_ms'])[:args.top]
+        for op, o in top:
+            print(f'  {op[:44]:44s} {o["self_ms"]:9.2f} {o["calls"]:7.0f}  {_category(op)}')
+    _save(args, 'profile', dict(rows=rows, by_category=by_cat))
+
+
+def cmd_regression(args):
+    """Today's code against another checkout's, interleaved in one invocation: the TOU/FT step ratio and the time
+    of factorizing every block linear."""
+    import toukit
+    before = Path(args.before).resolve()
+    if not (before / 'toukit' / '__init__.py').is_file():
+        raise SystemExit(f'--before {args.before}: not a checkout of toukit (no toukit/__init__.py there)')
+    sha = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=before, capture_output=True, text=True).stdout
+    header(args, f'this checkout ({Path(toukit.__file__).parent.parent}) against {before} (commit {sha.strip()}), '
+                 f'{args.rounds} interleaved round(s), each measurement in its own process')
+    codes = dict(before=str(before), now=None)
+    rows = {k: dict(ft=[], tou=[], factorize=[]) for k in codes}
+    for _ in range(args.rounds):
+        for k, source in codes.items():
+            for m in ('ft', 'tou'):
+                rows[k][m].append(spawn('step', args, source=source, method=m)['step_s'])
+            rows[k]['factorize'].append(spawn('factorize', args, source=source, svd_method='gram')['seconds'])
+    print(f'{"code":8s} {"FT step s":>10s} {"TOU step s":>11s} {"TOU / FT":>9s} {"factorize s":>12s}   (medians)')
+    for k, r in rows.items():
+        ft, tou, fac = (statistics.median(r[x]) for x in ('ft', 'tou', 'factorize'))
+        print(f'{k:8s} {ft:10.3f} {tou:11.3f} {tou / ft:9.2f} {fac:12.2f}')
+    _save(args, 'regression', rows)
 
 
 def cmd_inference(args):
@@ -349,11 +586,12 @@ def cmd_factorize(args):
 
 
 def cmd_factorize_llm(args):
-    args.model = 'llama-2-7b'
-    scale = '' if (args.layers in (None, 32) and args.width_div == 1) else \
-        f' (scaled down: {args.layers or 32} layers, widths / {args.width_div})'
-    header(args, f'factorizing every block linear of a Llama-2-7B-shaped model{scale}, random weights in '
-                 f'{args.precision}, apply_tou rank {args.rank}; each SVD method in its own process')
+    args.model = args.shape
+    base = LLAMA_SHAPES[args.shape]
+    scale = '' if (args.layers in (None, base['num_hidden_layers']) and args.width_div == 1) else \
+        f' (scaled down: {args.layers or base["num_hidden_layers"]} layers, widths / {args.width_div})'
+    header(args, f'factorizing every block linear of a {args.shape}-shaped model{scale}, random weights in '
+                 f'{args.precision}, apply_tou rank {args.rank}, chunk {args.chunk}; each SVD method in its own process')
     rows = {}
     for m in args.svd_methods:
         try:
@@ -364,13 +602,14 @@ def cmd_factorize_llm(args):
         raise SystemExit('factorize-llm: every SVD method failed')
     first = next(iter(rows.values()))
     print(f'# {first["params"]:,d} parameters; TOU: {first["trainable"]:,d} trainable of {first["total"]:,d}; '
-          f'ranks {first["ranks"]}')
-    print(f'{"svd method":12s} {"build s":>8s} {"factorize s":>11s} {"merge s":>8s} {"model MiB":>10s} '
-          f'{"peak MiB":>9s} {"peak/model":>10s} {"after MiB":>10s} {"layer-0 err / optimum":>22s}')
+          f'ranks {first["ranks"]}; memory net of the runtime ({first["runtime_mib"]:.0f} MiB RSS before the model '
+          f'was built); the peak includes {first["copies_mib"]:.0f} MiB of layer-0 copies for the error column')
+    print(f'{"svd method":12s} {"build s":>8s} {"factorize s":>11s} {"merge s":>8s} {"weights MiB":>11s} '
+          f'{"peak MiB":>9s} {"peak/weights":>12s} {"after MiB":>10s} {"layer-0 err / optimum":>22s}')
     for m, r in rows.items():
         worst = max(e['error'] / e['optimal_error'] for e in r['layer0'])
-        print(f'{m:12s} {r["build_s"]:8.1f} {r["seconds"]:11.1f} {r["merge_s"]:8.1f} {r["model_mib"]:10.0f} '
-              f'{r["peak_mib"]:9.0f} {r["peak_mib"] / r["model_mib"]:10.2f} {r["after_mib"]:10.0f} {worst:22.4f}')
+        print(f'{m:12s} {r["build_s"]:8.1f} {r["seconds"]:11.1f} {r["merge_s"]:8.1f} {r["weights_mib"]:11.0f} '
+              f'{r["peak_mib"]:9.0f} {r["peak_mib"] / r["weights_mib"]:12.2f} {r["after_mib"]:10.0f} {worst:22.4f}')
     _save(args, 'factorize_llm', rows)
 
 
@@ -475,15 +714,26 @@ def main(argv=None):
     m = sub.add_parser('methods', parents=[common])
     m.add_argument('--methods', nargs='+', default=method_names())
     m.add_argument('--rounds', type=int, default=1)
+    m.add_argument('--eager-and-compiled', action='store_true', help='each method eager and compiled, side by side')
     m.set_defaults(func=cmd_methods)
+    pr = sub.add_parser('profile', parents=[common], help='torch.profiler of training steps, by operator')
+    pr.add_argument('--methods', nargs='+', default=['ft', 'tou'])
+    pr.add_argument('--top', type=int, default=15, help='operators listed per method')
+    pr.set_defaults(func=cmd_profile)
+    rg = sub.add_parser('regression', parents=[common], help="this checkout's TOU/FT step ratio and factorization "
+                                                             "time against another checkout's")
+    rg.add_argument('--before', required=True, help='root of the other checkout (e.g. a git worktree)')
+    rg.add_argument('--rounds', type=int, default=2)
+    rg.set_defaults(func=cmd_regression)
     sub.add_parser('inference', parents=[common]).set_defaults(func=cmd_inference)
     sub.add_parser('layer', parents=[common]).set_defaults(func=cmd_layer)
     f = sub.add_parser('factorize', parents=[common])
     f.add_argument('--svd-methods', nargs='+', default=['exact', 'gram', 'randomized'])
     f.set_defaults(func=cmd_factorize)
-    ll = sub.add_parser('factorize-llm', parents=[common], help='apply_tou on a Llama-2-7B-shaped model')
+    ll = sub.add_parser('factorize-llm', parents=[common], help='apply_tou on a Llama-shaped model')
+    ll.add_argument('--shape', default='llama-2-7b', choices=sorted(LLAMA_SHAPES))
     ll.add_argument('--svd-methods', nargs='+', default=['gram', 'randomized'])
-    ll.add_argument('--layers', type=int, default=None, help='fewer blocks than 32 (a smoke test)')
+    ll.add_argument('--layers', type=int, default=None, help="fewer blocks than the shape's (a smoke test)")
     ll.add_argument('--width-div', type=int, default=1, help='divide hidden and MLP widths (a smoke test)')
     ll.add_argument('--chunk', type=int, default=None, help='factorize at most this many same-shape matrices at once')
     ll.set_defaults(func=cmd_factorize_llm)

@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import timm
 import torch
 from torch import nn
 from torch.testing import assert_close
 
+import toukit
 from toukit import FactorizedLinear, apply_tou, count_parameters, merge
 from conftest import bert_inputs
 
@@ -208,3 +211,43 @@ def test_merged_model_is_structurally_identical(test_vit):
     assert [type(m) for m in test_vit.modules()] == [type(m) for m in fresh.modules()]
     layout = lambda m: [(n, p.shape, p.dtype, p.stride()) for n, p in m.named_parameters()]  # noqa: E731
     assert layout(test_vit) == layout(fresh)
+
+
+@pytest.mark.parametrize('rank', [8, 'energy:0.6', 'ght', 'budget:0.3', 'calibrated'])
+def test_chunked_apply_tou_equals_unchunked(test_vit, rank):
+    """chunk= changes how the work is cut (and, for spectrum ranks, adds a first pass of spectra), not the model:
+    the same ranks, the same factors (noise included) and the same outputs, on every rank policy and whitening."""
+    calibration = None
+    if rank == 'calibrated':
+        calibration, rank = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))], 'energy:0.6'
+    whole = apply_tou(copy.deepcopy(test_vit), rank=rank, noise_scale=1e-3, seed=2, calibration=calibration)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for chunk in (1, 2):
+        chunked = apply_tou(copy.deepcopy(test_vit), rank=rank, noise_scale=1e-3, seed=2, calibration=calibration,
+                            chunk=chunk)
+        assert chunked.toukit_ranks == whole.toukit_ranks
+        assert list(chunked.toukit_ranks) == list(whole.toukit_ranks)  # in the model's order
+        for (name, p), (_, q) in zip(whole.named_parameters(), chunked.named_parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+        with torch.no_grad():
+            torch.testing.assert_close(chunked(x), whole(x), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_apply_tou_frees_each_weight_as_its_layer_is_built(test_vit, monkeypatch):
+    """With chunk=1 no more than the layer being built and the one in flight hold an original weight besides the
+    model's not-yet-factorized layers: a replaced layer's weight is freed at once, not at the end."""
+    import weakref
+    targets = toukit.targets.find_targets(test_vit, 'all')
+    refs = {name: weakref.ref(toukit.targets.dense_weight(m)) for name, m in targets.items()}
+    del targets
+    built, alive = [], []
+    original = FactorizedLinear.from_linear.__func__
+
+    def spy(cls, linear, *args, **kwargs):
+        alive.append(sum(r() is not None for r in refs.values()))
+        built.append(kwargs['name'])
+        return original(cls, linear, *args, **kwargs)
+    monkeypatch.setattr(FactorizedLinear, 'from_linear', classmethod(spy))
+    apply_tou(test_vit, rank=4, noise_scale=0.0, chunk=1)
+    assert alive == [len(refs) - k for k in range(len(refs))]  # one fewer weight alive at each build
+    assert all(r() is None for r in refs.values())

@@ -189,12 +189,16 @@ class FactorizedLinear(ToukitLayer):
         return torch.bmm(self.tou_A, b).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.tou_B)  # (..., splits * r): all splits' right factors in one matmul
+        # tokens folded into one 2-D matmul by hand: F.linear on a 3-D input without a bias goes through
+        # aten::matmul's reshape and _unsafe_view (more operators per step, each a dispatch and on a GPU a launch)
+        lead = x.shape[:-1]
+        h = torch.mm(x.reshape(-1, self.in_features), self.tou_B.t())  # all splits' right factors in one matmul
         if self.splits == 1:
-            return F.linear(h, self.tou_A[0], self.bias)
+            a = self.tou_A.view(self.out_features, self.rank).t()
+            y = torch.mm(h, a) if self.bias is None else torch.addmm(self.bias, h, a)
+            return y.view(*lead, self.out_features)
         # the left factors as one batched matmul over the splits, bias fused: (splits, tokens, out / splits)
-        lead = h.shape[:-1]
-        h = h.reshape(-1, self.splits, self.rank).transpose(0, 1)
+        h = h.view(-1, self.splits, self.rank).transpose(0, 1)
         o = self.out_features // self.splits
         if self.bias is None:
             y = torch.bmm(h, self.tou_A.mT)

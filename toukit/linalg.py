@@ -4,12 +4,12 @@ Every function takes tensors and returns tensors or numbers; nothing here knows 
 Spectral quantities are computed in float64 so that energy sums over hundreds of singular values stay exact.
 """
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
-    'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy',
+    'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'factorize_iter', 'energy_curve', 'rank_for_energy',
     'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank', 'whitening_factor', 'factorize',
     'whitened_truncated_svd', 'unwhiten', 'balance_factors', 'optimal_hard_threshold_rank', 'ght_omega',
 ]
@@ -70,13 +70,15 @@ def _gram_svd(work: torch.Tensor, rank: Optional[int] = None):
     tall = work.shape[-2] >= work.shape[-1]
     g = work.mT @ work if tall else work @ work.mT
     evals, evecs = torch.linalg.eigh(g)  # ascending
+    del g
     s = evals.flip(-1).clamp_min(0).sqrt()
     k = s.shape[-1] if rank is None else rank
     vecs = evecs[..., -k:].flip(-1)
+    del evecs
     safe = torch.where(s[..., :k] > s[..., :1] * 1e-12, s[..., :k], torch.ones_like(s[..., :k]))
     if tall:
-        return (work @ vecs) / safe.unsqueeze(-2), s, vecs.mT
-    return vecs, s, (vecs.mT @ work) / safe.unsqueeze(-1)
+        return (work @ vecs).div_(safe.unsqueeze(-2)), s, vecs.mT
+    return vecs, s, (vecs.mT @ work).div_(safe.unsqueeze(-1))
 
 
 def _work_dtype(w: torch.Tensor) -> torch.Tensor:
@@ -143,55 +145,119 @@ def factorize(
     Returns:
         (A, B) per matrix, in its dtype.
     """
-    matrices = list(matrices)
-    whitening = list(whitening) if whitening is not None else [None] * len(matrices)
-    if len(whitening) != len(matrices):
-        raise ValueError(f'factorize: {len(whitening)} whitening factors for {len(matrices)} matrices')
-    work = []
-    for w, factor in zip(matrices, whitening):
-        if factor is None:
-            work.append(_work_dtype(w))
-            continue
-        if factor.shape != (w.shape[-1], w.shape[-1]):
-            raise ValueError(f"whitening factor of shape {tuple(factor.shape)} does not match the weight's input "
-                             f"width {w.shape[-1]}")
-        work.append(w.detach().to(torch.float64) @ factor.to(w.device, torch.float64))
-    if any(f is not None for f in whitening):
-        method = 'exact'
-    if callable(rank):
-        svds = svd_many(work, rank=None, method=method, niter=niter, seed=seed, chunk=chunk)
-        ranks = list(rank([s for _, s, _ in svds]))
-    else:
-        ranks = [rank] * len(work) if isinstance(rank, int) else list(rank)
-        for r, w in zip(ranks, work):  # before the work, not after it
-            check_rank(r, tuple(w.shape[-2:]))
-        svds = svd_many(work, rank=max(ranks), method=method, niter=niter, seed=seed, chunk=chunk)
-    out = []
-    for w, factor, (u, s, vh), r in zip(matrices, whitening, svds, ranks):
-        check_rank(r, tuple(w.shape[-2:]))  # a rank rule's answers are checked here
-        a, b = u[:, :r] * s[:r], vh[:r]
-        if factor is not None:
-            a, b = balance_factors(a, unwhiten(b, factor.to(b.device, b.dtype)))
-        out.append((a.to(w.dtype).contiguous(), b.to(w.dtype).contiguous()))
+    out = [None] * len(matrices)
+    for i, pair in factorize_iter(list(matrices), rank, method, whitening, niter, seed, chunk):
+        out[i] = pair
     return out
 
 
-def _per_shape(matrices: Sequence[torch.Tensor], fn, chunk: Optional[int] = None) -> list:
-    """fn applied to stacks of same-(shape, dtype, device) matrices, `chunk` at most per stack (None: one stack per
-    shape), results returned in input order. Chunks bound the workspace: a stack, its Gram matrices and their
-    eigenvectors are a few times `chunk` matrices, not a few times the model."""
+def factorize_iter(
+        matrices: List[Optional[torch.Tensor]],
+        rank: RankRule,
+        method: str = 'gram',
+        whitening: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        niter: int = 4,
+        seed: Optional[int] = None,
+        chunk: Optional[int] = None,
+) -> Iterator[Tuple[int, Tuple[torch.Tensor, torch.Tensor]]]:
+    """`factorize`, streamed: yields (i, (A_i, B_i)) as each batched call finishes, in shape-group order.
+
+    Memory stays bounded by one batch, not the model: a matrix is upcast (or whitened) only inside its batch, a
+    batch keeps only its truncated factors, and `matrices` is consumed (each entry is set to None once stacked,
+    so the caller's weight can be freed as soon as it drops its own reference). With a spectrum-based `rank` and
+    a `chunk`, the spectra are computed in a first pass of batches and the factors in a second (twice the SVD
+    work, bounded memory); without a chunk, every matrix's whole SVD is held until the rule has seen them all.
+    The factors are the same with and without a chunk.
+    """
+    whitening = list(whitening) if whitening is not None else [None] * len(matrices)
+    if len(whitening) != len(matrices):
+        raise ValueError(f'factorize: {len(whitening)} whitening factors for {len(matrices)} matrices')
+    for w, factor in zip(matrices, whitening):
+        if factor is not None and factor.shape != (w.shape[-1], w.shape[-1]):
+            raise ValueError(f"whitening factor of shape {tuple(factor.shape)} does not match the weight's input "
+                             f"width {w.shape[-1]}")
+    if any(f is not None for f in whitening):
+        method = 'exact'
+    dtypes = [w.dtype for w in matrices]
+
+    def prepared(i, w):
+        """The matrix the SVD sees: W in float32 (fp16/bf16) or as given, or W L in float64 when whitened."""
+        if whitening[i] is None:
+            return _work_dtype(w)
+        return w.detach().to(torch.float64) @ whitening[i].to(w.device, torch.float64)
+
+    def truncated(i, usv, r):
+        u, s, vh = usv
+        a, b = u[:, :r] * s[:r], vh[:r]
+        if whitening[i] is not None:
+            a, b = balance_factors(a, unwhiten(b, whitening[i].to(b.device, b.dtype)))
+        return a.to(dtypes[i]).contiguous(), b.to(dtypes[i]).contiguous()
+
+    if callable(rank) and chunk is None:  # every whole SVD at once: the rule needs all spectra
+        svds = svd_many([prepared(i, w) for i, w in enumerate(matrices)], rank=None, method=method, niter=niter,
+                        seed=seed)
+        matrices[:] = [None] * len(matrices)
+        ranks = list(rank([s for _, s, _ in svds]))
+        for (u, _, vh), r in zip(svds, ranks):  # every answer checked before the first pair is yielded
+            check_rank(r, (u.shape[-2], vh.shape[-1]))
+        for i, (usv, r) in enumerate(zip(svds, ranks)):
+            svds[i] = None
+            yield i, truncated(i, usv, r)
+        return
+    if callable(rank):  # first pass: the spectra only, batch by batch (the same routine as the second pass)
+        def spectrum(shape, idx, stack):  # with the second pass's routine, so the same values and ranks
+            s = _gram_svd(stack, 1)[1] if method == 'gram' else _svd(stack, None, method, niter, seed)[1]
+            return s.unbind(0)
+        spectra = _per_shape(matrices, spectrum, chunk, prepared)
+        ranks = list(rank(spectra))
+        del spectra
+    else:
+        ranks = [rank] * len(matrices) if isinstance(rank, int) else list(rank)
+    for r, w in zip(ranks, matrices):  # before the work, not after it
+        check_rank(r, tuple(w.shape[-2:]))
+    top = max(ranks)
+
+    def batch(shape, idx, stack):
+        usvs = zip(*_svd(stack, min(top, min(shape)), method, niter, seed))
+        return (truncated(i, usv, ranks[i]) for i, usv in zip(idx, usvs))
+    yield from _per_shape_iter(matrices, batch, chunk, prepared, consume=True)
+
+
+def _per_shape_iter(matrices: List[Optional[torch.Tensor]], fn, chunk: Optional[int] = None, prepare=None,
+                    consume: bool = False) -> Iterator[Tuple[int, object]]:
+    """Yields (i, result) of fn(shape, indices, stack) over stacks of same-(shape, dtype, device) matrices, `chunk`
+    at most per stack (None: one stack per shape). `prepare(i, matrix)` maps each matrix before it is stacked
+    (an upcast, say), so the prepared copies are made one stack at a time. Chunks bound the workspace: a stack,
+    its Gram matrices and their eigenvectors are a few times `chunk` matrices, not a few times the model. With
+    `consume`, each entry of `matrices` is set to None once stacked."""
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f'chunk={chunk!r}: must be an int >= 1 (matrices per batched call) or None')
     groups = {}
     for i, m in enumerate(matrices):
         groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
-    out = [None] * len(matrices)
     for (shape, _, _), idx in groups.items():
         step = chunk or len(idx)
         for start in range(0, len(idx), step):
             part = idx[start:start + step]
-            for i, result in zip(part, fn(shape, torch.stack([matrices[i] for i in part]))):
-                out[i] = result
+            stack = None  # filled one matrix at a time: no list of prepared copies beside the stack
+            for j, i in enumerate(part):
+                m = matrices[i] if prepare is None else prepare(i, matrices[i])
+                if stack is None:
+                    stack = torch.empty((len(part), *m.shape), dtype=m.dtype, device=m.device)
+                stack[j].copy_(m)
+                del m
+            if consume:
+                for i in part:
+                    matrices[i] = None
+            yield from zip(part, fn(tuple(stack.shape[-2:]), part, stack))
+            del stack
+
+
+def _per_shape(matrices: Sequence[torch.Tensor], fn, chunk: Optional[int] = None, prepare=None) -> list:
+    """`_per_shape_iter`'s results in input order."""
+    out = [None] * len(matrices)
+    for i, result in _per_shape_iter(list(matrices), fn, chunk, prepare):
+        out[i] = result
     return out
 
 
@@ -208,16 +274,20 @@ def svd_many(
     A loop of SVDs over a transformer's 72 block matrices costs several times one batched call per shape.
     With `rank` (required by the randomized method) the factors are truncated to min(rank, min(shape)).
     """
-    def batch(shape, stack):
+    def batch(shape, idx, stack):
         r = None if rank is None else min(rank, min(shape))
-        return zip(*_svd(_work_dtype(stack), r, method, niter, seed))
-    return _per_shape(matrices, batch, chunk)
+        return zip(*_svd(stack, r, method, niter, seed))
+    return _per_shape(matrices, batch, chunk, lambda i, m: _work_dtype(m))
 
 
-def singular_values_many(matrices: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Singular values (float64, CPU, descending) of each matrix, one batched call per distinct shape."""
-    return _per_shape([m.detach().to('cpu', torch.float64) for m in matrices],
-                      lambda shape, stack: torch.linalg.svdvals(stack).unbind(0))
+def singular_values_many(matrices: Sequence[torch.Tensor], chunk: Optional[int] = None,
+                         whitening: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
+    """Singular values (float64, CPU, descending) of each matrix (of W L where `whitening` gives a factor L), one
+    batched call per distinct shape, per `chunk` matrices of it: the float64 copies are made one batch at a time."""
+    def prepare(i, m):
+        m = m.detach().to('cpu', torch.float64)
+        return m if whitening is None or whitening[i] is None else m @ whitening[i].to('cpu', torch.float64)
+    return _per_shape(matrices, lambda shape, idx, stack: torch.linalg.svdvals(stack).unbind(0), chunk, prepare)
 
 
 def energy_curve(singular_values: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .calibration import layer_whitening
 from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
-from .linalg import check_finite, check_rank, factorize, svd_many
+from .linalg import check_finite, check_rank, factorize_iter, svd_many
 from .ranks import DEFAULT_FRACTION as DEFAULT_TOU_RANK
 from .ranks import RankSpec, allocate_ranks, layer_policies, parse_rank
 from .targets import (Targets, dense_weight, find_targets, fuse_qkv, fused_splits, get_submodule_parent,
@@ -134,8 +134,11 @@ def apply_tou(
             'exact' for the kept triplets; see `toukit.linalg.truncated_svd`), 'exact' (`torch.linalg.svd`) or
             'randomized' (`torch.svd_lowrank`; needs a fixed or fractional rank). Ignored with calibration.
         calibration: model inputs (a batch or a list of a few training batches), or layer name -> inputs.
-        chunk: factorize at most this many same-shape matrices per batched call (bounds the factorization's
-            workspace on a large model; the factors are the same); None: all of a shape at once.
+        chunk: factorize at most this many same-shape matrices per batched call, and replace each layer as soon as
+            its factors exist, so that its original weight is freed: memory stays the model's plus a few chunks'
+            worth, not a multiple of the model (the factors are the same; a spectrum-based rank then costs two
+            passes of SVDs, and an error midway, out of memory say, leaves the layers done so far factorized).
+            None: all of a shape at once, and every layer is built before the model changes.
 
     Returns:
         `model`, modified in place; `model.toukit_ranks` holds the rank of every factorized layer (JSON-ready, a
@@ -146,7 +149,7 @@ def apply_tou(
     family = require_family(model, 'freeze_mlp (TOU frozen FFN)') if freeze_mlp else model_family(model)
     if not isinstance(rank, Mapping) and parse_rank(rank).model_level:
         rank = allocate_ranks(model, parse_rank(rank).value, targets=list(found), calibration=calibration,
-                              objective='activation' if calibration is not None else 'weight')
+                              objective='activation' if calibration is not None else 'weight', chunk=chunk)
     policies = layer_policies(rank, found)
     factors = layer_whitening(model, calibration, list(found)) if calibration is not None else {}
     blocks, whitening, owners = [], [], []
@@ -157,12 +160,16 @@ def apply_tou(
         out_f, in_f = weight.shape
         blocks.extend(weight.reshape(splits, out_f // splits, in_f).unbind(0))
         whitening.extend([factors.get(name)] * splits)
-        owners.append((name, linear, splits, (out_f // splits, in_f)))
+        owners.append((name, splits, (out_f // splits, in_f)))
+    if freeze_mlp and not any(layer_kind(family, name) == 'mlp' for name, _, _ in owners):
+        raise ValueError(f'freeze_mlp=True but targets={targets!r} hold no MLP linear: nothing would be frozen')
+    del found  # from here on only the model and `blocks` hold the weights, and factorize_iter empties `blocks`
+    weight = linear = None
 
     def layer_ranks(spectra=None):
         """One rank per block: q, k and v of a fused projection share the largest of their three."""
         ranks, start = [], 0
-        for name, _, splits, shape in owners:
+        for name, splits, shape in owners:
             parts = [None] * splits if spectra is None else spectra[start:start + splits]
             ranks.extend([max(policies[name].resolve(shape, s, name=name) for s in parts)] * splits)
             start += splits
@@ -174,23 +181,34 @@ def apply_tou(
         rule = layer_ranks  # the whole spectrum decides each rank
     else:
         rule = layer_ranks()
-    pairs = factorize(blocks, rule, method=svd_method, whitening=whitening if factors else None, seed=seed,
-                      chunk=chunk)
-    layers, start = {}, 0
-    for i, (name, linear, splits, shape) in enumerate(owners):  # every layer is built before the model changes
-        a = torch.stack([p[0] for p in pairs[start:start + splits]])
-        b = torch.stack([p[1] for p in pairs[start:start + splits]])
-        start += splits
-        layer = FactorizedLinear.from_linear(linear, a.shape[-1], noise_scale=noise_scale, seed=seed + i,
-                                             splits=splits, factors=(a, b), name=name)
+    owner_of = [i for i, (_, splits, _) in enumerate(owners) for _ in range(splits)]
+    first = [owner_of.index(i) for i in range(len(owners))]
+    pending, layers = {}, {}
+    for j, pair in factorize_iter(blocks, rule, method=svd_method, whitening=whitening if factors else None,
+                                  seed=seed, chunk=chunk):
+        i = owner_of[j]
+        name, splits, _ = owners[i]
+        pending.setdefault(i, {})[j - first[i]] = pair
+        if len(pending[i]) < splits:
+            continue
+        parts = pending.pop(i)
+        a = torch.stack([parts[k][0] for k in range(splits)])
+        b = torch.stack([parts[k][1] for k in range(splits)])
+        del parts
+        layer = FactorizedLinear.from_linear(model.get_submodule(name), a.shape[-1], noise_scale=noise_scale,
+                                             seed=seed + i, splits=splits, factors=(a, b), name=name)
+        del a, b
         if freeze_mlp and layer_kind(family, name) == 'mlp':
             layer.requires_grad_(False)
-        layers[name] = layer
-    if freeze_mlp and not any(layer_kind(family, n) == 'mlp' for n in layers):
-        raise ValueError(f'freeze_mlp=True but targets={targets!r} hold no MLP linear: nothing would be frozen')
+        if chunk is None:  # every layer is built before the model changes
+            layers[name] = layer
+        else:  # bounded memory: each original weight goes as soon as its layer is built
+            _replace(model, name, layer)
+            layers[name] = None
     for name, layer in layers.items():
-        _replace(model, name, layer)
-    model.toukit_ranks = {name: layer.rank for name, layer in layers.items()}
+        if layer is not None:
+            _replace(model, name, layer)
+    model.toukit_ranks = {name: model.get_submodule(name).rank for name, _, _ in owners}
     return model
 
 

@@ -242,7 +242,7 @@ def allocate_spectra(layers: Sequence[LayerSpectra], budget, cost: str = 'traina
 
 
 def allocate_ranks(model: nn.Module, budget, targets: Targets = 'all', cost: str = 'trainable',
-                   objective: str = 'weight', calibration=None) -> Dict[str, int]:
+                   objective: str = 'weight', calibration=None, chunk: Optional[int] = None) -> Dict[str, int]:
     """Per-layer TOU ranks that minimise the summed relative squared truncation error under a parameter budget.
 
     Each targeted layer's error at rank r is ||W - W_r||_F^2 / ||W||_F^2 (objective 'weight'), or the same for
@@ -260,6 +260,7 @@ def allocate_ranks(model: nn.Module, budget, targets: Targets = 'all', cost: str
         cost: 'trainable' (a rank costs `in` per matrix: B's row) or 'total' (`in + out`: A's column too).
         objective: 'weight' or 'activation' (needs `calibration`).
         calibration: model inputs, or layer name -> inputs (see `toukit.calibration.layer_whitening`).
+        chunk: at most this many same-shape matrices in float64 at once (see `toukit.apply_tou`); None: a shape's.
 
     Returns:
         Layer name -> rank, in the model's order; `apply_tou(model, rank=...)` takes it as a rank pattern.
@@ -271,10 +272,9 @@ def allocate_ranks(model: nn.Module, budget, targets: Targets = 'all', cost: str
     if cost not in ('trainable', 'total'):
         raise ValueError(f"cost={cost!r}: must be 'trainable' or 'total'")
     entries = list(layer_matrices(model, targets))
-    if objective == 'activation':
-        factors = layer_whitening(model, calibration, targets)
-        entries = [(name, part, w.double() @ factors[name]) for name, part, w in entries]
-    spectra = singular_values_many([w for _, _, w in entries])
+    factors = layer_whitening(model, calibration, targets) if objective == 'activation' else {}
+    spectra = singular_values_many([w for _, _, w in entries], chunk=chunk,
+                                   whitening=[factors.get(name) for name, _, _ in entries] if factors else None)
     layers = {}
     for (name, _, w), s in zip(entries, spectra):
         layers.setdefault(name, ([], []))
