@@ -150,6 +150,37 @@ def test_chunked_factorization_equals_one_batch_per_shape():
         factorize(mats, 5, chunk=0)
 
 
+def test_factorize_iter_streams_consumes_and_matches_factorize_with_a_spectrum_rule():
+    """A rank rule over all spectra: chunked (two passes) and whole give the same ranks and factors; the stream
+    lets go of each input once stacked; bf16 inputs come back as bf16 factors."""
+    from toukit.linalg import factorize, factorize_iter
+    g = torch.Generator().manual_seed(1)
+    mats = [torch.randn(24, 16, generator=g).bfloat16() for _ in range(5)] + [torch.randn(16, 40, generator=g).bfloat16()]
+
+    def rule(spectra):  # 60% of each matrix's energy
+        return [linalg.rank_for_energy(s.double(), 0.6) for s in spectra]
+    whole = factorize(mats, rule)
+    work = list(mats)
+    seen = []
+    for i, (a, b) in factorize_iter(work, rule, chunk=2):
+        seen.append(i)
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert a.shape == whole[i][0].shape and b.shape == whole[i][1].shape
+        torch.testing.assert_close((a.float() @ b.float()), whole[i][0].float() @ whole[i][1].float(),
+                                   rtol=2e-2, atol=2e-2)
+    assert sorted(seen) == list(range(len(mats))) and work == [None] * len(mats)
+
+
+def test_singular_values_many_whitened_and_chunked_equal_one_by_one():
+    g = torch.Generator().manual_seed(2)
+    mats = [torch.randn(12, 8, generator=g) for _ in range(5)]
+    factors = [None, torch.eye(8) * 2, None, torch.randn(8, 8, generator=g).triu() + 3 * torch.eye(8), None]
+    got = linalg.singular_values_many(mats, chunk=2, whitening=factors)
+    for w, f, s in zip(mats, factors, got):
+        ref = torch.linalg.svdvals(w.double() if f is None else w.double() @ f.double())
+        torch.testing.assert_close(s, ref)
+
+
 def test_tou_noise_is_seeded_and_drawn_in_the_factors_dtype():
     from torch import nn
     from toukit.layers import FactorizedLinear
