@@ -209,8 +209,8 @@ def worker_profile(args):
     size = 2 if args.precision == 'bf16' else 4  # bytes per element of the matrix products' operands
     peak = H200['bf16_flops' if args.precision == 'bf16' else 'fp32_flops']
     for e in prof.events():  # the matrix products' FLOPs and the bytes they must move at least: a roofline
-        if e.name not in MATMULS or not e.input_shapes:
-            continue
+        if e.name not in MATMULS or not e.input_shapes or any(c.name in MATMULS for c in e.cpu_children):
+            continue  # the innermost product only: autocast's wrapper and baddbmm's own bmm record it twice
         shapes = [tuple(x) for x in e.input_shapes if isinstance(x, (list, tuple)) and len(x) >= 2]
         left, right = shapes[-2:]
         out = (*left[:-1], right[-1])
@@ -447,7 +447,8 @@ def cmd_methods(args):
     runs = [(m, c) for m in args.methods for c in modes]
     key = {run: run[0] + (' compiled' if run[1] and len(modes) > 1 else '') for run in runs}
     rows, failed = {}, {}
-    print(f'{"method":16s} {"step s":>8s} {"samples/s":>10s} {"vs FT":>6s} {"peak MiB":>9s} {"vs FT":>6s} '
+    w = max(16, *(len(k) for k in key.values()))
+    print(f'{"method":{w}s} {"step s":>8s} {"samples/s":>10s} {"vs FT":>6s} {"peak MiB":>9s} {"vs FT":>6s} '
           f'{"trainable":>11s} {"total":>11s} {"prepare s":>9s}')
     for round_ in range(args.rounds):
         for run in runs:
@@ -465,11 +466,11 @@ def cmd_methods(args):
                 r, ft = rows[k], rows.get('ft')
                 t_ratio = r['step_s'] / ft['step_s'] if ft else float('nan')
                 m_ratio = r['peak_mib'] / ft['peak_mib'] if ft else float('nan')
-                print(f'{k:16s} {r["step_s"]:8.3f} {r["samples_per_s"]:10.2f} {t_ratio:6.2f} {r["peak_mib"]:9.0f} '
+                print(f'{k:{w}s} {r["step_s"]:8.3f} {r["samples_per_s"]:10.2f} {t_ratio:6.2f} {r["peak_mib"]:9.0f} '
                       f'{m_ratio:6.2f} {r["trainable"]:11,d} {r["total"]:11,d} {r["prepare_s"]:9.2f}', flush=True)
                 _save(args, 'methods', rows)
     for k, why in failed.items():
-        print(f'{k:16s} failed: {why}')
+        print(f'{k:{w}s} failed: {why}')
     if len(modes) > 1 and 'ft' in rows:
         best = {m: min((r for k, r in rows.items() if k.split()[0] == m), key=lambda r: r['step_s'])
                 for m in args.methods if any(k.split()[0] == m for k in rows)}
@@ -495,12 +496,12 @@ def cmd_profile(args):
             c['calls'] += o['calls']
             c['flops'] += o['flops']
     print('per step, by operator category: milliseconds (share of the profiled step) and operator calls')
-    print(f'{"category":22s}' + ''.join(f'{m + " ms":>16s}{"calls":>7s}' for m in names)
+    print(f'{"category":22s}' + ''.join(f'{m + " ms":>{max(16, len(m) + 4)}s}{"calls":>7s}' for m in names)
           + (f'{"ratio":>7s}' if len(names) == 2 else ''))
     for c in cats + ['total']:
         vals = [(sum(v['ms'] for v in by_cat[m].values()), sum(v['calls'] for v in by_cat[m].values()))
                 if c == 'total' else (by_cat[m][c]['ms'], by_cat[m][c]['calls']) for m in names]
-        line = f'{c:22s}' + ''.join(f'{ms:9.1f} ({ms / rows[m]["step_ms"]:4.0%}){calls:7.0f}'
+        line = f'{c:22s}' + ''.join(f'{ms:{max(16, len(m) + 4) - 7}.1f} ({ms / rows[m]["step_ms"]:4.0%}){calls:7.0f}'
                                     for (ms, calls), m in zip(vals, names))
         if len(names) == 2:
             line += f'{vals[1][0] / vals[0][0] if vals[0][0] else float("nan"):7.2f}'

@@ -329,19 +329,20 @@ def pissa(model: nn.Module, rank: int = 8, targets: Targets = 'attention', alpha
 @_register('Full TOU', 'full TOU: truncated-SVD factors of attention and MLP, A frozen, B and all other parameters '
                        'train')
 def tou(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
-        noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram', calibration=None) -> None:
+        noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram', calibration=None,
+        chunk: Optional[int] = None) -> None:
     model.requires_grad_(True)
     apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, seed=seed, svd_method=svd_method,
-              calibration=calibration)
+              calibration=calibration, chunk=chunk)
 
 
 @_register('TOU frozen FFN', 'TOU frozen FFN: like tou, but nothing in the factorized MLP trains')
 def tou_frozen_ffn(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
                    noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram',
-                   calibration=None) -> None:
+                   calibration=None, chunk: Optional[int] = None) -> None:
     model.requires_grad_(True)
     apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, freeze_mlp=True, seed=seed,
-              svd_method=svd_method, calibration=calibration)
+              svd_method=svd_method, calibration=calibration, chunk=chunk)
 
 
 @_register('SVFit', 'SVFit: only the top-r singular values of each target train (r by energy threshold by default)')
