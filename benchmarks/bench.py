@@ -371,7 +371,8 @@ def worker_factorize_llm(args):
     _sync(device)
     merge_s = time.perf_counter() - t
     return dict(svd_method=args.svd_method, config=shape, params=params, weights_dtype=str(dtype), build_s=build_s,
-                seconds=seconds, merge_s=merge_s, weights_mib=weights, runtime_mib=runtime, copies_mib=copies, model_mib=before,
+                seconds=seconds, merge_s=merge_s, weights_mib=weights, runtime_mib=runtime, copies_mib=copies,
+                model_mib=before,
                 peak_mib=peak, after_mib=after, threads=torch.get_num_threads(),
                 trainable=trainable, total=total, ranks=ranks, layer0=errors)
 
@@ -406,7 +407,8 @@ def worker_layer(args):
     return out
 
 
-WORKERS = dict(layer=worker_layer, step=worker_step, profile=worker_profile, inference=worker_inference, factorize=worker_factorize,
+WORKERS = dict(layer=worker_layer, step=worker_step, profile=worker_profile, inference=worker_inference,
+               factorize=worker_factorize,
                factorize_llm=worker_factorize_llm)
 
 
@@ -592,7 +594,8 @@ def cmd_factorize_llm(args):
     scale = '' if (args.layers in (None, base['num_hidden_layers']) and args.width_div == 1) else \
         f' (scaled down: {args.layers or base["num_hidden_layers"]} layers, widths / {args.width_div})'
     header(args, f'factorizing every block linear of a {args.shape}-shaped model{scale}, random weights in '
-                 f'{args.precision}, apply_tou rank {args.rank}, chunk {args.chunk}; each SVD method in its own process')
+                 f'{args.precision}, apply_tou rank {args.rank}, chunk {args.chunk}; each SVD method in its own '
+                 f'process')
     rows = {}
     for m in args.svd_methods:
         try:

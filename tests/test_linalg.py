@@ -155,7 +155,8 @@ def test_factorize_iter_streams_consumes_and_matches_factorize_with_a_spectrum_r
     lets go of each input once stacked; bf16 inputs come back as bf16 factors."""
     from toukit.linalg import factorize, factorize_iter
     g = torch.Generator().manual_seed(1)
-    mats = [torch.randn(24, 16, generator=g).bfloat16() for _ in range(5)] + [torch.randn(16, 40, generator=g).bfloat16()]
+    mats = [torch.randn(24, 16, generator=g).bfloat16() for _ in range(5)]
+    mats.append(torch.randn(16, 40, generator=g).bfloat16())
 
     def rule(spectra):  # 60% of each matrix's energy
         return [linalg.rank_for_energy(s.double(), 0.6) for s in spectra]

@@ -9,9 +9,10 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 __all__ = [
-    'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'factorize_iter', 'energy_curve', 'rank_for_energy',
+    'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy',
     'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank', 'whitening_factor', 'factorize',
-    'whitened_truncated_svd', 'unwhiten', 'balance_factors', 'optimal_hard_threshold_rank', 'ght_omega',
+    'factorize_iter', 'whitened_truncated_svd', 'unwhiten', 'balance_factors', 'optimal_hard_threshold_rank',
+    'ght_omega',
 ]
 
 
