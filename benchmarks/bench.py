@@ -172,14 +172,15 @@ KERNEL_CATEGORIES = {
 }
 
 
-def _category(op):
-    for cat, names in OP_CATEGORIES.items():
-        if any(op == n or (n.endswith('_') and op.startswith(n)) for n in names):
-            return cat
-    if not op.startswith('aten::'):
+def _category(op, kernel=False):
+    if kernel:
         for cat, parts in KERNEL_CATEGORIES.items():
             if any(p in op.lower() for p in parts):
                 return cat
+        return 'other'
+    for cat, names in OP_CATEGORIES.items():
+        if any(op == n or (n.endswith('_') and op.startswith(n)) for n in names):
+            return cat
     return 'other'
 
 
@@ -205,6 +206,13 @@ def worker_profile(args):
             _train_step(model, opt, inputs, labels, args)
         _sync(device)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
+    walls = []  # the same steps unprofiled: against the profiled time, how busy the device (or core) was
+    for _ in range(args.steps):
+        _sync(device)
+        t = time.perf_counter()
+        _train_step(model, opt, inputs, labels, args)
+        _sync(device)
+        walls.append(time.perf_counter() - t)
     gemms = dict(flops=0.0, bytes=0.0, calls=0, roofline_s=0.0, memory_bound_s=0.0, by_shape={})
     size = 2 if args.precision == 'bf16' else 4  # bytes per element of the matrix products' operands
     peak = H200['bf16_flops' if args.precision == 'bf16' else 'fp32_flops']
@@ -224,16 +232,24 @@ def worker_profile(args):
         gemms['memory_bound_s'] += (memory_s if memory_s > compute_s else 0.0) / args.steps
         key = f'{e.name} {left}x{right}'
         gemms['by_shape'][key] = gemms['by_shape'].get(key, 0) + 1 / args.steps
-    ops = {}
+    ops = {}  # name -> self time (CPU on the CPU; on a GPU only kernels carry time), calls, FLOPs, kernel or not
     for e in prof.key_averages():
-        own = getattr(e, 'self_device_time_total', getattr(e, 'self_cuda_time_total', 0)) if device.type == 'cuda' \
-            else e.self_cpu_time_total
-        if own <= 0 and not e.flops:
+        kernel = device.type == 'cuda' and str(e.device_type).endswith('CUDA')
+        if device.type == 'cuda':
+            # an operator's self device time is its kernels' (counted on the kernels themselves): time from kernels
+            own = getattr(e, 'self_device_time_total', None)
+            own = (e.self_cuda_time_total if own is None else own) if kernel else 0.0
+            if getattr(e, 'is_user_annotation', False):
+                continue
+        else:
+            own = e.self_cpu_time_total
+        if own <= 0 and not e.flops and e.count == 0:
             continue
-        ops[e.key] = dict(self_ms=own / 1e3 / args.steps, calls=e.count / args.steps, flops=(e.flops or 0) / args.steps)
+        ops[e.key] = dict(self_ms=own / 1e3 / args.steps, calls=e.count / args.steps, flops=(e.flops or 0) / args.steps,
+                          kernel=kernel)
     gemms['memory_bound_share'] = gemms.pop('memory_bound_s') / max(gemms['roofline_s'], 1e-12)
     return dict(method=args.method, ops=ops, step_ms=sum(o['self_ms'] for o in ops.values()), gemms=gemms,
-                page_faults=faults)
+                page_faults=faults, wall_ms=statistics.median(walls) * 1e3)
 
 
 def worker_inference(args):
@@ -493,11 +509,12 @@ def cmd_profile(args):
     by_cat = {m: {c: dict(ms=0.0, calls=0.0, flops=0.0) for c in cats} for m in names}
     for m, r in rows.items():
         for op, o in r['ops'].items():
-            c = by_cat[m][_category(op)]
+            c = by_cat[m][_category(op, o.get('kernel', False))]
             c['ms'] += o['self_ms']
-            c['calls'] += o['calls']
+            c['calls'] += 0 if o.get('kernel') else o['calls']  # operators dispatched on the host
             c['flops'] += o['flops']
-    print('per step, by operator category: milliseconds (share of the profiled step) and operator calls')
+    print(f'per step, by category: milliseconds of {"kernel time" if args.device == "cuda" else "operator self time"}'
+          f' (share of the profiled step) and operator calls')
     print(f'{"category":22s}' + ''.join(f'{m + " ms":>{max(16, len(m) + 4)}s}{"calls":>7s}' for m in names)
           + (f'{"ratio":>7s}' if len(names) == 2 else ''))
     for c in cats + ['total']:
@@ -508,6 +525,12 @@ def cmd_profile(args):
         if len(names) == 2:
             line += f'{vals[1][0] / vals[0][0] if vals[0][0] else float("nan"):7.2f}'
         print(line)
+    print('wall time per step, unprofiled (median), and the share of it the profiled time above covers '
+          f'({"the GPU busy" if args.device == "cuda" else "the core in operators"}): ' + ', '.join(
+              f'{m} {rows[m]["wall_ms"]:,.1f} ms ({rows[m]["step_ms"] / rows[m]["wall_ms"]:.0%})' for m in names))
+    if args.device == 'cuda':
+        print('kernel launches per step: ' + ', '.join(
+            f'{m} {sum(o["calls"] for o in rows[m]["ops"].values() if o.get("kernel")):,.0f}' for m in names))
     print('minor page faults per step (memory the allocator takes afresh from the OS, zeroed by the kernel on '
           'first touch): ' + ', '.join(f'{m} {rows[m]["page_faults"]:,.0f}' for m in names))
     print('matrix products (mm, addmm, bmm, baddbmm): GFLOP per step (from their shapes), their self time and rate')
@@ -529,7 +552,7 @@ def cmd_profile(args):
         print(f'top operators of {m} (self ms per step, calls per step)')
         top = sorted(rows[m]['ops'].items(), key=lambda kv: -kv[1]['self_ms'])[:args.top]
         for op, o in top:
-            print(f'  {op[:44]:44s} {o["self_ms"]:9.2f} {o["calls"]:7.0f}  {_category(op)}')
+            print(f'  {op[:44]:44s} {o["self_ms"]:9.2f} {o["calls"]:7.0f}  {_category(op, o.get("kernel", False))}')
     _save(args, 'profile', dict(rows=rows, by_category=by_cat))
 
 

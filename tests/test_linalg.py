@@ -192,3 +192,24 @@ def test_tou_noise_is_seeded_and_drawn_in_the_factors_dtype():
     c = FactorizedLinear.from_linear(lin, rank=4, noise_scale=1e-2, seed=6)
     assert a.tou_B.dtype == torch.bfloat16 and torch.equal(a.tou_B, b.tou_B) and torch.equal(a.tou_A, b.tou_A)
     assert not torch.equal(a.tou_B, c.tou_B)
+
+
+def test_factorize_mixed_whitening_empty_input_and_bad_rule():
+    """Whitened and plain matrices of one shape in one call each factorize as they would alone; no matrices, no
+    pairs; a rule answering with the wrong number of ranks is refused before any pair is made."""
+    from toukit.linalg import factorize, factorize_iter
+    g = torch.Generator().manual_seed(3)
+    mats = [torch.randn(10, 6, generator=g) for _ in range(3)]
+    factor = torch.randn(6, 6, generator=g).triu() + 2 * torch.eye(6)
+    whitening = [None, factor, None]
+    together = factorize(mats, 3, whitening=whitening, chunk=2)
+    for w, f, (a, b) in zip(mats, whitening, together):
+        (a1, b1), = factorize([w], 3, whitening=None if f is None else [f])
+        assert a.dtype == b.dtype == torch.float32
+        assert_close(a @ b, a1 @ b1, rtol=1e-5, atol=1e-6)
+    assert factorize([], lambda spectra: [], chunk=2) == [] and factorize([], 3) == []
+    for chunk in (None, 2):
+        with pytest.raises(ValueError, match='2 ranks for 3 matrices'):
+            next(factorize_iter(list(mats), lambda spectra: [2, 2], chunk=chunk))
+    with pytest.raises(TypeError, match='must be a list'):
+        next(factorize_iter(tuple(mats), 2))

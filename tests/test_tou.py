@@ -233,9 +233,10 @@ def test_chunked_apply_tou_equals_unchunked(test_vit, rank):
             torch.testing.assert_close(chunked(x), whole(x), rtol=1e-4, atol=1e-5)
 
 
-def test_chunked_apply_tou_frees_each_weight_as_its_layer_is_built(test_vit, monkeypatch):
-    """With chunk=1 no more than the layer being built and the one in flight hold an original weight besides the
-    model's not-yet-factorized layers: a replaced layer's weight is freed at once, not at the end."""
+@pytest.mark.parametrize('entry', ['apply_tou', 'apply_method'])
+def test_chunked_apply_tou_frees_each_weight_as_its_layer_is_built(test_vit, monkeypatch, entry):
+    """With chunk=1 only the model's not-yet-factorized layers hold an original weight: a replaced layer's weight
+    is freed at once, not at the end (also through apply_method, which then keeps no rollback copy)."""
     import weakref
     targets = toukit.targets.find_targets(test_vit, 'all')
     refs = {name: weakref.ref(toukit.targets.dense_weight(m)) for name, m in targets.items()}
@@ -248,6 +249,35 @@ def test_chunked_apply_tou_frees_each_weight_as_its_layer_is_built(test_vit, mon
         built.append(kwargs['name'])
         return original(cls, linear, *args, **kwargs)
     monkeypatch.setattr(FactorizedLinear, 'from_linear', classmethod(spy))
-    apply_tou(test_vit, rank=4, noise_scale=0.0, chunk=1)
+    if entry == 'apply_tou':
+        apply_tou(test_vit, rank=4, noise_scale=0.0, chunk=1)
+    else:
+        toukit.apply_method(test_vit, 'tou', rank=4, noise_scale=0.0, chunk=1)
     assert alive == [len(refs) - k for k in range(len(refs))]  # one fewer weight alive at each build
     assert all(r() is None for r in refs.values())
+
+
+@pytest.mark.parametrize('splits,bias', [(1, True), (1, False), (3, True), (3, False)])
+def test_forward_equals_the_two_products_it_stands_for(splits, bias):
+    """The 2-D folded forward computes x B^T, then each split's A plus bias: checked against F.linear on inputs
+    of every rank (a token, a batch of sequences, a 4-D stack, a non-contiguous view), outputs and gradients."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    layer = FactorizedLinear.from_linear(nn.Linear(12, 18, bias=bias), rank=3, noise_scale=0.01, seed=0,
+                                         splits=splits)
+
+    def reference(x):
+        h = F.linear(x, layer.tou_B)
+        parts = h.split(layer.rank, dim=-1)
+        o = layer.out_features // splits
+        return torch.cat([F.linear(p, layer.tou_A[k], None if layer.bias is None else layer.bias[k * o:(k + 1) * o])
+                          for k, p in enumerate(parts)], dim=-1)
+    for x in (torch.randn(12), torch.randn(2, 5, 12), torch.randn(2, 3, 4, 12), torch.randn(12, 6).t()):
+        x = x.clone().requires_grad_(True) if x.is_contiguous() else x.requires_grad_(True)
+        got, want = layer(x), reference(x)
+        assert got.shape == want.shape == (*x.shape[:-1], 18)
+        assert_close(got, want, rtol=1e-6, atol=1e-6)
+        g_got = torch.autograd.grad(got.sum(), [x, layer.tou_B])
+        g_want = torch.autograd.grad(want.sum(), [x, layer.tou_B])
+        for a, b in zip(g_got, g_want):
+            assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -146,8 +146,9 @@ def factorize(
     Returns:
         (A, B) per matrix, in its dtype.
     """
+    matrices = list(matrices)
     out = [None] * len(matrices)
-    for i, pair in factorize_iter(list(matrices), rank, method, whitening, niter, seed, chunk):
+    for i, pair in factorize_iter(matrices, rank, method, whitening, niter, seed, chunk):
         out[i] = pair
     return out
 
@@ -164,22 +165,29 @@ def factorize_iter(
     """`factorize`, streamed: yields (i, (A_i, B_i)) as each batched call finishes, in shape-group order.
 
     Memory stays bounded by one batch, not the model: a matrix is upcast (or whitened) only inside its batch, a
-    batch keeps only its truncated factors, and `matrices` is consumed (each entry is set to None once stacked,
-    so the caller's weight can be freed as soon as it drops its own reference). With a spectrum-based `rank` and
-    a `chunk`, the spectra are computed in a first pass of batches and the factors in a second (twice the SVD
-    work, bounded memory); without a chunk, every matrix's whole SVD is held until the rule has seen them all.
-    The factors are the same with and without a chunk.
+    batch keeps only its truncated factors, and `matrices` (a list) is consumed: each entry is set to None once
+    stacked, so the caller's weight can be freed as soon as it drops its own reference. With a spectrum-based
+    `rank` and a `chunk`, the spectra are computed in a first pass of batches and the factors in a second (twice
+    the SVD work, bounded memory); without a chunk, every matrix's whole SVD (and every W L) is held until the
+    rule has seen them all. Every rank is checked before the first pair is yielded. The factors with and without
+    a chunk are equal up to rounding (a spectrum rule's second pass forms only the kept vectors).
     """
+    if not isinstance(matrices, list):
+        raise TypeError(f'factorize_iter: matrices must be a list (it is consumed), not {type(matrices).__name__}')
+    if not matrices:
+        return
     whitening = list(whitening) if whitening is not None else [None] * len(matrices)
     if len(whitening) != len(matrices):
         raise ValueError(f'factorize: {len(whitening)} whitening factors for {len(matrices)} matrices')
-    for w, factor in zip(matrices, whitening):
-        if factor is not None and factor.shape != (w.shape[-1], w.shape[-1]):
+    for i, factor in enumerate(whitening):
+        width = matrices[i].shape[-1]
+        if factor is not None and factor.shape != (width, width):
             raise ValueError(f"whitening factor of shape {tuple(factor.shape)} does not match the weight's input "
-                             f"width {w.shape[-1]}")
+                             f"width {width}")
     if any(f is not None for f in whitening):
         method = 'exact'
     dtypes = [w.dtype for w in matrices]
+    shapes = [tuple(w.shape[-2:]) for w in matrices]
 
     def prepared(i, w):
         """The matrix the SVD sees: W in float32 (fp16/bf16) or as given, or W L in float64 when whitened."""
@@ -194,13 +202,23 @@ def factorize_iter(
             a, b = balance_factors(a, unwhiten(b, whitening[i].to(b.device, b.dtype)))
         return a.to(dtypes[i]).contiguous(), b.to(dtypes[i]).contiguous()
 
+    def checked(ranks):
+        """Every rank, before the first pair is yielded (a rule's answers too)."""
+        ranks = list(ranks)
+        if len(ranks) != len(shapes):
+            raise ValueError(f'factorize: {len(ranks)} ranks for {len(shapes)} matrices')
+        for r, shape in zip(ranks, shapes):
+            check_rank(r, shape)
+        return ranks
+
+    def kind(i):  # whitened and plain matrices are prepared in different dtypes: never in one stack
+        return whitening[i] is not None
+
     if callable(rank) and chunk is None:  # every whole SVD at once: the rule needs all spectra
         svds = svd_many([prepared(i, w) for i, w in enumerate(matrices)], rank=None, method=method, niter=niter,
                         seed=seed)
         matrices[:] = [None] * len(matrices)
-        ranks = list(rank([s for _, s, _ in svds]))
-        for (u, _, vh), r in zip(svds, ranks):  # every answer checked before the first pair is yielded
-            check_rank(r, (u.shape[-2], vh.shape[-1]))
+        ranks = checked(rank([s for _, s, _ in svds]))
         for i, (usv, r) in enumerate(zip(svds, ranks)):
             svds[i] = None
             yield i, truncated(i, usv, r)
@@ -209,34 +227,34 @@ def factorize_iter(
         def spectrum(shape, idx, stack):  # with the second pass's routine, so the same values and ranks
             s = _gram_svd(stack, 1)[1] if method == 'gram' else _svd(stack, None, method, niter, seed)[1]
             return s.unbind(0)
-        spectra = _per_shape(matrices, spectrum, chunk, prepared)
-        ranks = list(rank(spectra))
+        spectra = _per_shape(matrices, spectrum, chunk, prepared, kind)
+        ranks = checked(rank(spectra))
         del spectra
     else:
-        ranks = [rank] * len(matrices) if isinstance(rank, int) else list(rank)
-    for r, w in zip(ranks, matrices):  # before the work, not after it
-        check_rank(r, tuple(w.shape[-2:]))
+        ranks = checked([rank] * len(matrices) if isinstance(rank, int) else rank)
     top = max(ranks)
 
     def batch(shape, idx, stack):
         usvs = zip(*_svd(stack, min(top, min(shape)), method, niter, seed))
         return (truncated(i, usv, ranks[i]) for i, usv in zip(idx, usvs))
-    yield from _per_shape_iter(matrices, batch, chunk, prepared, consume=True)
+    yield from _per_shape_iter(matrices, batch, chunk, prepared, kind, consume=True)
 
 
 def _per_shape_iter(matrices: List[Optional[torch.Tensor]], fn, chunk: Optional[int] = None, prepare=None,
-                    consume: bool = False) -> Iterator[Tuple[int, object]]:
+                    kind=None, consume: bool = False) -> Iterator[Tuple[int, object]]:
     """Yields (i, result) of fn(shape, indices, stack) over stacks of same-(shape, dtype, device) matrices, `chunk`
     at most per stack (None: one stack per shape). `prepare(i, matrix)` maps each matrix before it is stacked
-    (an upcast, say), so the prepared copies are made one stack at a time. Chunks bound the workspace: a stack,
-    its Gram matrices and their eigenvectors are a few times `chunk` matrices, not a few times the model. With
-    `consume`, each entry of `matrices` is set to None once stacked."""
+    (an upcast, say), so the prepared copies are made one stack at a time; `kind(i)` separates matrices that
+    `prepare` treats differently. Chunks bound the workspace: a stack, its Gram matrices and their eigenvectors
+    are a few times `chunk` matrices, not a few times the model. With `consume`, each entry of `matrices` is set
+    to None once stacked."""
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f'chunk={chunk!r}: must be an int >= 1 (matrices per batched call) or None')
     groups = {}
     for i, m in enumerate(matrices):
-        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
-    for (shape, _, _), idx in groups.items():
+        groups.setdefault((tuple(m.shape), m.dtype, m.device, kind(i) if kind else None), []).append(i)
+    m = None  # the loop's last matrix: held by this frame, it would outlive its consumed entry
+    for (shape, _, _, _), idx in groups.items():
         step = chunk or len(idx)
         for start in range(0, len(idx), step):
             part = idx[start:start + step]
@@ -254,10 +272,10 @@ def _per_shape_iter(matrices: List[Optional[torch.Tensor]], fn, chunk: Optional[
             del stack
 
 
-def _per_shape(matrices: Sequence[torch.Tensor], fn, chunk: Optional[int] = None, prepare=None) -> list:
+def _per_shape(matrices: Sequence[torch.Tensor], fn, chunk: Optional[int] = None, prepare=None, kind=None) -> list:
     """`_per_shape_iter`'s results in input order."""
     out = [None] * len(matrices)
-    for i, result in _per_shape_iter(list(matrices), fn, chunk, prepare):
+    for i, result in _per_shape_iter(list(matrices), fn, chunk, prepare, kind):
         out[i] = result
     return out
 

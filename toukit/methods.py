@@ -8,7 +8,7 @@ layers merge into theirs, split q/k/v projections fuse again.
 import inspect
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -396,7 +396,9 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
 
     Raises:
         ValueError: an unknown method or option, or any bad value the method finds; the model is then exactly
-            as it was (modules, parameters and `requires_grad`), so a corrected call can follow.
+            as it was (modules, parameters and `requires_grad`), so a corrected call can follow. With TOU's
+            `chunk` (bounded memory) no rollback copy is kept: bad values are still refused before any layer
+            changes, but an error midway (out of memory) leaves the layers done so far factorized.
     """
     if method not in METHODS:
         raise ValueError(f'method={method!r}: unknown; choose one of {", ".join(METHODS)}')
@@ -407,7 +409,9 @@ def apply_method(model: nn.Module, method: str, **options) -> nn.Module:
                          f'its options are {", ".join(spec.defaults) or "none"}')
     _check_untouched(model)
     heads = new_modules(model)  # read before the method changes the module tree
-    with _unchanged_on_error(model):
+    # a rollback snapshot holds every original weight until the end; chunk= exists to free them as it goes
+    rollback = _unchanged_on_error(model) if options.get('chunk') is None else nullcontext()
+    with rollback:
         spec.prepare(model, **{k: v for k, v in options.items() if v is not None and k in spec.defaults})
         for head in heads:
             model.get_submodule(head).requires_grad_(True)
