@@ -152,12 +152,13 @@ def apply_tou(
                               objective='activation' if calibration is not None else 'weight', chunk=chunk)
     policies = layer_policies(rank, found)
     factors = layer_whitening(model, calibration, list(found)) if calibration is not None else {}
-    blocks, whitening, owners = [], [], []
+    blocks, whitening, owners, owner_of = [], [], [], []  # owner_of: block index -> owner index
     for name, linear in found.items():
         weight = dense_weight(linear).detach()
         check_finite(weight, f'{name}.weight')
         splits = fused_splits(family, name, linear)
         out_f, in_f = weight.shape
+        owner_of.extend([len(owners)] * splits)
         blocks.extend(weight.reshape(splits, out_f // splits, in_f).unbind(0))
         whitening.extend([factors.get(name)] * splits)
         owners.append((name, splits, (out_f // splits, in_f)))
@@ -181,19 +182,16 @@ def apply_tou(
         rule = layer_ranks  # the whole spectrum decides each rank
     else:
         rule = layer_ranks()
-    owner_of = [i for i, (_, splits, _) in enumerate(owners) for _ in range(splits)]
-    first = [owner_of.index(i) for i in range(len(owners))]
-    pending, layers = {}, {}
+    pending, built = {}, []
     for j, pair in factorize_iter(blocks, rule, method=svd_method, whitening=whitening if factors else None,
                                   seed=seed, chunk=chunk):
         i = owner_of[j]
         name, splits, _ = owners[i]
-        pending.setdefault(i, {})[j - first[i]] = pair
+        pending.setdefault(i, {})[j] = pair
         if len(pending[i]) < splits:
             continue
-        parts = pending.pop(i)
-        a = torch.stack([parts[k][0] for k in range(splits)])
-        b = torch.stack([parts[k][1] for k in range(splits)])
+        parts = [done for _, done in sorted(pending.pop(i).items())]  # q, k, v in their order
+        a, b = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
         del parts
         layer = FactorizedLinear.from_linear(model.get_submodule(name), a.shape[-1], noise_scale=noise_scale,
                                              seed=seed + i, splits=splits, factors=(a, b), name=name)
@@ -201,13 +199,11 @@ def apply_tou(
         if freeze_mlp and layer_kind(family, name) == 'mlp':
             layer.requires_grad_(False)
         if chunk is None:  # every layer is built before the model changes
-            layers[name] = layer
+            built.append((name, layer))
         else:  # bounded memory: each original weight goes as soon as its layer is built
             _replace(model, name, layer)
-            layers[name] = None
-    for name, layer in layers.items():
-        if layer is not None:
-            _replace(model, name, layer)
+    for name, layer in built:
+        _replace(model, name, layer)
     model.toukit_ranks = {name: model.get_submodule(name).rank for name, _, _ in owners}
     return model
 
