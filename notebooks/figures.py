@@ -40,7 +40,7 @@ figures_dir: str = "figures"  # outputs go under figures_dir/preset
 preset: str = "demo"  # which preset's runs
 smooth: int = 10  # moving-average window of the loss curves
 n_boot: int = 4000  # bootstrap replicates of the accuracy claims
-tasks: str = ""  # presets whose claims are pooled, comma-separated; "": every preset with tuned runs
+tasks: str = ""  # presets whose claims are pooled, comma-separated; "": every preset with runs
 
 # %%
 out_dir = Path(figures_dir) / preset
@@ -143,24 +143,25 @@ if 'tuned' in tables:
     plt.show()
 
 # %% [markdown]
-# ## The claims pooled across tasks (tuned protocol)
+# ## The claims pooled across tasks, per protocol
 #
 # Each claim's paired difference per task (preset) and pooled over the tasks with equal weight, by a stratified
 # bootstrap over each task's seeds and test examples (`toukit.claims.pooled_claims`: why not a random-effects
-# meta-analysis is in its docstring). Written to `figures_dir` itself: it belongs to no one preset.
+# meta-analysis is in its docstring). A task without runs of a protocol sits out that protocol's pooling.
+# Written to `figures_dir` itself (`pooled_claims.*`, `claims_forest_<protocol>.*`): it belongs to no one preset.
 
 # %%
 every = results.load_runs(results_dir)
-names = [t for t in tasks.split(',') if t] or sorted(set(every.preset)) if len(every) else []
-by_task = {t: results.with_protocol(every[every.preset == t], 'tuned') for t in names}
-by_task = {t: r for t, r in by_task.items() if len(r)}
-if len(by_task) < 2:
-    print(f'pooling needs tuned runs of two tasks or more; have {sorted(by_task)}')
+pooled = claims.pooled_by_protocol(every, [t for t in tasks.split(',') if t], n_boot=n_boot)
+if pooled.empty:
+    print(f'pooling needs runs of two tasks or more under a protocol; the runs have presets '
+          f'{sorted(set(every.preset)) if len(every) else []}')
 else:
-    pooled = claims.pooled_claims(by_task, n_boot=n_boot)
     pooled.round(4).to_csv(Path(figures_dir) / 'pooled_claims.csv', index=False)
     (Path(figures_dir) / 'pooled_claims.md').write_text(pooled.round(3).to_markdown(index=False) + '\n')
-    display(pooled[pooled.task == 'pooled'].round(3))
-    fig = plots.plot_forest(pooled)
-    plots.save_figure(fig, Path(figures_dir) / 'claims_forest')
-    plt.show()
+    for protocol, table in pooled.groupby('protocol', sort=False):
+        print(f'{protocol}: pooled over {sorted(set(table.task) - {"pooled"})}')
+        display(table[table.task == 'pooled'].round(3))
+        fig = plots.plot_forest(table, title=f'{protocol} protocol')
+        plots.save_figure(fig, Path(figures_dir) / f'claims_forest_{protocol}')
+        plt.show()

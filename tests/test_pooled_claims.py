@@ -64,3 +64,27 @@ def test_a_task_without_a_method_is_not_measured_and_the_forest_plot_draws():
     assert pooled.measured.notna().all()  # from task a alone
     fig = plots.plot_forest(table)
     assert len(fig.axes) == table.statement.nunique()
+
+
+def test_each_protocol_is_pooled_over_the_tasks_with_its_runs():
+    gaps = {'ft': 570, 'tou': 560, 'tou_frozen_ffn': 500, 'lora': 480}
+    tasks = {name: _task(dict(gaps, tou=tou), prefix=f'{name}/') for name, tou in [('a', 569), ('b', 540), ('c', 520)]}
+    records = {path: r for _, rs in tasks.values() for path, r in rs.items()}
+    protocols = {'a': 'grid+tuned+paper', 'b': 'tuned+paper', 'c': 'tuned'}  # c has no paper runs
+    runs = pd.concat([t.assign(preset=name, protocol=protocols[name]) for name, (t, _) in tasks.items()],
+                     ignore_index=True)
+    failed = runs.iloc[:1].assign(status='failed', test_accuracy=0.0, preset='b')  # a failed run counts nowhere
+    table = claims.pooled_by_protocol(pd.concat([runs, failed], ignore_index=True), n_boot=200,
+                                      load=records.__getitem__)
+    assert list(table.protocol.unique()) == ['tuned', 'paper'] and table.columns[0] == 'protocol'
+    tuned = table[table.protocol == 'tuned'].drop(columns='protocol').reset_index(drop=True)
+    expected = claims.pooled_claims({name: t for name, (t, _) in tasks.items()}, n_boot=200, load=records.__getitem__)
+    pd.testing.assert_frame_equal(tuned, expected)
+    paper = table[table.protocol == 'paper']
+    assert set(paper.task) == {'a', 'b', 'pooled'} and (paper[paper.task == 'pooled'].n_tasks == 2).all()
+    within = paper[(paper.statement == 'Full TOU is at most 1 point below FT') & (paper.task == 'pooled')]
+    assert within.measured.iloc[0] == pytest.approx((100 / 600 + 5.0) / 2)
+    only_a = claims.pooled_by_protocol(runs, tasks=['a'], n_boot=50, load=records.__getitem__)
+    assert only_a.empty and 'verdict' in only_a.columns  # one task: nothing pooled
+    with pytest.raises(ValueError, match=r"no runs of \['nope'\].*\['a', 'b', 'c'\]"):
+        claims.pooled_by_protocol(runs, tasks=['a', 'nope'])

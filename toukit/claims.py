@@ -9,16 +9,16 @@ difference; the interval is the 2.5 and 97.5 percentiles. Time and memory claims
 seed and Student's t interval. A claim holds when the whole interval lies on its side of the threshold, does not
 hold when the whole interval lies on the other side, and is undecided otherwise.
 """
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from .methods import method_label
-from .results import read_record
+from .results import read_record, with_protocol
 from .spectrum import BUDGET_POLICIES
 
-__all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'paired_bootstrap', 'paired_t_interval', 'verdict',
+__all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'paired_bootstrap', 'paired_t_interval', 'verdict',
            'CLAIMS', 'POOLING']
 
 # (id, claim, the measured quantity, rival methods, kind, threshold, the side on which the claim holds)
@@ -31,6 +31,8 @@ CLAIMS = [
     ('e', 'Full TOU needs less training memory than FT', ('tou', 'ft'), 'train_memory_mib', 0.0, 'below'),
     ('e', 'Full TOU needs less training memory than LoRA', ('tou', 'lora'), 'train_memory_mib', 0.0, 'below'),
 ]
+_POOLED_COLUMNS = ['claim', 'statement', 'comparison', 'task', 'measured', 'ci_low', 'ci_high', 'unit', 'threshold',
+                   'seeds', 'n_tasks', 'verdict']
 UNITS = {'accuracy': 'points', 'train_seconds': 's', 'train_memory_mib': 'MiB'}
 
 
@@ -281,9 +283,38 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
             low, high = point - half, point + half
         rows.append(dict(base, task='pooled', seeds=seeds, n_tasks=len(measured),
                          **_decide(point, low, high, accuracy, threshold, side)))
-    columns = ['claim', 'statement', 'comparison', 'task', 'measured', 'ci_low', 'ci_high', 'unit', 'threshold',
-               'seeds', 'n_tasks', 'verdict']
-    return pd.DataFrame(rows)[columns]
+    return pd.DataFrame(rows)[_POOLED_COLUMNS]
+
+
+def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols: Sequence[str] = ('tuned', 'paper'),
+                       n_boot: int = 4000, seed: int = 0, load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
+    """`pooled_claims` under each protocol, over the tasks (presets) of a `load_runs` table.
+
+    A task without successful runs of a protocol sits out that protocol's pooling, and a protocol with fewer than
+    two such tasks is left out (one task's verdicts are its `claims_table`).
+
+    Args:
+        runs: a `load_runs` table of every task (its `preset` column names the task).
+        tasks: the presets to pool; empty: every preset in `runs`.
+
+    Returns:
+        `pooled_claims`' rows with a `protocol` column first; empty when no protocol has two tasks.
+
+    Raises:
+        ValueError: a task in `tasks` that no run in `runs` belongs to.
+    """
+    present = sorted(set(runs.preset)) if len(runs) else []
+    unknown = [t for t in tasks if t not in present]
+    if unknown:
+        raise ValueError(f'tasks={list(tasks)!r}: no runs of {unknown!r}; the runs have presets {present!r}')
+    frames = []
+    for protocol in protocols:
+        by_task = {t: with_protocol(runs[runs.preset == t], protocol) for t in (list(tasks) or present)}
+        by_task = {t: r for t, r in by_task.items() if len(r)}
+        if len(by_task) >= 2:
+            table = pooled_claims(by_task, n_boot=n_boot, seed=seed, load=load)
+            frames.append(table.assign(protocol=protocol)[['protocol'] + _POOLED_COLUMNS])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['protocol'] + _POOLED_COLUMNS)
 
 
 def _decide(point: float, low: float, high: float, accuracy: bool, threshold: float, side: str) -> dict:

@@ -375,9 +375,9 @@ def plot_update_similarity(updates: pd.DataFrame, ks: Sequence[str] = ('1', '8',
     return fig
 
 
-def plot_forest(pooled: pd.DataFrame):
+def plot_forest(pooled: pd.DataFrame, title: str = ''):
     """A forest plot of `toukit.claims.pooled_claims`: one panel per claim, each task's difference with its 95%
-    interval and the pooled one (a diamond), the claim's threshold dashed."""
+    interval and the pooled one (a diamond), the claim's threshold dashed; `title` above the panels."""
     statements = list(dict.fromkeys(pooled.statement))
     fig, axes = plt.subplots(len(statements), 1, figsize=(7, 1.1 + 0.45 * pooled.task.nunique() * len(statements)),
                              squeeze=False)
@@ -398,5 +398,7 @@ def plot_forest(pooled: pd.DataFrame):
         if ratio:
             ax.set_xscale('log')
         ax.grid(alpha=0.3, axis='x')
+    if title:
+        fig.suptitle(title, fontsize=9)
     plt.tight_layout()
     return fig
