@@ -395,8 +395,11 @@ def plot_forest(pooled: pd.DataFrame, title: str = ''):
         ax.axvline(rows.threshold.iloc[0], color='grey', linestyle='--')
         ax.set_title(f'({rows.claim.iloc[0]}) {statement}: {rows.comparison.iloc[0]}', fontsize=8, loc='left')
         ax.set_xlabel('ratio' if ratio else 'points', fontsize=7)
-        if ratio:
+        if ratio:  # plain numbers on the log axis, not powers of ten
             ax.set_xscale('log')
+            for axis_format in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                axis_format(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:.3g}'))
+            ax.tick_params(axis='x', which='both', labelsize=7)
         ax.grid(alpha=0.3, axis='x')
     if title:
         fig.suptitle(title, fontsize=9)
