@@ -18,8 +18,8 @@ from .methods import method_label
 from .results import read_record, with_protocol
 from .spectrum import BUDGET_POLICIES
 
-__all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'paired_bootstrap', 'paired_t_interval', 'verdict',
-           'CLAIMS', 'POOLING']
+__all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'paired_bootstrap',
+           'paired_t_interval', 'verdict', 'CLAIMS', 'POOLING']
 
 # (id, claim, the measured quantity, rival methods, kind, threshold, the side on which the claim holds)
 CLAIMS = [
