@@ -148,7 +148,8 @@ if 'tuned' in tables:
 # Each claim's paired difference per task (preset) and pooled over the tasks with equal weight, by a stratified
 # bootstrap over each task's seeds and test examples (`toukit.claims.pooled_claims`: why not a random-effects
 # meta-analysis is in its docstring). A task without runs of a protocol sits out that protocol's pooling.
-# Written to `figures_dir` itself (`pooled_claims.*`, `claims_forest_<protocol>.*`): it belongs to no one preset.
+# Written to `figures_dir` itself (`pooled_claims.*`, the pooled rows alone in `pooled_summary.md`, the table the
+# README shows, and `claims_forest_<protocol>.*`): it belongs to no one preset.
 
 # %%
 every = results.load_runs(results_dir)
@@ -159,9 +160,11 @@ if pooled.empty:
 else:
     pooled.round(4).to_csv(Path(figures_dir) / 'pooled_claims.csv', index=False)
     (Path(figures_dir) / 'pooled_claims.md').write_text(pooled.round(3).to_markdown(index=False) + '\n')
+    summary = claims.pooled_summary(pooled)
+    (Path(figures_dir) / 'pooled_summary.md').write_text(summary.to_markdown(index=False) + '\n')
     for protocol, table in pooled.groupby('protocol', sort=False):
         print(f'{protocol}: pooled over {sorted(set(table.task) - {"pooled"})}')
-        display(table[table.task == 'pooled'].round(3))
+        display(summary[summary.protocol == protocol])
         fig = plots.plot_forest(table, title=f'{protocol} protocol')
         plots.save_figure(fig, Path(figures_dir) / f'claims_forest_{protocol}')
         plt.show()

@@ -1,8 +1,12 @@
 """Every notebook headless with tiny parameters, through the one command that regenerates the figures."""
+import json
+import shutil
+
 import pandas as pd
 import pytest
 
 from toukit import cli, results
+from toukit.notebooks import run_notebook
 
 pytestmark = pytest.mark.notebook
 GRID = {'lora': [1e-3], 'tou': [1e-4, 1e-3]}
@@ -63,6 +67,41 @@ def test_figures_and_tables_written(reproduced):
     assert (noise.weight_error.diff().dropna() >= -1e-9).all(), 'more noise, more weight error'
     policies = pd.read_csv(out / 'rank_policies.csv')
     assert {'fixed', 'fraction', 'energy', 'budget', 'ght'} == set(policies.kind)
+
+
+def test_figures_notebook_pools_the_claims_of_two_tasks(reproduced, tmp_path):
+    """The reproduced runs again as a second preset (run ids and preset renamed, its own manifest): the figures
+    notebook pools each claim over both, writes the tables and a forest plot per protocol, and the pooled
+    difference of two identical tasks is each task's."""
+    shutil.copytree(reproduced / 'results', tmp_path / 'results', ignore=shutil.ignore_patterns('notebooks'))
+    for path in (reproduced / 'results').glob('*.json'):
+        record = json.loads(path.read_text())
+        if path.name.endswith('.ranks.sweep.json'):
+            continue
+        if path.name.endswith('.sweep.json'):
+            record['preset'] = 'twin'
+            record['runs'] = {p: {m: [f'{i}-twin' for i in ids] for m, ids in by_method.items()}
+                              for p, by_method in record['runs'].items()}
+            (tmp_path / 'results' / 'twin.sweep.json').write_text(json.dumps(record))
+        else:
+            record['run']['id'] += '-twin'
+            record['config']['preset'] = 'twin'
+            (tmp_path / 'results' / f'twin_{path.name}').write_text(json.dumps(record))
+    run_notebook('figures.ipynb', tmp_path / 'figures.ipynb', dict(results_dir=str(tmp_path / 'results'),
+                 figures_dir=str(tmp_path / 'figures'), preset='test', n_boot=200), cwd=tmp_path, progress=False)
+    pooled = pd.read_csv(tmp_path / 'figures' / 'pooled_claims.csv')
+    assert set(pooled.protocol) == {'tuned', 'paper'} and set(pooled.task) == {'test', 'twin', 'pooled'}
+    c = pooled[(pooled.claim == 'c')].set_index(['protocol', 'task'])  # Full TOU - LoRA: both methods ran
+    for protocol in ('tuned', 'paper'):
+        assert c.loc[(protocol, 'pooled'), 'n_tasks'] == 2
+        assert c.loc[(protocol, 'pooled'), 'measured'] == pytest.approx(c.loc[(protocol, 'test'), 'measured'],
+                                                                         abs=1e-4)
+        assert c.loc[(protocol, 'test'), 'verdict'] == c.loc[(protocol, 'twin'), 'verdict']
+        assert (tmp_path / 'figures' / f'claims_forest_{protocol}.png').stat().st_size > 1000
+    merge = pooled[(pooled.claim == 'f') & (pooled.task == 'pooled')]
+    assert len(merge) == 2 and (merge.n_tasks == 2).all()
+    summary = (tmp_path / 'figures' / 'pooled_summary.md').read_text()
+    assert summary.count('| tuned ') == summary.count('| paper ') == pooled.statement.nunique()
 
 
 def test_reproduce_skips_successful_runs(reproduced, capsys):

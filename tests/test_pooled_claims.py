@@ -63,7 +63,7 @@ def test_a_task_without_a_method_is_not_measured_and_the_forest_plot_draws():
     pooled = table[table.comparison.str.contains('LoRA') & (table.task == 'pooled')]
     assert pooled.measured.notna().all()  # from task a alone
     fig = plots.plot_forest(table)
-    assert len(fig.axes) == table.statement.nunique()
+    assert len(fig.axes) == table[table.claim != 'f'].statement.nunique()  # (f): no interval to draw
 
 
 def test_each_protocol_is_pooled_over_the_tasks_with_its_runs():
@@ -81,10 +81,56 @@ def test_each_protocol_is_pooled_over_the_tasks_with_its_runs():
     expected = claims.pooled_claims({name: t for name, (t, _) in tasks.items()}, n_boot=200, load=records.__getitem__)
     pd.testing.assert_frame_equal(tuned, expected)
     paper = table[table.protocol == 'paper']
-    assert set(paper.task) == {'a', 'b', 'pooled'} and (paper[paper.task == 'pooled'].n_tasks == 2).all()
+    assert set(paper.task) == {'a', 'b', 'pooled'}
+    assert (paper[(paper.task == 'pooled') & (paper.claim != 'f')].n_tasks == 2).all()  # no merge column: no (f)
     within = paper[(paper.statement == 'Full TOU is at most 1 point below FT') & (paper.task == 'pooled')]
     assert within.measured.iloc[0] == pytest.approx((100 / 600 + 5.0) / 2)
     only_a = claims.pooled_by_protocol(runs, tasks=['a'], n_boot=50, load=records.__getitem__)
     assert only_a.empty and 'verdict' in only_a.columns  # one task: nothing pooled
     with pytest.raises(ValueError, match=r"no runs of \['nope'\].*\['a', 'b', 'c'\]"):
         claims.pooled_by_protocol(runs, tasks=['a', 'nope'])
+
+
+def test_one_task_or_protocol_name_is_not_read_as_letters():
+    gaps = {'ft': 570, 'tou': 560, 'tou_frozen_ffn': 500, 'lora': 480}
+    tasks = {name: _task(gaps, prefix=f'{name}/') for name in ('ab', 'cd')}
+    records = {path: r for _, rs in tasks.values() for path, r in rs.items()}
+    runs = pd.concat([t.assign(preset=name, protocol='tuned') for name, (t, _) in tasks.items()], ignore_index=True)
+    assert claims.pooled_by_protocol(runs, tasks='ab', n_boot=20, load=records.__getitem__).empty  # one task
+    with pytest.raises(ValueError, match=r"no runs of \['a'\]"):
+        claims.pooled_by_protocol(runs, tasks=['a'], n_boot=20, load=records.__getitem__)
+    tuned = claims.pooled_by_protocol(runs, protocols='tuned', n_boot=20, load=records.__getitem__)
+    assert set(tuned.protocol) == {'tuned'} and set(tuned.task) == {'ab', 'cd', 'pooled'}
+
+
+def test_merging_is_pooled_as_the_worst_change_of_any_task():
+    a, ra = _task({'ft': 570, 'tou': 569, 'tou_frozen_ffn': 500, 'lora': 480}, prefix='a/')
+    b, rb = _task({'ft': 570, 'tou': 540, 'tou_frozen_ffn': 500, 'lora': 480}, prefix='b/')
+    records = {**ra, **rb}
+    merged = a.method.str.startswith('tou')
+    a = a.assign(merge=merged.map({True: 'merged', False: ''}), merged_test_accuracy=a.test_accuracy)
+    b = b.assign(merge=merged.map({True: 'merged', False: ''}), merged_test_accuracy=b.test_accuracy)
+    b.loc[(b.method == 'tou') & (b.seed == 1), 'merged_test_accuracy'] -= 1 / 600  # one example flips
+    table = claims.pooled_claims({'a': a, 'b': b, 'c': a.drop(columns=['merge'])}, n_boot=50,
+                                 load=records.__getitem__).set_index('task')
+    f = table[table.claim == 'f']
+    assert f.loc['a'].verdict == 'holds' and f.loc['a'].measured == 0 and f.loc['a'].seeds == 3
+    assert f.loc['b'].verdict == 'does not hold' and f.loc['b'].measured == pytest.approx(100 / 600)
+    assert f.loc['c'].verdict == 'not measured'  # records without a merge column
+    assert f.loc['pooled'].verdict == 'does not hold' and f.loc['pooled'].n_tasks == 2
+    assert (f.loc['pooled'].ci_low, f.loc['pooled'].ci_high) == pytest.approx((-100 / 600, 0))
+    fig = plots.plot_forest(table.reset_index())
+    assert len(fig.axes) == table.statement.nunique() - 1  # (f) has a range, not an interval: table only
+
+
+def test_the_summary_keeps_a_digit_that_decides():
+    rows = pd.DataFrame([
+        dict(claim='b', statement='s', comparison='x', task='pooled', measured=-1.46, ci_low=-2.914, ci_high=0.003,
+             unit='points', threshold=0.0, seeds=3, n_tasks=2, verdict='undecided'),
+        dict(claim='d', statement='t', comparison='y', task='pooled', measured=0.9, ci_low=0.8, ci_high=0.9996,
+             unit='ratio', threshold=1.0, seeds=3, n_tasks=2, verdict='holds'),
+        dict(claim='d', statement='t', comparison='y', task='a', measured=0.9, ci_low=0.8, ci_high=0.99,
+             unit='ratio', threshold=1.0, seeds=3, n_tasks=1, verdict='holds')])
+    summary = claims.pooled_summary(rows.assign(protocol='tuned'))
+    assert summary['pooled (95% CI)'].tolist() == ['-1.46 [-2.91, +0.003] points', '0.90x [0.80, 0.9996]']
+    assert summary.columns[0] == 'protocol' and summary.tasks.tolist() == [2, 2]

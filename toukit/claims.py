@@ -18,8 +18,8 @@ from .methods import method_label
 from .results import read_record, with_protocol
 from .spectrum import BUDGET_POLICIES
 
-__all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'paired_bootstrap',
-           'paired_t_interval', 'verdict', 'CLAIMS', 'POOLING']
+__all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'pooled_summary',
+           'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS', 'POOLING']
 
 # (id, claim, the measured quantity, rival methods, kind, threshold, the side on which the claim holds)
 CLAIMS = [
@@ -129,7 +129,8 @@ def claims_table(runs: pd.DataFrame, n_boot: int = 4000, load: Optional[Callable
 
 def _merge_claim(runs: pd.DataFrame) -> Dict[str, object]:
     """(f) merging loses nothing: the largest test-accuracy change any merged run showed, and the verdict."""
-    merged = runs[(runs.status == 'ok') & (runs['merge'] == 'merged')]
+    merged = (runs[(runs.status == 'ok') & (runs['merge'] == 'merged')] if {'merge', 'merged_test_accuracy'} <=
+              set(runs.columns) else runs.iloc[:0])
     row = dict(claim='f', statement='Merging loses nothing', comparison='merged - unmerged (every merged run)',
                unit='points', ci_method='exact: every merged run evaluated before and after', seeds=int(
                    merged.seed.nunique()) if len(merged) else 0)
@@ -221,7 +222,10 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
     interval on the same runs. A random-effects meta-analysis would instead estimate a between-task variance, which
     three tasks cannot (DerSimonian-Laird's estimate is then mostly noise and its intervals too narrow), and would
     answer a question about tasks not run; the pooled verdict here is about these tasks. A task missing a method
-    leaves that claim's pooled row to the others (`n_tasks` says how many).
+    leaves that claim's pooled row to the others (`n_tasks` says how many). Claim (f), merging loses nothing, is
+    exact rather than estimated: each task's row and the pooled one give the largest test-accuracy change of any
+    merged run (`measured`, in points) and the smallest and largest change (`ci_low`, `ci_high`: a range, not an
+    interval); it holds only where no merged run changed.
 
     Args:
         runs_by_task: task name (e.g. its preset) -> one protocol's runs of that task (`with_protocol`).
@@ -283,6 +287,14 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
             low, high = point - half, point + half
         rows.append(dict(base, task='pooled', seeds=seeds, n_tasks=len(measured),
                          **_decide(point, low, high, accuracy, threshold, side)))
+    merges = {task: _merge_claim(runs) for task, runs in runs_by_task.items()}
+    measured_tasks = [task for task, row in merges.items() if row['verdict'] != 'not measured']
+    every = pd.concat([runs_by_task[t] for t in measured_tasks]) if measured_tasks else pd.DataFrame(
+        columns=['status', 'seed'])
+    for task, row in list(merges.items()) + [('pooled', _merge_claim(every))]:
+        rows.append(dict({k: row[k] for k in ('claim', 'statement', 'comparison', 'measured', 'ci_low', 'ci_high',
+                                              'unit', 'seeds', 'verdict')}, task=task, threshold=0.0,
+                         n_tasks=len(measured_tasks) if task == 'pooled' else 1))
     return pd.DataFrame(rows)[_POOLED_COLUMNS]
 
 
@@ -295,7 +307,8 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
 
     Args:
         runs: a `load_runs` table of every task (its `preset` column names the task).
-        tasks: the presets to pool; empty: every preset in `runs`.
+        tasks: the presets to pool (one name or several); empty: every preset in `runs`.
+        protocols: 'tuned', 'paper' (one name or several).
 
     Returns:
         `pooled_claims`' rows with a `protocol` column first; empty when no protocol has two tasks.
@@ -303,6 +316,7 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
     Raises:
         ValueError: a task in `tasks` that no run in `runs` belongs to.
     """
+    tasks, protocols = ([x] if isinstance(x, str) else list(x) for x in (tasks, protocols))
     present = sorted(set(runs.preset)) if len(runs) else []
     unknown = [t for t in tasks if t not in present]
     if unknown:
@@ -315,6 +329,39 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
             table = pooled_claims(by_task, n_boot=n_boot, seed=seed, load=load)
             frames.append(table.assign(protocol=protocol)[['protocol'] + _POOLED_COLUMNS])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['protocol'] + _POOLED_COLUMNS)
+
+
+def pooled_summary(pooled: pd.DataFrame) -> pd.DataFrame:
+    """The pooled rows of `pooled_by_protocol` (or `pooled_claims`) as a short table for reading: protocol, claim,
+    statement, comparison, the pooled estimate with its 95% interval in words ('+5.71 [+3.86, +7.68] points',
+    '0.62x [0.57, 0.67]'; claim (f): the largest change and the range of changes), the number of tasks and the verdict.
+    """
+    rows = pooled[pooled.task == 'pooled']
+
+    def number(value: float, threshold: float, sign: str = '+') -> str:
+        """Two decimals, more where two would put a value on the threshold that is not on it."""
+        digits = 2
+        while digits < 6 and round(value, digits) == threshold != value:
+            digits += 1
+        return f'{value:{sign}.{digits}f}'
+
+    def estimate(row) -> str:
+        if not np.isfinite(row.measured):
+            return 'not measured'
+        if row.claim == 'f':
+            return f'{row.measured:.2f} points at most (range {row.ci_low:+.2f} to {row.ci_high:+.2f})'
+        if row.unit == 'ratio':
+            low, high = (number(v, 1.0, '') for v in (row.ci_low, row.ci_high))
+            return f'{row.measured:.2f}x [{low}, {high}]'
+        low, high = (number(v, row.threshold) for v in (row.ci_low, row.ci_high))
+        return f'{row.measured:+.2f} [{low}, {high}] {row.unit}'
+
+    table = pd.DataFrame({'claim': rows.claim, 'statement': rows.statement, 'comparison': rows.comparison,
+                          'pooled (95% CI)': [estimate(r) for r in rows.itertuples()], 'tasks': rows.n_tasks,
+                          'verdict': rows.verdict})
+    if 'protocol' in rows:
+        table.insert(0, 'protocol', rows.protocol)
+    return table.reset_index(drop=True)
 
 
 def _decide(point: float, low: float, high: float, accuracy: bool, threshold: float, side: str) -> dict:

@@ -377,7 +377,9 @@ def plot_update_similarity(updates: pd.DataFrame, ks: Sequence[str] = ('1', '8',
 
 def plot_forest(pooled: pd.DataFrame, title: str = ''):
     """A forest plot of `toukit.claims.pooled_claims`: one panel per claim, each task's difference with its 95%
-    interval and the pooled one (a diamond), the claim's threshold dashed; `title` above the panels."""
+    interval and the pooled one (a diamond), the claim's threshold dashed; `title` above the panels. Claim (f)
+    (merging loses nothing) is exact, with a range rather than an interval, and is left to the table."""
+    pooled = pooled[pooled.claim != 'f']
     statements = list(dict.fromkeys(pooled.statement))
     fig, axes = plt.subplots(len(statements), 1, figsize=(7, 1.1 + 0.45 * pooled.task.nunique() * len(statements)),
                              squeeze=False)
