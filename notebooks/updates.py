@@ -66,14 +66,29 @@ if table is not None and not table.empty:
     display(medians.round(3))
 
 # %% [markdown]
-# ## How much of each update lies in W_0's top-r subspaces, by depth (dashed: a random subspace of that size)
+# ## Each method's own update: per-method medians (over matrices and seeds), by layer kind
 #
-# Each method's own update (`toukit.updates.own_updates`): the layers it changed, and for TOU and TOU frozen FFN
-# the update from their own starting weight A_0 B_0 (from W_0 their truncation dominates: see the medians above).
+# The medians above measure dW = W_1 - W_0. For TOU and TOU frozen FFN that includes the truncation, W_0 minus its
+# rank-r part, which is discarded before training: it dominates their size and lies outside W_0's top-r subspaces
+# by construction (TOU frozen FFN's MLP, never trained, shows it alone). Here each method's own update
+# (`toukit.updates.own_updates`): the layers it changed, and for the TOU family the update from its own starting
+# weight A_0 B_0 (noise included); the columns without a `start_*` twin are left blank for them.
 
 # %%
 if table is not None and not table.empty:
     own = updates.own_updates(table)
+    own_medians = updates.median_table(own)
+    own_medians.index = own_medians.index.set_levels(own_medians.index.levels[0].map(plots.method_label), level=0)
+    results.write_tables(own_medians.round(4).reset_index(), out_dir / f'updates_own_{protocol}')
+    display(own_medians.round(3))
+
+# %% [markdown]
+# ## How much of each update lies in W_0's top-r subspaces, by depth (dashed: a random subspace of that size)
+#
+# Each method's own update, as in the table above.
+
+# %%
+if table is not None and not table.empty:
     fig = plots.plot_update_by_depth(own, 'left_energy_r', "share of ||dW||² in W_0's top-r left subspace",
                                      baseline='random_left_r')
     plots.save_figure(fig, out_dir / f'update_left_energy_{protocol}')

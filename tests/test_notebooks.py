@@ -57,6 +57,13 @@ def test_figures_and_tables_written(reproduced):
     assert set(medians.index.get_level_values(0)) == {'LoRA', 'Full TOU'}
     assert (medians.loc['Full TOU'].relative_update > 0).all() and medians.loc[('LoRA', 'mlp'), 'relative_update'] == 0
     assert medians.loc[('LoRA', 'attention'), 'relative_update'] > 0  # LoRA changes attention only
+    own = pd.read_csv(out / 'updates_own_tuned.csv').set_index(['method', 'kind'])
+    assert ('LoRA', 'mlp') not in own.index  # the layers a method changed only
+    lora = ('LoRA', 'attention')  # its dW from W_0 is its own, the unchanged matrices left out: no smaller median
+    assert own.loc[lora, 'relative_update'] >= medians.loc[lora, 'relative_update'] > 0
+    for kind in ('attention', 'mlp'):  # TOU's own update leaves out the truncation that dW from W_0 includes
+        assert 0 < own.loc[('Full TOU', kind), 'relative_update'] < medians.loc[('Full TOU', kind), 'relative_update']
+        assert pd.isna(own.loc[('Full TOU', kind), 'amplification'])  # no start_* twin: not shown
     for protocol in ('tuned', 'paper'):
         table = pd.read_csv(out / f'table1_{protocol}.csv')
         assert table.Method.tolist() == ['LoRA', 'Full TOU'] and (table.Seeds == 2).all()
@@ -85,7 +92,7 @@ def test_figures_notebook_pools_the_claims_of_two_tasks(reproduced, tmp_path):
             (tmp_path / 'results' / 'twin.sweep.json').write_text(json.dumps(record))
         else:
             record['run']['id'] += '-twin'
-            record['config']['preset'] = 'twin'
+            record['run']['config']['preset'] = 'twin'
             (tmp_path / 'results' / f'twin_{path.name}').write_text(json.dumps(record))
     run_notebook('figures.ipynb', tmp_path / 'figures.ipynb', dict(results_dir=str(tmp_path / 'results'),
                  figures_dir=str(tmp_path / 'figures'), preset='test', n_boot=200), cwd=tmp_path, progress=False)
