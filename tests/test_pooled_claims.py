@@ -130,7 +130,12 @@ def test_the_summary_keeps_a_digit_that_decides():
         dict(claim='d', statement='t', comparison='y', task='pooled', measured=0.9, ci_low=0.8, ci_high=0.9996,
              unit='ratio', threshold=1.0, seeds=3, n_tasks=2, verdict='holds'),
         dict(claim='d', statement='t', comparison='y', task='a', measured=0.9, ci_low=0.8, ci_high=0.99,
-             unit='ratio', threshold=1.0, seeds=3, n_tasks=1, verdict='holds')])
+             unit='ratio', threshold=1.0, seeds=3, n_tasks=1, verdict='holds'),
+        dict(claim='f', statement='m', comparison='z', task='pooled', measured=0.5, ci_low=-0.5, ci_high=0.25,
+             unit='points', threshold=0.0, seeds=3, n_tasks=2, verdict='does not hold')])
     summary = claims.pooled_summary(rows.assign(protocol='tuned'))
-    assert summary['pooled (95% CI)'].tolist() == ['-1.46 [-2.91, +0.003] points', '0.90x [0.80, 0.9996]']
-    assert summary.columns[0] == 'protocol' and summary.tasks.tolist() == [2, 2]
+    assert summary['pooled (95% CI)'].tolist() == ['-1.46 [-2.91, +0.003] points', '0.90x [0.80, 0.9996]',
+                                                   '0.50 points at most (from -0.50 to +0.25)']
+    assert summary.columns[0] == 'protocol' and summary.tasks.tolist() == [2, 2, 2]
+    unchanged = claims.pooled_summary(rows.iloc[3:].assign(measured=0.0, ci_low=0.0, ci_high=0.0))
+    assert unchanged['pooled (95% CI)'].tolist() == ['no merged run changed'] and 'protocol' not in unchanged

@@ -334,7 +334,7 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
 def pooled_summary(pooled: pd.DataFrame) -> pd.DataFrame:
     """The pooled rows of `pooled_by_protocol` (or `pooled_claims`) as a short table for reading: protocol, claim,
     statement, comparison, the pooled estimate with its 95% interval in words ('+5.71 [+3.86, +7.68] points',
-    '0.62x [0.57, 0.67]'; claim (f): the largest change and the range of changes), the number of tasks and the verdict.
+    '0.62x [0.57, 0.67]'; claim (f): the largest change of a merged run, and the range of changes), the number of tasks and the verdict.
     """
     rows = pooled[pooled.task == 'pooled']
 
@@ -349,7 +349,8 @@ def pooled_summary(pooled: pd.DataFrame) -> pd.DataFrame:
         if not np.isfinite(row.measured):
             return 'not measured'
         if row.claim == 'f':
-            return f'{row.measured:.2f} points at most (range {row.ci_low:+.2f} to {row.ci_high:+.2f})'
+            return ('no merged run changed' if row.measured == 0 else
+                    f'{row.measured:.2f} points at most (from {row.ci_low:+.2f} to {row.ci_high:+.2f})')
         if row.unit == 'ratio':
             low, high = (number(v, 1.0, '') for v in (row.ci_low, row.ci_high))
             return f'{row.measured:.2f}x [{low}, {high}]'
