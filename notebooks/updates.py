@@ -72,7 +72,8 @@ if table is not None and not table.empty:
 # rank-r part, which is discarded before training: it dominates their size and lies outside W_0's top-r subspaces
 # by construction (TOU frozen FFN's MLP, never trained, shows it alone). Here each method's own update
 # (`toukit.updates.own_updates`): the layers it changed, and for the TOU family the update from its own starting
-# weight A_0 B_0 (noise included); the columns without a `start_*` twin are left blank for them.
+# weight A_0 B_0 (noise included); the statistics of dW that have no `start_*` twin (spectral ratio, rank_e90,
+# amplification) are left blank for them, and the subspace similarities compare W_0 and W_1 for every method.
 
 # %%
 if table is not None and not table.empty:

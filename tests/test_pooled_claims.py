@@ -82,7 +82,9 @@ def test_each_protocol_is_pooled_over_the_tasks_with_its_runs():
     pd.testing.assert_frame_equal(tuned, expected)
     paper = table[table.protocol == 'paper']
     assert set(paper.task) == {'a', 'b', 'pooled'}
-    assert (paper[(paper.task == 'pooled') & (paper.claim != 'f')].n_tasks == 2).all()  # no merge column: no (f)
+    assert (paper[(paper.task == 'pooled') & (paper.claim != 'f')].n_tasks == 2).all()
+    merge = paper[(paper.task == 'pooled') & (paper.claim == 'f')].iloc[0]  # no merge column anywhere
+    assert merge.n_tasks == 0 and merge.verdict == 'not measured' and np.isnan(merge.measured)
     within = paper[(paper.statement == 'Full TOU is at most 1 point below FT') & (paper.task == 'pooled')]
     assert within.measured.iloc[0] == pytest.approx((100 / 600 + 5.0) / 2)
     only_a = claims.pooled_by_protocol(runs, tasks=['a'], n_boot=50, load=records.__getitem__)
@@ -111,14 +113,19 @@ def test_merging_is_pooled_as_the_worst_change_of_any_task():
     a = a.assign(merge=merged.map({True: 'merged', False: ''}), merged_test_accuracy=a.test_accuracy)
     b = b.assign(merge=merged.map({True: 'merged', False: ''}), merged_test_accuracy=b.test_accuracy)
     b.loc[(b.method == 'tou') & (b.seed == 1), 'merged_test_accuracy'] -= 1 / 600  # one example flips
-    table = claims.pooled_claims({'a': a, 'b': b, 'c': a.drop(columns=['merge'])}, n_boot=50,
-                                 load=records.__getitem__).set_index('task')
-    f = table[table.claim == 'f']
-    assert f.loc['a'].verdict == 'holds' and f.loc['a'].measured == 0 and f.loc['a'].seeds == 3
-    assert f.loc['b'].verdict == 'does not hold' and f.loc['b'].measured == pytest.approx(100 / 600)
-    assert f.loc['c'].verdict == 'not measured'  # records without a merge column
-    assert f.loc['pooled'].verdict == 'does not hold' and f.loc['pooled'].n_tasks == 2
-    assert (f.loc['pooled'].ci_low, f.loc['pooled'].ci_high) == pytest.approx((-100 / 600, 0))
+    a = a[a.seed < 2]  # two seeds here, three in b
+    unevaluated = a.assign(merged_test_accuracy=float('nan'))  # merged, never evaluated after: not measured
+    for tasks in ({'b': b, 'a': a, 'c': a.drop(columns=['merge']), 'd': unevaluated},
+                  {'c': a.drop(columns=['merge']), 'a': a, 'd': unevaluated, 'b': b}):  # the change first, then last
+        table = claims.pooled_claims(tasks, n_boot=50, load=records.__getitem__).set_index('task')
+        f = table[table.claim == 'f']
+        assert f.loc['a'].verdict == 'holds' and f.loc['a'].measured == 0 and f.loc['a'].seeds == 2
+        assert f.loc['b'].verdict == 'does not hold' and f.loc['b'].measured == pytest.approx(100 / 600)
+        assert f.loc['c'].verdict == f.loc['d'].verdict == 'not measured'  # no merge column; no merged accuracy
+        pooled = f.loc['pooled']
+        assert pooled.verdict == 'does not hold' and pooled.measured == pytest.approx(100 / 600)
+        assert pooled.n_tasks == 2 and pooled.seeds == 2  # the tasks measured, the fewest seeds of one
+        assert (pooled.ci_low, pooled.ci_high) == pytest.approx((-100 / 600, 0))
     fig = plots.plot_forest(table.reset_index())
     assert len(fig.axes) == table.statement.nunique() - 1  # (f) has a range, not an interval: table only
 
@@ -132,10 +139,19 @@ def test_the_summary_keeps_a_digit_that_decides():
         dict(claim='d', statement='t', comparison='y', task='a', measured=0.9, ci_low=0.8, ci_high=0.99,
              unit='ratio', threshold=1.0, seeds=3, n_tasks=1, verdict='holds'),
         dict(claim='f', statement='m', comparison='z', task='pooled', measured=0.5, ci_low=-0.5, ci_high=0.25,
-             unit='points', threshold=0.0, seeds=3, n_tasks=2, verdict='does not hold')])
+             unit='points', threshold=0.0, seeds=3, n_tasks=2, verdict='does not hold'),
+        dict(claim='a', statement='u', comparison='v', task='pooled', measured=2.0, ci_low=0.999, ci_high=3.0,
+             unit='points', threshold=1.0, seeds=3, n_tasks=2, verdict='undecided'),
+        dict(claim='a', statement='u', comparison='v', task='pooled', measured=1.5, ci_low=1 + 1e-9, ci_high=2.0,
+             unit='points', threshold=1.0, seeds=3, n_tasks=2, verdict='does not hold'),
+        dict(claim='d', statement='t', comparison='y', task='pooled', measured=0.8, ci_low=np.nan, ci_high=np.nan,
+             unit='ratio', threshold=1.0, seeds=1, n_tasks=2, verdict='undecided (one seed)'),
+        dict(claim='c', statement='w', comparison='x', task='pooled', measured=np.nan, ci_low=np.nan,
+             ci_high=np.nan, unit='points', threshold=0.0, seeds=0, n_tasks=0, verdict='not measured')])
     summary = claims.pooled_summary(rows.assign(protocol='tuned'))
-    assert summary['pooled (95% CI)'].tolist() == ['-1.46 [-2.91, +0.003] points', '0.90x [0.80, 0.9996]',
-                                                   '0.50 points at most (from -0.50 to +0.25)']
-    assert summary.columns[0] == 'protocol' and summary.tasks.tolist() == [2, 2, 2]
-    unchanged = claims.pooled_summary(rows.iloc[3:].assign(measured=0.0, ci_low=0.0, ci_high=0.0))
+    assert summary['pooled (95% CI)'].tolist() == [
+        '-1.46 [-2.91, +0.003] points', '0.90x [0.80, 0.9996]', '0.50 points at most (from -0.50 to +0.25)',
+        '+2.00 [+0.999, +3.00] points', '+1.50 [+1.000000001, +2.00] points', '0.80x (no interval)', 'not measured']
+    assert summary.columns[0] == 'protocol' and summary.tasks.tolist() == [2, 2, 2, 2, 2, 2, 0]
+    unchanged = claims.pooled_summary(rows.iloc[3:4].assign(measured=0.0, ci_low=0.0, ci_high=0.0))
     assert unchanged['pooled (95% CI)'].tolist() == ['no merged run changed'] and 'protocol' not in unchanged

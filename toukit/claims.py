@@ -129,8 +129,8 @@ def claims_table(runs: pd.DataFrame, n_boot: int = 4000, load: Optional[Callable
 
 def _merge_claim(runs: pd.DataFrame) -> Dict[str, object]:
     """(f) merging loses nothing: the largest test-accuracy change any merged run showed, and the verdict."""
-    merged = (runs[(runs.status == 'ok') & (runs['merge'] == 'merged')] if {'merge', 'merged_test_accuracy'} <=
-              set(runs.columns) else runs.iloc[:0])
+    merged = (runs[(runs.status == 'ok') & (runs['merge'] == 'merged') & runs.merged_test_accuracy.notna()] if {
+        'merge', 'merged_test_accuracy'} <= set(runs.columns) else runs.iloc[:0])  # unevaluated: not measured
     row = dict(claim='f', statement='Merging loses nothing', comparison='merged - unmerged (every merged run)',
                unit='points', ci_method='exact: every merged run evaluated before and after', seeds=int(
                    merged.seed.nunique()) if len(merged) else 0)
@@ -186,9 +186,9 @@ def rank_study_table(runs: pd.DataFrame, manifest: dict, n_boot: int = 4000,
 # claims pooled across tasks
 
 POOLING = ('accuracy: a stratified bootstrap, every replicate resampling within each task the seeds (paired) and the '
-           'test examples and averaging the tasks\' differences with equal weight; time and memory: the log ratio A / B '
-           'per seed, a t interval per task, and the tasks\' mean with its combined standard error (Welch-Satterthwaite '
-           'degrees of freedom)')
+           'test examples and averaging the tasks\' differences with equal weight; time and memory: the log ratio '
+           'A / B per seed, a t interval per task, and the tasks\' mean with its combined standard error '
+           '(Welch-Satterthwaite degrees of freedom)')
 
 
 def _accuracy_replicates(ra: pd.DataFrame, rb: pd.DataFrame, seeds: list, load, rng, n_boot: int):
@@ -291,7 +291,8 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
     measured_tasks = [task for task, row in merges.items() if row['verdict'] != 'not measured']
     every = pd.concat([runs_by_task[t] for t in measured_tasks]) if measured_tasks else pd.DataFrame(
         columns=['status', 'seed'])
-    for task, row in list(merges.items()) + [('pooled', _merge_claim(every))]:
+    pooled_merge = dict(_merge_claim(every), seeds=min((merges[t]['seeds'] for t in measured_tasks), default=0))
+    for task, row in list(merges.items()) + [('pooled', pooled_merge)]:  # seeds: the fewest of a task, as above
         rows.append(dict({k: row[k] for k in ('claim', 'statement', 'comparison', 'measured', 'ci_low', 'ci_high',
                                               'unit', 'seeds', 'verdict')}, task=task, threshold=0.0,
                          n_tasks=len(measured_tasks) if task == 'pooled' else 1))
@@ -332,18 +333,27 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
 
 
 def pooled_summary(pooled: pd.DataFrame) -> pd.DataFrame:
-    """The pooled rows of `pooled_by_protocol` (or `pooled_claims`) as a short table for reading: protocol, claim,
-    statement, comparison, the pooled estimate with its 95% interval in words ('+5.71 [+3.86, +7.68] points',
-    '0.62x [0.57, 0.67]'; claim (f): the largest change of a merged run, and the range of changes), the number of tasks and the verdict.
+    """The pooled rows of `pooled_by_protocol` (or `pooled_claims`) as a short table for reading.
+
+    Estimates read '+5.71 [+3.86, +7.68] points' or '0.62x [0.57, 0.67]', with more decimals where two would put a
+    bound on the threshold it is not on, 'no interval' where there is none (one seed), and for claim (f) the largest
+    change of a merged run and the range of changes.
+
+    Args:
+        pooled: `pooled_by_protocol`'s or `pooled_claims`' table.
+
+    Returns:
+        One row per pooled claim: protocol (when `pooled` has one), claim, statement, comparison,
+        'pooled (95% CI)', tasks, verdict.
     """
     rows = pooled[pooled.task == 'pooled']
 
     def number(value: float, threshold: float, sign: str = '+') -> str:
-        """Two decimals, more where two would put a value on the threshold that is not on it."""
         digits = 2
         while digits < 6 and round(value, digits) == threshold != value:
             digits += 1
-        return f'{value:{sign}.{digits}f}'
+        return f'{value:{sign}.{digits}f}' if round(value, digits) != threshold or value == threshold else \
+            f'{value:{sign}.12g}'  # still on it at 6 decimals: as many digits as it takes
 
     def estimate(row) -> str:
         if not np.isfinite(row.measured):
@@ -351,11 +361,13 @@ def pooled_summary(pooled: pd.DataFrame) -> pd.DataFrame:
         if row.claim == 'f':
             return ('no merged run changed' if row.measured == 0 else
                     f'{row.measured:.2f} points at most (from {row.ci_low:+.2f} to {row.ci_high:+.2f})')
-        if row.unit == 'ratio':
-            low, high = (number(v, 1.0, '') for v in (row.ci_low, row.ci_high))
-            return f'{row.measured:.2f}x [{low}, {high}]'
-        low, high = (number(v, row.threshold) for v in (row.ci_low, row.ci_high))
-        return f'{row.measured:+.2f} [{low}, {high}] {row.unit}'
+        ratio = row.unit == 'ratio'
+        point = f'{row.measured:.2f}x' if ratio else f'{row.measured:+.2f}'
+        if not (np.isfinite(row.ci_low) and np.isfinite(row.ci_high)):
+            return f'{point} (no interval){"" if ratio else " " + row.unit}'
+        threshold, sign = (1.0, '') if ratio else (row.threshold, '+')
+        low, high = (number(v, threshold, sign) for v in (row.ci_low, row.ci_high))
+        return f'{point} [{low}, {high}]{"" if ratio else " " + row.unit}'
 
     table = pd.DataFrame({'claim': rows.claim, 'statement': rows.statement, 'comparison': rows.comparison,
                           'pooled (95% CI)': [estimate(r) for r in rows.itertuples()], 'tasks': rows.n_tasks,
