@@ -350,10 +350,11 @@ def pooled_summary(pooled: pd.DataFrame) -> pd.DataFrame:
 
     def number(value: float, threshold: float, sign: str = '+') -> str:
         digits = 2
-        while digits < 6 and round(value, digits) == threshold != value:
+        while round(value, digits) == threshold != value:
+            if digits == 6:  # still on it: as many significant digits as it takes
+                return f'{value:{sign}.12g}'
             digits += 1
-        return f'{value:{sign}.{digits}f}' if round(value, digits) != threshold or value == threshold else \
-            f'{value:{sign}.12g}'  # still on it at 6 decimals: as many digits as it takes
+        return f'{value:{sign}.{digits}f}'
 
     def estimate(row) -> str:
         if not np.isfinite(row.measured):
