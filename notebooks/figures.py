@@ -147,13 +147,17 @@ if 'tuned' in tables:
 #
 # Each claim's paired difference per task (preset) and pooled over the tasks with equal weight, by a stratified
 # bootstrap over each task's seeds and test examples (`toukit.claims.pooled_claims`: why not a random-effects
-# meta-analysis is in its docstring). A task without runs of a protocol sits out that protocol's pooling.
+# meta-analysis is in its docstring). A task without runs of a protocol sits out that protocol's pooling, and so
+# does one whose sweep has runs of the protocol left (its manifest lists them): the cell says which.
 # Written to `figures_dir` itself (`pooled_claims.*`, the pooled rows alone in `pooled_summary.md`, the table the
 # README shows, and `claims_forest_<protocol>.*`): it belongs to no one preset.
 
 # %%
 every = results.load_runs(results_dir)
 pooled = claims.pooled_by_protocol(every, [t for t in tasks.split(',') if t], n_boot=n_boot)
+for protocol, unfinished in pooled.attrs['left_out'].items():
+    print(f'{protocol}: left out, their sweeps unfinished: ' + ', '.join(f'{t} ({len(m)} runs left)'
+                                                                         for t, m in unfinished.items()))
 if pooled.empty:
     print(f'pooling needs runs of two tasks or more under a protocol; the runs have presets '
           f'{sorted(set(every.preset)) if len(every) else []}')

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from toukit import claims, plots
+from toukit import claims, plots, results
 
 
 def _task(gaps: dict, n=600, prefix='', seconds=None):
@@ -155,3 +155,39 @@ def test_the_summary_keeps_a_digit_that_decides():
     assert summary.columns[0] == 'protocol' and summary.tasks.tolist() == [2, 2, 2, 2, 2, 2, 0]
     unchanged = claims.pooled_summary(rows.iloc[3:4].assign(measured=0.0, ci_low=0.0, ci_high=0.0))
     assert unchanged['pooled (95% CI)'].tolist() == ['no merged run changed'] and 'protocol' not in unchanged
+
+
+def test_a_task_whose_sweep_has_runs_left_sits_out_unless_partial(tmp_path):
+    """On disk, as the figures notebook reads them: task b's manifest plans a paper run that has no record (it
+    died), and a tuned method whose grid is unfinished, so b sits out both protocols with a warning that names
+    what is left; `partial=True` pools it over the seeds there are. A manifest's runs all there: nothing left."""
+    gaps = {'ft': 570, 'tou': 560, 'tou_frozen_ffn': 500, 'lora': 480}
+    for name, tou in (('a', 569), ('b', 540)):
+        frame, records = _task(dict(gaps, tou=tou), prefix=f'{name}_')
+        planned = {'tuned': {}, 'paper': {}}
+        for row in frame.itertuples():
+            record = dict(records[row.path], status='ok', cost=dict(train_seconds=row.train_seconds,
+                                                                    train_memory_mib=row.train_memory_mib),
+                          run=dict(id=row.path, config=dict(method=row.method, preset=name, seed=row.seed)))
+            if not (name == 'b' and row.path == 'b_lora_2'):  # b's last LoRA paper run died
+                results.write_record(record, tmp_path / f'{row.path}.json')
+            for protocol in planned:
+                planned[protocol].setdefault(row.method, []).append(row.path)
+        if name == 'b':
+            planned['tuned'].pop('tou_frozen_ffn')  # its grid has not finished: no tuned runs planned yet
+        results.write_record(dict(name=name, preset=name, methods=list(gaps), runs=planned),
+                             tmp_path / f'{name}.sweep.json')
+    runs = results.load_runs(tmp_path)
+    assert results.missing_runs(runs, 'a', 'paper') == []
+    assert results.missing_runs(runs, 'b', 'paper') == ['b_lora_2']
+    assert results.missing_runs(runs, 'b', 'tuned') == ['tou_frozen_ffn: not planned yet', 'b_lora_2']
+    with pytest.warns(UserWarning) as caught:
+        table = claims.pooled_by_protocol(runs, n_boot=50)
+    assert [str(w.message).split(';')[0] for w in caught] == [
+        'tuned protocol: b sits out, its sweep has 2 run(s) left (tou_frozen_ffn: not planned yet, b_lora_2)',
+        'paper protocol: b sits out, its sweep has 1 run(s) left (b_lora_2)']
+    assert table.empty and table.attrs['left_out'] == {p: {'b': results.missing_runs(runs, 'b', p)}
+                                                       for p in ('tuned', 'paper')}
+    table = claims.pooled_by_protocol(runs, protocols='paper', n_boot=50, partial=True)
+    lora = table[(table.claim == 'c') & (table.task == 'b')].iloc[0]  # Full TOU - LoRA over the 2 seeds LoRA has
+    assert lora.seeds == 2 and lora.measured == pytest.approx(100 * 60 / 600)

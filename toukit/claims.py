@@ -9,13 +9,14 @@ difference; the interval is the 2.5 and 97.5 percentiles. Time and memory claims
 seed and Student's t interval. A claim holds when the whole interval lies on its side of the threshold, does not
 hold when the whole interval lies on the other side, and is undecided otherwise.
 """
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from .methods import method_label
-from .results import read_record, with_protocol
+from .results import missing_runs, read_record, with_protocol
 from .spectrum import BUDGET_POLICIES
 
 __all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'pooled_summary',
@@ -300,19 +301,25 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
 
 
 def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols: Sequence[str] = ('tuned', 'paper'),
-                       n_boot: int = 4000, seed: int = 0, load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
+                       n_boot: int = 4000, seed: int = 0, load: Optional[Callable[[str], dict]] = None,
+                       partial: bool = False) -> pd.DataFrame:
     """`pooled_claims` under each protocol, over the tasks (presets) of a `load_runs` table.
 
-    A task without successful runs of a protocol sits out that protocol's pooling, and a protocol with fewer than
-    two such tasks is left out (one task's verdicts are its `claims_table`).
+    A task without successful runs of a protocol sits out that protocol's pooling, and so, with a warning, does a
+    task whose sweep has not finished the protocol (`toukit.results.missing_runs`: its manifest lists runs without a
+    successful record), unless `partial`; a protocol with fewer than two such tasks is left out (one task's verdicts
+    are its `claims_table`).
 
     Args:
         runs: a `load_runs` table of every task (its `preset` column names the task).
         tasks: the presets to pool (one name or several); empty: every preset in `runs`.
         protocols: 'tuned', 'paper' (one name or several).
+        partial: pool a task's protocol even while its sweep has runs left (each claim then uses the seeds both
+            methods have: the `seeds` column).
 
     Returns:
         `pooled_claims`' rows with a `protocol` column first; empty when no protocol has two tasks.
+        `attrs['left_out']`: protocol -> {task: its missing runs} for the unfinished tasks that sat out.
 
     Raises:
         ValueError: a task in `tasks` that no run in `runs` belongs to.
@@ -322,14 +329,23 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
     unknown = [t for t in tasks if t not in present]
     if unknown:
         raise ValueError(f'tasks={list(tasks)!r}: no runs of {unknown!r}; the runs have presets {present!r}')
-    frames = []
+    frames, left_out = [], {}
     for protocol in protocols:
         by_task = {t: with_protocol(runs[runs.preset == t], protocol) for t in (list(tasks) or present)}
         by_task = {t: r for t, r in by_task.items() if len(r)}
+        unfinished = {t: missing for t in by_task if (missing := missing_runs(runs, t, protocol))}
+        if unfinished and not partial:
+            left_out[protocol] = unfinished
+            warnings.warn(f'{protocol} protocol: ' + '; '.join(
+                f'{t} sits out, its sweep has {len(m)} run(s) left ({", ".join(m[:3])}{", ..." if len(m) > 3 else ""})'
+                for t, m in unfinished.items()) + '; pass partial=True to pool it anyway')
+            by_task = {t: r for t, r in by_task.items() if t not in unfinished}
         if len(by_task) >= 2:
             table = pooled_claims(by_task, n_boot=n_boot, seed=seed, load=load)
             frames.append(table.assign(protocol=protocol)[['protocol'] + _POOLED_COLUMNS])
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['protocol'] + _POOLED_COLUMNS)
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['protocol'] + _POOLED_COLUMNS)
+    out.attrs['left_out'] = left_out
+    return out
 
 
 def pooled_summary(pooled: pd.DataFrame) -> pd.DataFrame:

@@ -25,12 +25,12 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import pandas as pd
 
 __all__ = ['write_record', 'read_record', 'finished_record', 'identity', 'load_runs', 'history', 'environment',
-           'now', 'run_id', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol',
+           'now', 'run_id', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol', 'missing_runs',
            'PAPER_TABLE1', 'MANIFEST_SUFFIX', 'IDENTITY_EXCLUDED']
 
 # config fields that never change a run's result: they are left out of its id
@@ -181,7 +181,8 @@ def load_runs(path: Union[str, Path] = 'results', status: Union[str, None] = Non
     Returns:
         A DataFrame (see `_row` for its columns) with a `protocol` column: the protocols of the sweep manifests
         (`*.sweep.json`) found under `path` that list the run, joined by '+' in the order grid, tuned, paper
-        (e.g. 'grid+paper'), or '' for a run of no sweep. `df.attrs['skipped']` lists skipped files and why.
+        (e.g. 'grid+paper'), or '' for a run of no sweep. `df.attrs['skipped']` lists skipped files and why;
+        `df.attrs['manifests']` holds the manifests, for `missing_runs`.
     """
     path = Path(path)
     if not path.exists():
@@ -206,7 +207,24 @@ def load_runs(path: Union[str, Path] = 'results', status: Union[str, None] = Non
     if status is not None and not df.empty:
         df = df[df.status == status].reset_index(drop=True)
     df.attrs['skipped'] = skipped
+    df.attrs['manifests'] = manifests
     return df
+
+
+def missing_runs(runs: pd.DataFrame, preset: str, protocol: str) -> List[str]:
+    """What the sweep manifests of a `load_runs` table plan for `preset` under `protocol` ('tuned', 'paper') that
+    has no successful run in `runs`: run ids, and '<method>: not planned yet' for a method whose tuned runs wait on
+    its grid. Empty when the protocol is complete, or when no manifest plans it (runs of no sweep: nothing to check).
+    """
+    missing = []
+    for manifest in runs.attrs.get('manifests', []):
+        planned = manifest.get('runs', {})
+        if manifest.get('preset') != preset or not isinstance(planned, dict) or protocol not in planned:
+            continue
+        done = set(runs.run_id[runs.status == 'ok']) if len(runs) else set()
+        missing += [f'{m}: not planned yet' for m in manifest.get('methods', []) if not planned[protocol].get(m)]
+        missing += [i for ids in planned[protocol].values() for i in ids if i not in done]
+    return missing
 
 
 def with_protocol(runs: pd.DataFrame, protocol: str) -> pd.DataFrame:
