@@ -64,6 +64,11 @@ def test_a_task_without_a_method_is_not_measured_and_the_forest_plot_draws():
     assert pooled.measured.notna().all()  # from task a alone
     fig = plots.plot_forest(table)
     assert len(fig.axes) == table[table.claim != 'f'].statement.nunique()  # (f): no interval to draw
+    fig.canvas.draw()
+    for ax in fig.axes:  # a ratio's narrow log axis still reads: three labelled ticks or more inside it
+        low, high = ax.get_xlim()
+        shown = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high and t.get_text()]
+        assert len(shown) >= 3, (ax.get_title(), shown)
 
 
 def test_each_protocol_is_pooled_over_the_tasks_with_its_runs():

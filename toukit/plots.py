@@ -397,11 +397,12 @@ def plot_forest(pooled: pd.DataFrame, title: str = ''):
         ax.axvline(rows.threshold.iloc[0], color='grey', linestyle='--')
         ax.set_title(f'({rows.claim.iloc[0]}) {statement}: {rows.comparison.iloc[0]}', fontsize=8, loc='left')
         ax.set_xlabel('ratio' if ratio else 'points', fontsize=7)
-        if ratio:  # plain numbers on the log axis, not powers of ten
+        if ratio:  # plain numbers on the log axis, evenly spaced: a log axis's own ticks leave 1-2 bare
             ax.set_xscale('log')
-            for axis_format in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-                axis_format(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:.3g}'))
-            ax.tick_params(axis='x', which='both', labelsize=7)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=6))
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:.3g}'))
+            ax.tick_params(axis='x', labelsize=7)
         ax.grid(alpha=0.3, axis='x')
     if title:
         fig.suptitle(title, fontsize=9)
