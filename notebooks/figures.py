@@ -156,11 +156,10 @@ if 'tuned' in tables:
 every = results.load_runs(results_dir)
 pooled = claims.pooled_by_protocol(every, [t for t in tasks.split(',') if t], n_boot=n_boot)
 for protocol, unfinished in pooled.attrs['left_out'].items():
-    print(f'{protocol}: left out, their sweeps unfinished: ' + ', '.join(f'{t} ({len(m)} runs left)'
-                                                                         for t, m in unfinished.items()))
+    print(f'{protocol}: {", ".join(unfinished)} left out, their sweeps unfinished (the warning says what is left)')
 if pooled.empty:
-    print(f'pooling needs runs of two tasks or more under a protocol; the runs have presets '
-          f'{sorted(set(every.preset)) if len(every) else []}')
+    print(f'pooling needs two tasks or more with finished runs of a protocol; the runs have presets '
+          f'{sorted(set(every.preset)) if len(every) else []}; the pooled files here, if any, are not rewritten')
 else:
     pooled.round(4).to_csv(Path(figures_dir) / 'pooled_claims.csv', index=False)
     (Path(figures_dir) / 'pooled_claims.md').write_text(pooled.round(3).to_markdown(index=False) + '\n')

@@ -1,4 +1,6 @@
 """Claims pooled across tasks: a stratified bootstrap over each task's seeds and test examples."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -64,8 +66,11 @@ def test_a_task_without_a_method_is_not_measured_and_the_forest_plot_draws():
     assert pooled.measured.notna().all()  # from task a alone
     fig = plots.plot_forest(table)
     assert len(fig.axes) == table[table.claim != 'f'].statement.nunique()  # (f): no interval to draw
-    fig.canvas.draw()
-    for ax in fig.axes:  # a ratio's narrow log axis still reads: three labelled ticks or more inside it
+    wide, rw = _task({'ft': 570, 'tou': 567, 'tou_frozen_ffn': 500, 'lora': 480}, prefix='w/',
+                     seconds={'ft': [300, 310, 330], 'tou': [10, 11, 12], 'tou_frozen_ffn': [9, 9, 9], 'lora': [20, 21, 22]})
+    wide = plots.plot_forest(claims.pooled_claims({'w': wide}, n_boot=50, load=rw.__getitem__))
+    for ax in fig.axes + wide.axes:  # a ratio's log axis reads, narrow (0.3-1) or wide (0.03-1): 3 labelled ticks
+        ax.figure.canvas.draw()
         low, high = ax.get_xlim()
         shown = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high and t.get_text()]
         assert len(shown) >= 3, (ax.get_title(), shown)
@@ -78,6 +83,7 @@ def test_each_protocol_is_pooled_over_the_tasks_with_its_runs():
     protocols = {'a': 'grid+tuned+paper', 'b': 'tuned+paper', 'c': 'tuned'}  # c has no paper runs
     runs = pd.concat([t.assign(preset=name, protocol=protocols[name]) for name, (t, _) in tasks.items()],
                      ignore_index=True)
+    runs.attrs['manifests'] = []  # as load_runs of records whose manifests plan nothing more: none left to wait for
     failed = runs.iloc[:1].assign(status='failed', test_accuracy=0.0, preset='b')  # a failed run counts nowhere
     table = claims.pooled_by_protocol(pd.concat([runs, failed], ignore_index=True), n_boot=200,
                                       load=records.__getitem__)
@@ -103,6 +109,7 @@ def test_one_task_or_protocol_name_is_not_read_as_letters():
     tasks = {name: _task(gaps, prefix=f'{name}/') for name in ('ab', 'cd')}
     records = {path: r for _, rs in tasks.values() for path, r in rs.items()}
     runs = pd.concat([t.assign(preset=name, protocol='tuned') for name, (t, _) in tasks.items()], ignore_index=True)
+    runs.attrs['manifests'] = []
     assert claims.pooled_by_protocol(runs, tasks='ab', n_boot=20, load=records.__getitem__).empty  # one task
     with pytest.raises(ValueError, match=r"no runs of \['a'\]"):
         claims.pooled_by_protocol(runs, tasks=['a'], n_boot=20, load=records.__getitem__)
@@ -188,11 +195,19 @@ def test_a_task_whose_sweep_has_runs_left_sits_out_unless_partial(tmp_path):
     assert results.missing_runs(runs, 'b', 'tuned') == ['tou_frozen_ffn: not planned yet', 'b_lora_2']
     with pytest.warns(UserWarning) as caught:
         table = claims.pooled_by_protocol(runs, n_boot=50)
-    assert [str(w.message).split(';')[0] for w in caught] == [
-        'tuned protocol: b sits out, its sweep has 2 run(s) left (tou_frozen_ffn: not planned yet, b_lora_2)',
-        'paper protocol: b sits out, its sweep has 1 run(s) left (b_lora_2)']
+    assert [str(w.message).split(';')[0] for w in caught if 'sits out' in str(w.message)] == [
+        'tuned protocol: b sits out, its sweep has 1 run left (b_lora_2) and no tuned runs yet for tou_frozen_ffn '
+        '(its grid unfinished)',
+        'paper protocol: b sits out, its sweep has 1 run left (b_lora_2)']
     assert table.empty and table.attrs['left_out'] == {p: {'b': results.missing_runs(runs, 'b', p)}
                                                        for p in ('tuned', 'paper')}
     table = claims.pooled_by_protocol(runs, protocols='paper', n_boot=50, partial=True)
     lora = table[(table.claim == 'c') & (table.task == 'b')].iloc[0]  # Full TOU - LoRA over the 2 seeds LoRA has
     assert lora.seeds == 2 and lora.measured == pytest.approx(100 * 60 / 600)
+    with pytest.warns(UserWarning, match='not the manifests'):  # a copy without them: said, not silently pooled
+        claims.pooled_by_protocol(pd.DataFrame(runs.to_dict('list')), protocols='paper', n_boot=20)
+    diverged = json.loads((tmp_path / 'b_tou_1.json').read_text())
+    results.write_record(dict(diverged, status='diverged'), tmp_path / 'b_tou_1.json')  # final: nothing left
+    results.write_record(dict(diverged, status='ok', run=dict(diverged['run'], id='b_lora_2',
+                         config=dict(diverged['run']['config'], method='lora', seed=2))), tmp_path / 'b_lora_2.json')
+    assert results.missing_runs(results.load_runs(tmp_path), 'b', 'paper') == []

@@ -175,7 +175,8 @@ def rank_study_table(runs: pd.DataFrame, manifest: dict, n_boot: int = 4000,
             continue
         mean, low, high = paired_bootstrap(_correct(group.loc[seeds, 'path'], load),
                                            _correct(uniform.loc[seeds, 'path'], load), n_boot=n_boot)
-        rows.append(dict(row, vs_uniform=mean, ci_low=low, ci_high=high, beats_uniform=verdict(low, high, 0.0, 'above')))
+        rows.append(dict(row, vs_uniform=mean, ci_low=low, ci_high=high,
+                         beats_uniform=verdict(low, high, 0.0, 'above')))
     table = pd.DataFrame(rows, columns=['budget', 'policy', 'seeds', 'trainable_params', 'test_accuracy',
                                         'test_accuracy_std', 'vs_uniform', 'ci_low', 'ci_high', 'beats_uniform'])
     order = {p: i for i, p in enumerate(BUDGET_POLICIES)}  # then any other policy, in the manifest's order
@@ -307,8 +308,8 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
 
     A task without successful runs of a protocol sits out that protocol's pooling, and so, with a warning, does a
     task whose sweep has not finished the protocol (`toukit.results.missing_runs`: its manifest lists runs without a
-    successful record), unless `partial`; a protocol with fewer than two such tasks is left out (one task's verdicts
-    are its `claims_table`).
+    finished record), unless `partial`; any method's runs count, since claim (f) reads every merged run. A protocol
+    with fewer than two such tasks is left out (one task's verdicts are its `claims_table`).
 
     Args:
         runs: a `load_runs` table of every task (its `preset` column names the task).
@@ -329,6 +330,9 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
     unknown = [t for t in tasks if t not in present]
     if unknown:
         raise ValueError(f'tasks={list(tasks)!r}: no runs of {unknown!r}; the runs have presets {present!r}')
+    if 'manifests' not in runs.attrs and 'protocol' in runs and (runs.protocol != '').any():
+        warnings.warn('runs: protocols read from sweep manifests, but not the manifests (attrs lost, e.g. by pd.concat)'
+                      ': an unfinished sweep cannot be told and its task is pooled as it is', stacklevel=2)
     frames, left_out = [], {}
     for protocol in protocols:
         by_task = {t: with_protocol(runs[runs.preset == t], protocol) for t in (list(tasks) or present)}
@@ -336,9 +340,9 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
         unfinished = {t: missing for t in by_task if (missing := missing_runs(runs, t, protocol))}
         if unfinished and not partial:
             left_out[protocol] = unfinished
-            warnings.warn(f'{protocol} protocol: ' + '; '.join(
-                f'{t} sits out, its sweep has {len(m)} run(s) left ({", ".join(m[:3])}{", ..." if len(m) > 3 else ""})'
-                for t, m in unfinished.items()) + '; pass partial=True to pool it anyway')
+            warnings.warn(f'{protocol} protocol: ' + '; '.join(f'{t} sits out, its sweep has {_left(m)}'
+                                                               for t, m in unfinished.items())
+                          + '; pass partial=True to pool it anyway', stacklevel=2)
             by_task = {t: r for t, r in by_task.items() if t not in unfinished}
         if len(by_task) >= 2:
             table = pooled_claims(by_task, n_boot=n_boot, seed=seed, load=load)
@@ -346,6 +350,17 @@ def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols:
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['protocol'] + _POOLED_COLUMNS)
     out.attrs['left_out'] = left_out
     return out
+
+
+def _left(missing: List[str]) -> str:
+    """`missing_runs`' list in words: '2 runs left (a, b) and no tuned runs yet for lora (its grid unfinished)'."""
+    ids = [m for m in missing if not m.endswith(': not planned yet')]
+    methods = [m.split(':')[0] for m in missing if m.endswith(': not planned yet')]
+    shown = ', '.join(ids[:3]) + ', ...' * (len(ids) > 3)
+    parts = [f'{len(ids)} run{"s" * (len(ids) != 1)} left ({shown})'] if ids else []
+    if methods:
+        parts.append(f'no tuned runs yet for {", ".join(methods)} (its grid unfinished)')
+    return ' and '.join(parts)
 
 
 def pooled_summary(pooled: pd.DataFrame) -> pd.DataFrame:

@@ -397,9 +397,11 @@ def plot_forest(pooled: pd.DataFrame, title: str = ''):
         ax.axvline(rows.threshold.iloc[0], color='grey', linestyle='--')
         ax.set_title(f'({rows.claim.iloc[0]}) {statement}: {rows.comparison.iloc[0]}', fontsize=8, loc='left')
         ax.set_xlabel('ratio' if ratio else 'points', fontsize=7)
-        if ratio:  # plain numbers on the log axis, evenly spaced: a log axis's own ticks leave 1-2 bare
-            ax.set_xscale('log')
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=6))
+        if ratio:  # plain numbers on the log axis: evenly spaced over a narrow range (a log axis's own ticks leave
+            ax.set_xscale('log')  # one or two there), at 1, 2 and 5 times powers of ten over a wide one
+            low, high = ax.get_xlim()
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=6) if high / low < 5 else
+                                       matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:.3g}'))
             ax.tick_params(axis='x', labelsize=7)

@@ -30,13 +30,14 @@ from typing import List, Optional, Union
 import pandas as pd
 
 __all__ = ['write_record', 'read_record', 'finished_record', 'identity', 'load_runs', 'history', 'environment',
-           'now', 'run_id', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol', 'missing_runs',
-           'PAPER_TABLE1', 'MANIFEST_SUFFIX', 'IDENTITY_EXCLUDED']
+           'now', 'run_id', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol',
+           'missing_runs', 'PAPER_TABLE1', 'MANIFEST_SUFFIX', 'IDENTITY_EXCLUDED']
 
 # config fields that never change a run's result: they are left out of its id
 IDENTITY_EXCLUDED = ('results_dir', 'run_name', 'save_weights', 'num_workers', 'data_root', 'download', 'device',
                      'checkpoint_every', 'log_with')
 MANIFEST_SUFFIX = '.sweep.json'
+FINISHED = ('ok', 'diverged')  # a run's final statuses: the sweep makes neither again
 
 
 def identity(config: dict) -> dict:
@@ -125,7 +126,7 @@ def finished_record(path: Union[str, Path]) -> Optional[dict]:
     except (OSError, ValueError) as e:
         warnings.warn(f'{path}: unreadable run record ({type(e).__name__}: {e}); the run will be made again')
         return None
-    return record if record.get('status') in ('ok', 'diverged') else None
+    return record if record.get('status') in FINISHED else None
 
 
 def _status(record: dict) -> Optional[str]:
@@ -212,19 +213,20 @@ def load_runs(path: Union[str, Path] = 'results', status: Union[str, None] = Non
 
 
 def missing_runs(runs: pd.DataFrame, preset: str, protocol: str) -> List[str]:
-    """What the sweep manifests of a `load_runs` table plan for `preset` under `protocol` ('tuned', 'paper') that
-    has no successful run in `runs`: run ids, and '<method>: not planned yet' for a method whose tuned runs wait on
-    its grid. Empty when the protocol is complete, or when no manifest plans it (runs of no sweep: nothing to check).
+    """What the sweep manifests of a `load_runs` table plan for `preset` under `protocol` ('grid', 'tuned', 'paper')
+    that has no finished run in `runs` (status 'ok', or 'diverged': final, as for the sweep): run ids, and
+    '<method>: not planned yet' for a method whose tuned runs wait on its grid. Empty when the protocol is complete,
+    or when no manifest plans it (runs of no sweep: nothing to check).
     """
     missing = []
     for manifest in runs.attrs.get('manifests', []):
         planned = manifest.get('runs', {})
         if manifest.get('preset') != preset or not isinstance(planned, dict) or protocol not in planned:
             continue
-        done = set(runs.run_id[runs.status == 'ok']) if len(runs) else set()
+        done = set(runs.run_id[runs.status.isin(FINISHED)]) if len(runs) else set()
         missing += [f'{m}: not planned yet' for m in manifest.get('methods', []) if not planned[protocol].get(m)]
         missing += [i for ids in planned[protocol].values() for i in ids if i not in done]
-    return missing
+    return list(dict.fromkeys(missing))  # two manifests of one preset (a copy in a subfolder) list a run once
 
 
 def with_protocol(runs: pd.DataFrame, protocol: str) -> pd.DataFrame:
