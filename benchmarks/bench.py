@@ -29,8 +29,12 @@ from pathlib import Path
 
 import torch
 
+import toukit
 from toukit import method_names
+from toukit.config import PRESETS
+from toukit.meter import allocated_mib, peak_mib, peak_since_reset_mib, reset_peak, synchronize
 from toukit.models import call_model
+from toukit.step import autocast, to_device, train_step
 
 
 
@@ -39,7 +43,6 @@ from toukit.models import call_model
 
 
 def _model_and_batch(args):
-    import toukit
     torch.manual_seed(0)
     if args.model in ('minilm', 'tiny-bert'):
         model = toukit.create_model(args.model, num_classes=5, pretrained=args.model == 'minilm')
@@ -55,29 +58,6 @@ def _model_and_batch(args):
     return model, inputs, labels
 
 
-def _to(inputs, device):
-    return {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
-
-
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def _peak_mib(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _allocated_mib(device):
-    """Memory held now: the CUDA allocator's on a GPU, the process RSS on the CPU."""
-    if device.type == 'cuda':
-        return torch.cuda.memory_allocated() / 2 ** 20
-    from toukit.train import _rss_mib
-    return _rss_mib()
-
-
 def _options(method, rank, lora_rank):
     """TOU at `rank`, LoRA and PiSSA at `lora_rank`, every other option the method's default."""
     if method in ('tou', 'tou_frozen_ffn'):
@@ -89,52 +69,40 @@ def _options(method, rank, lora_rank):
 
 def _prepared(args):
     """The model with `args.method` applied, its AdamW, and one batch, on the device; then the prepare time."""
-    import toukit
     device = torch.device(args.device)
     model, inputs, labels = _model_and_batch(args)
     model.to(device)
-    inputs, labels = _to(inputs, device), labels.to(device)
+    inputs, labels = to_device((inputs, labels), device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     toukit.apply_method(model, args.method, **_options(args.method, args.rank, args.lora_rank))
     model.to(device)
-    _sync(device)
+    synchronize(device)
     prepare_s = time.perf_counter() - t0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
     model.train()
     return model, opt, inputs, labels, prepare_s
 
 
-def _train_step(net, opt, inputs, labels, args):
-    """One forward (bf16 autocast when asked), backward and AdamW step."""
-    with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
-        loss = torch.nn.functional.cross_entropy(call_model(net, inputs).float(), labels)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss
-
-
 def worker_step(args):
     """Time training steps of one method (forward, backward, AdamW step)."""
-    import toukit
     device = torch.device(args.device)
-    rss_before = _peak_mib(device)
+    rss_before = peak_mib(device)
     model, opt, inputs, labels, prepare_s = _prepared(args)
     trainable, total = toukit.count_parameters(model)
     net = torch.compile(model) if args.compile else model  # compiled during the warm-up steps
     times = []
     for i in range(args.warmup + args.steps):
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
-        _train_step(net, opt, inputs, labels, args)
-        _sync(device)
+        train_step(net, opt, inputs, labels, args.precision)
+        synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step = statistics.median(times)
     return dict(method=args.method, step_s=step, steps=len(times), samples_per_s=args.batch_size / step,
-                peak_mib=_peak_mib(device), start_mib=rss_before, prepare_s=prepare_s, trainable=trainable,
+                peak_mib=peak_mib(device), start_mib=rss_before, prepare_s=prepare_s, trainable=trainable,
                 total=total)
 
 
@@ -197,21 +165,21 @@ def worker_profile(args):
     device = torch.device(args.device)
     model, opt, inputs, labels, _ = _prepared(args)
     for _ in range(args.warmup):
-        _train_step(model, opt, inputs, labels, args)
-    _sync(device)
+        train_step(model, opt, inputs, labels, args.precision)
+    synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with profile(activities=activities, with_flops=True, record_shapes=True) as prof:
         for _ in range(args.steps):
-            _train_step(model, opt, inputs, labels, args)
-        _sync(device)
+            train_step(model, opt, inputs, labels, args.precision)
+        synchronize(device)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     walls = []  # the same steps unprofiled: against the profiled time, how busy the device (or core) was
     for _ in range(args.steps):
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
-        _train_step(model, opt, inputs, labels, args)
-        _sync(device)
+        train_step(model, opt, inputs, labels, args.precision)
+        synchronize(device)
         walls.append(time.perf_counter() - t)
     gemms = dict(flops=0.0, bytes=0.0, calls=0, roofline_s=0.0, memory_bound_s=0.0, by_shape={})
     size = 2 if args.precision == 'bf16' else 4  # bytes per element of the matrix products' operands
@@ -255,22 +223,21 @@ def worker_profile(args):
 def worker_inference(args):
     """Forward latency (no grad) of the original model, the merged TOU model and the unmerged factorized one."""
     import copy
-    import toukit
     device = torch.device(args.device)
-    original, inputs, _ = _model_and_batch(args)
+    original, inputs, labels = _model_and_batch(args)
     factorized = toukit.apply_tou(copy.deepcopy(original), rank=args.rank, svd_method='gram')
     merged = toukit.merge(copy.deepcopy(factorized))
     models = dict(original=original.to(device).eval(), merged=merged.to(device).eval(),
                   factorized=factorized.to(device).eval())
-    inputs = _to(inputs, device)
+    inputs, _ = to_device((inputs, labels), device)
     times = {k: [] for k in models}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
+    with torch.no_grad(), autocast(device, args.precision):
         for i in range(args.warmup + args.steps):
             for name, model in models.items():  # interleaved, so drift hits all three alike
-                _sync(device)
+                synchronize(device)
                 t = time.perf_counter()
                 call_model(model, inputs)
-                _sync(device)
+                synchronize(device)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -279,18 +246,17 @@ def worker_inference(args):
 def worker_factorize(args):
     """Time apply_tou on the model with one SVD method; error of the kept factors against the exact SVD's."""
     import copy
-    import toukit
-    from toukit.spectrum import layer_matrices
+    from toukit.targets import layer_matrices
     torch.set_num_threads(torch.get_num_threads())
     device = torch.device(args.device)
     model, _, _ = _model_and_batch(args)
     model.to(device)
     originals = [w.detach().double().cpu() for _, _, w in layer_matrices(model)]
     factored = copy.deepcopy(model)
-    _sync(device)
+    synchronize(device)
     t = time.perf_counter()
     toukit.apply_tou(factored, rank=args.rank, noise_scale=0.0, svd_method=args.svd_method)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - t
     # relative error of the factorization vs the optimum (sqrt tail energy) over all matrices
     merged = toukit.merge(factored)
@@ -314,33 +280,10 @@ LLAMA_SHAPES = {  # configs of public checkpoints (shapes only: the weights are 
 }
 
 
-def _reset_peak(device):
-    """Start a new peak: the CUDA allocator's, or on Linux the process's peak RSS (VmHWM, via clear_refs)."""
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    except OSError:
-        pass  # then the peak is the process's whole life's, model building included: an overestimate
-
-
-def _peak_since_reset_mib(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    try:
-        with open('/proc/self/status') as f:
-            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 1024
-    except (OSError, StopIteration):
-        return _peak_mib(device)
-
-
 def worker_factorize_llm(args):
     """apply_tou on every block linear of a Llama-shaped causal LM (random weights from the config, built on
     the device): time, peak memory over the weights' size, and the error of layer 0's factors against the optimum.
     On the CPU memory is resident set size, so the runtime's own (measured before the model exists) is subtracted."""
-    import toukit
     from transformers import LlamaConfig, LlamaForCausalLM
     device = torch.device(args.device)
     base = LLAMA_SHAPES[args.shape]
@@ -349,7 +292,7 @@ def worker_factorize_llm(args):
                  intermediate_size=shape['intermediate_size'] // args.width_div)
     dtype = torch.bfloat16 if args.precision == 'bf16' else torch.float32
     torch.manual_seed(0)
-    runtime = 0.0 if device.type == 'cuda' else _allocated_mib(device)
+    runtime = 0.0 if device.type == 'cuda' else allocated_mib(device)
     t = time.perf_counter()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -358,20 +301,20 @@ def worker_factorize_llm(args):
             model = LlamaForCausalLM(LlamaConfig(**shape))
     finally:
         torch.set_default_dtype(default)
-    _sync(device)
+    synchronize(device)
     build_s = time.perf_counter() - t
     params = sum(p.numel() for p in model.parameters())
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
-    before = _allocated_mib(device) - runtime  # the model alone
+    before = allocated_mib(device) - runtime  # the model alone
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules()  # counted in the peak: keep few
                  if n.endswith(('layers.0.self_attn.q_proj', 'layers.0.mlp.down_proj'))}
     copies = sum(w.numel() * w.element_size() for w in originals.values()) / 2 ** 20
-    _reset_peak(device)
+    reset_peak(device)
     t = time.perf_counter()
     toukit.apply_tou(model, rank=args.rank, svd_method=args.svd_method, chunk=getattr(args, 'chunk', None))
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - t
-    peak, after = _peak_since_reset_mib(device) - runtime, _allocated_mib(device) - runtime
+    peak, after = peak_since_reset_mib(device) - runtime, allocated_mib(device) - runtime
     trainable, total = toukit.count_parameters(model)
     ranks = sorted(set(model.toukit_ranks.values()))
     errors = []  # layer 0's matrices: relative error of A B (noise included) against the optimal rank-r error
@@ -384,7 +327,7 @@ def worker_factorize_llm(args):
                            error=float(error)))
     t = time.perf_counter()
     toukit.merge(model)
-    _sync(device)
+    synchronize(device)
     merge_s = time.perf_counter() - t
     return dict(svd_method=args.svd_method, config=shape, params=params, weights_dtype=str(dtype), build_s=build_s,
                 seconds=seconds, merge_s=merge_s, weights_mib=weights, runtime_mib=runtime, copies_mib=copies,
@@ -395,7 +338,6 @@ def worker_factorize_llm(args):
 
 def worker_layer(args):
     """Forward + backward of each ViT-B/16 block linear, dense (weight trains) vs TOU (A frozen), interleaved."""
-    import toukit
     from torch import nn
     torch.manual_seed(0)
     tokens = args.batch_size * 197
@@ -559,7 +501,6 @@ def cmd_profile(args):
 def cmd_regression(args):
     """Today's code against another checkout's, interleaved in one invocation: the TOU/FT step ratio and the time
     of factorizing every block linear."""
-    import toukit
     before = Path(args.before).resolve()
     if not (before / 'toukit' / '__init__.py').is_file():
         raise SystemExit(f'--before {args.before}: not a checkout of toukit (no toukit/__init__.py there)')
@@ -684,7 +625,6 @@ def _rank_sweep_figure(points, ft, args):
 def cmd_scaling(args):
     """The training loop on 1 and on N processes (torchrun; gloo on the CPU, NCCL on GPUs) at one global batch."""
     import tempfile
-    from toukit.train import PRESETS
     args.model = args.preset_model or PRESETS[args.preset]['model']
     header(args, f'toukit train on 1 and {args.processes} processes, global batch {args.batch_size}, '
                  f'{args.train_steps} steps of {args.method} on preset {args.preset}')

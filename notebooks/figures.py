@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from toukit import claims, plots, results, sweep
+from toukit import claims, methods, plots, results, sweep
 
 # %% tags=["parameters"]
 results_dir: str = "results"  # run records
@@ -48,7 +48,7 @@ out_dir.mkdir(parents=True, exist_ok=True)
 runs = results.load_runs(results_dir)
 runs = runs[runs.preset == preset]
 manifest_path = sweep.manifest_path(results_dir, preset)
-manifest = results.read_record(manifest_path) if manifest_path.exists() else {}
+manifest = results.read_manifest(manifest_path) if manifest_path.exists() else {}
 protocols = {p: results.with_protocol(runs, p) for p in sweep.PROTOCOLS}
 print(f'{len(runs)} records for preset {preset!r}; successful runs per protocol: '
       f'{ {p: len(r) for p, r in protocols.items()} }; chosen rates: {manifest.get("selected_lr", {})}; '
@@ -66,7 +66,7 @@ if len(grid):
     sweep_table = grid.pivot_table(index='method', columns='lr', values='val_accuracy', sort=False) * 100
     sweep_table = sweep_table.reindex(sorted(sweep_table.columns), axis=1)
     sweep_table.columns = [f'lr {lr:g}' for lr in sweep_table.columns]
-    sweep_table.index = sweep_table.index.map(plots.method_label)
+    sweep_table.index = sweep_table.index.map(methods.method_label)
     results.write_tables(sweep_table.round(2).reset_index(names='Method'), out_dir / 'lr_sweep')
     display(sweep_table.round(2))
 
@@ -92,7 +92,7 @@ for protocol in ('tuned', 'paper'):
 # %%
 for protocol in tables:
     records = results.records_by_method(protocols[protocol])
-    fig = plots.training_curves({plots.method_label(m): r for m, r in records.items()}, smooth=smooth)
+    fig = plots.training_curves({methods.method_label(m): r for m, r in records.items()}, smooth=smooth)
     fig.suptitle(f'{protocol} protocol', y=1.02)
     plots.save_figure(fig, out_dir / f'figure2_{protocol}')
     plt.show()
@@ -132,7 +132,7 @@ if 'paper' in tables:
         'memory / FT (ours: training memory)': ours.get('memory_vs_ft', pd.Series(dtype=float)).round(2),
         'memory / FT (paper: CUDA peak)': (paper.memory_mib / paper.memory_mib['ft']).round(2),
     }).reindex(ours.index)
-    side.index = side.index.map(plots.method_label)
+    side.index = side.index.map(methods.method_label)
     results.write_tables(side.reset_index(names='Method'), out_dir / 'table1_vs_paper')
     display(side)
 

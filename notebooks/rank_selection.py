@@ -23,7 +23,6 @@
 # fine-tuning is a training question, answered by run records, not here.
 
 # %%
-import itertools
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -31,7 +30,7 @@ import torch
 import pandas as pd
 
 import toukit
-from toukit import claims, plots, results, spectrum, studies, train
+from toukit import calibration, claims, plots, results, spectrum, studies, train
 from toukit.data import load_dataset
 
 # %% tags=["parameters"]
@@ -63,7 +62,7 @@ policies = (list(fixed_ranks) + list(fractions) + [f'energy:{t}' for t in energy
             + [f'budget:{float(b)}' for b in budgets] + ['ght'])
 
 # %%
-comparison = spectrum.compare_policies(table, policies)
+comparison = studies.compare_policies(table, policies)
 comparison.to_csv(out_dir / 'rank_policies.csv', index=False)
 comparison.round(4)
 
@@ -94,7 +93,7 @@ by_type.round(3)
 bundle = load_dataset(config.dataset, net, max_length=config.max_length)
 def batches(split, n):
     loader = torch.utils.data.DataLoader(getattr(bundle, split), batch_size=batch_size)
-    return [inputs for inputs, _ in itertools.islice(loader, n)]
+    return [inputs for inputs, _ in calibration.first_batches(loader, n)]
 study = studies.budget_study(net, study_budgets, heldout=batches('val', heldout_batches),
                               calibration=batches('train', calibration_batches), targets=targets)
 study.to_csv(out_dir / 'rank_budget_study.csv', index=False)
@@ -115,7 +114,7 @@ study.round(4)
 # %%
 study_manifest = Path(results_dir) / f'{preset}.ranks.sweep.json'
 if study_manifest.exists():
-    trained = claims.rank_study_table(toukit.load_runs(results_dir), results.read_record(study_manifest))
+    trained = claims.rank_study_table(toukit.load_runs(results_dir), results.read_manifest(study_manifest))
     results.write_tables(trained.round(3), out_dir / 'rank_study')
     fig = plots.plot_rank_pareto(trained)
     plots.save_figure(fig, out_dir / 'rank_pareto')

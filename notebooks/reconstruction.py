@@ -29,7 +29,7 @@ import pandas as pd
 from IPython.display import display
 
 import toukit
-from toukit import plots, results, spectrum, studies, train
+from toukit import plots, results, studies, train
 from toukit.data import load_dataset, sample_batch
 
 # %% tags=["parameters"]
@@ -57,14 +57,14 @@ bundle = load_dataset(dataset or config.dataset, net, max_length=config.max_leng
 inputs, _ = sample_batch(bundle, batch_size, split='val')
 
 # %%
-curves = spectrum.error_curves(table)
+curves = studies.error_curves(table)
 fig = plots.plot_error_vs_rank(curves)
 plots.save_figure(fig, out_dir / 'reconstruction_weight_error')
 plt.show()
 
 # %%
-outputs = spectrum.layer_output_errors(net, inputs, fractions=sorted(set(curves.fraction.round(3)))[::2],
-                                       targets=targets)
+outputs = studies.layer_output_errors(net, inputs, fractions=sorted(set(curves.fraction.round(3)))[::2],
+                                      targets=targets)
 fig = plots.plot_error_vs_rank(outputs, value='output_error', ylabel='relative output error')
 plots.save_figure(fig, out_dir / 'reconstruction_output_error')
 plt.show()

@@ -26,7 +26,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 import toukit
-from toukit import plots, train
+from toukit import plots, spectrum, train
 
 # %% tags=["parameters"]
 preset: str = "demo"  # the model and data come from this preset (demo: MiniLM on BBC News)
@@ -64,7 +64,7 @@ plots.save_figure(fig, out_dir / 'spectrum_energy_curves')
 plt.show()
 
 # %%
-fig = plots.plot_rank_heatmap(table, threshold)
+fig = plots.plot_rank_heatmap(spectrum.energy_rank_grid(table, threshold), threshold)
 plots.save_figure(fig, out_dir / 'spectrum_rank_heatmap')
 plt.show()
 

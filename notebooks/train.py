@@ -27,6 +27,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from toukit import plots, results, train
+from toukit.config import TrainConfig, resolve_config
+from toukit.methods import method_label
 
 # %% tags=["parameters"]
 method: str = "tou"  # ft, lora, pissa, tou, tou_frozen_ffn, svfit, delora, adapter or bitfit
@@ -53,7 +55,7 @@ test_limit: int = None  # keep only this many test examples
 max_steps_per_epoch: int = None  # stop each epoch early (quick runs)
 calibration_batches: int = None  # TOU: factorize activation-aware on this many training batches
 pretrained: bool = None  # None: the preset's
-checkpoint: str = None  # local weights file for the model
+weights: str = None  # local weights file for the model
 data_root: str = "data"  # where downloadable datasets (cifar100, fashion_mnist) live
 download: bool = None  # let torchvision download the dataset; None: the preset's
 device: str = "auto"  # auto, cpu or cuda
@@ -63,22 +65,15 @@ num_workers: int = None  # DataLoader worker processes; None: the preset's
 results_dir: str = "results"  # where the run record goes
 run_name: str = None  # None: the run's id, {preset}_{method}_lr{lr}_s{seed}_{hash of the other settings}
 save_weights: bool = False  # also write the merged model's weights (safetensors)
-overwrite: bool = False  # replace a successful record of the same run (otherwise the run refuses)
-resume: bool = False  # continue the run from its checkpoint (after a kill or a failure)
 checkpoint_every: int = None  # also checkpoint every N steps (always after every epoch)
 log_with: str = None  # an accelerate tracker for the metrics, e.g. 'tensorboard' (under results_dir/trackers)
+overwrite: bool = False  # replace a successful record of the same run (otherwise the run refuses)
+resume: bool = False  # continue the run from its checkpoint (after a kill or a failure)
 
 # %%
-# every parameter is checked here, before any work: a bad one raises a ValueError naming it
-config = train.resolve_config(train.TrainConfig(
-    method=method, preset=preset, model=model, dataset=dataset, text_column=text_column, label_column=label_column,
-    split_column=split_column, rank=rank, noise_scale=noise_scale, targets=targets, epochs=epochs,
-    batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, split_seed=split_seed, max_length=max_length,
-    image_size=image_size, train_limit=train_limit, val_limit=val_limit, test_limit=test_limit,
-    max_steps_per_epoch=max_steps_per_epoch, calibration_batches=calibration_batches, pretrained=pretrained,
-    checkpoint=checkpoint, data_root=data_root, download=download, device=device, precision=precision,
-    compile=compile, num_workers=num_workers, results_dir=results_dir, run_name=run_name, save_weights=save_weights,
-    checkpoint_every=checkpoint_every, log_with=log_with))
+# every parameter is checked here, before any work: a bad one raises a ValueError naming it (the parameters
+# above are `toukit.config.TrainConfig`'s fields, by name)
+config = resolve_config(TrainConfig.from_parameters(globals()))
 pd.Series({k: v for k, v in vars(config).items()}, dtype=object).to_frame('value')
 
 # %%
@@ -94,5 +89,5 @@ summary[['method', 'lr', 'val_accuracy', 'test_accuracy', 'merge', 'merged_test_
 results.history(record)
 
 # %%
-fig = plots.training_curves({plots.method_label(method): record}, smooth=5)
+fig = plots.training_curves({method_label(method): record}, smooth=5)
 plt.show()

@@ -35,7 +35,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from toukit import plots, results, updates
+from toukit import methods, plots, results, updates
 
 # %% tags=["parameters"]
 results_dir: str = "results"  # run records
@@ -61,7 +61,7 @@ else:
 # %%
 if table is not None and not table.empty:
     medians = updates.median_table(table)
-    medians.index = medians.index.set_levels(medians.index.levels[0].map(plots.method_label), level=0)
+    medians.index = medians.index.set_levels(medians.index.levels[0].map(methods.method_label), level=0)
     results.write_tables(medians.round(4).reset_index(), out_dir / f'updates_{protocol}')
     display(medians.round(3))
 
@@ -79,7 +79,7 @@ if table is not None and not table.empty:
 if table is not None and not table.empty:
     own = updates.own_updates(table)
     own_medians = updates.median_table(own)
-    own_medians.index = own_medians.index.set_levels(own_medians.index.levels[0].map(plots.method_label), level=0)
+    own_medians.index = own_medians.index.set_levels(own_medians.index.levels[0].map(methods.method_label), level=0)
     results.write_tables(own_medians.round(4).reset_index(), out_dir / f'updates_own_{protocol}')
     display(own_medians.round(3))
 

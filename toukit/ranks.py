@@ -16,23 +16,28 @@ spectra, and `allocate_ranks` on a model's targeted weights (or, activation-awar
 travelling from `apply_tou` only ever comes down here: this module never imports the methods.
 """
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-
 from torch import nn
 
 from .calibration import layer_whitening
-from .linalg import check_rank, optimal_hard_threshold_rank, rank_for_energy, singular_values_many
+from .linalg import check_rank, rank_for_energy, singular_values_many
 from .targets import Targets, layer_matrices, matches
 
 __all__ = ['RankPolicy', 'parse_rank', 'allocate_budget', 'allocate_spectra', 'allocate_ranks', 'uniform_cost',
-           'layer_policies', 'DEFAULT_FRACTION']
+           'layer_policies', 'rank_from_fraction', 'optimal_hard_threshold_rank', 'ght_omega', 'DEFAULT_FRACTION']
 
 DEFAULT_FRACTION = 0.375  # the paper's r = 288 on ViT-B/16's 768-wide matrices, as a fraction of min(out, in)
 
 RankSpec = Union[int, float, str, 'RankPolicy', Mapping[str, Union[int, float, str]]]
+
+
+def rank_from_fraction(fraction: float, max_rank: int) -> int:
+    """The rank a fraction of min(out, in) (`max_rank`) gives: rounded, at least 1, at most `max_rank`."""
+    return max(1, min(max_rank, int(round(fraction * max_rank))))
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class RankPolicy:
         if self.kind == 'fixed':
             return check_rank(int(self.value), shape, name)
         if self.kind == 'fraction':
-            return max(1, int(round(self.value * min(shape))))
+            return rank_from_fraction(self.value, min(shape))
         if self.model_level:
             raise ValueError(f'{self} chooses all layers together: use toukit.allocate_ranks')
         if singular_values is None:
@@ -216,7 +221,7 @@ def _rank_cost(shapes: Sequence[Tuple[int, int]], cost: str) -> int:
 
 def uniform_cost(layers: Sequence[LayerSpectra], cost: str = 'trainable') -> int:
     """What uniform rank 0.375 of min(out, in) spends on `layers`: the unit of a budget given as a float."""
-    return sum(max(1, int(round(DEFAULT_FRACTION * min(min(shape) for shape in shapes)))) * _rank_cost(shapes, cost)
+    return sum(rank_from_fraction(DEFAULT_FRACTION, min(min(shape) for shape in shapes)) * _rank_cost(shapes, cost)
                for _, _, shapes in layers)
 
 
@@ -281,3 +286,106 @@ def allocate_ranks(model: nn.Module, budget, targets: Targets = 'all', cost: str
         layers[name][0].append(s)
         layers[name][1].append(tuple(w.shape))
     return allocate_spectra([(name, sv, shapes) for name, (sv, shapes) in layers.items()], budget, cost)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the optimal hard threshold (Gavish and Donoho)
+
+_GHT_OMEGA_CACHE: dict = {}  # omega per beta rounded to 12 decimals; one entry per distinct layer aspect ratio
+
+
+def _check_beta(beta: float) -> float:
+    """`beta` as a float if it is a number in (0, 1], else a ValueError naming it."""
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(beta, (bool, str, bytes)) or not 0.0 < value <= 1.0:
+        raise ValueError(f'beta={beta!r}: the aspect ratio min(shape) / max(shape) must be a number in (0, 1]')
+    return value
+
+
+def _check_shape(shape: Tuple[int, int]) -> Tuple[int, int]:
+    """`shape` as (rows, cols) if it is two positive ints, else a ValueError naming it."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = ()
+    if len(dims) != 2 or any(isinstance(d, bool) or not hasattr(d, '__index__') or d.__index__() < 1 for d in dims):
+        raise ValueError(f'shape={shape!r}: must be two positive ints (rows, cols), e.g. a weight\'s (out, in)')
+    return dims[0].__index__(), dims[1].__index__()
+
+
+def _marchenko_pastur_median(beta: float) -> float:
+    """Median of the Marchenko-Pastur law of ratio `beta` in (0, 1] (variance 1), found with scipy.
+
+    With x = 1 + beta - 2 sqrt(beta) cos(t), t in [0, pi], the density sqrt((b+ - x)(x - b-)) / (2 pi beta x) dx
+    becomes 2 sin(t)^2 / (pi x(t)) dt: smooth and bounded even at beta = 1, where the density itself has a
+    1 / sqrt(x) singularity at 0. The median is x(t*) for the t* where that integral from 0 reaches 1/2.
+    """
+    from scipy.integrate import quad  # imported here: only this policy needs scipy, which costs ~0.3 s at import
+    from scipy.optimize import brentq
+
+    root = math.sqrt(beta)
+
+    def cdf(t: float) -> float:
+        return quad(lambda u: 2.0 * math.sin(u) ** 2 / (math.pi * (1.0 + beta - 2.0 * root * math.cos(u))), 0.0, t,
+                    epsabs=1e-13, epsrel=1e-12)[0]
+
+    t_half = brentq(lambda t: cdf(t) - 0.5, 0.0, math.pi, xtol=1e-14, rtol=1e-13)
+    return 1.0 + beta - 2.0 * root * math.cos(t_half)
+
+
+def ght_omega(beta: float) -> float:
+    """Gavish and Donoho's exact omega(beta) for an unknown noise level: the threshold is omega(beta) * median(sigma).
+
+    omega(beta) = lambda*(beta) / sqrt(mu_beta), with lambda*(beta) = sqrt(2 (beta + 1) + 8 beta / ((beta + 1) +
+    sqrt(beta^2 + 14 beta + 1))) and mu_beta the median of the Marchenko-Pastur distribution of ratio beta (density
+    sqrt((b+ - x)(x - b-)) / (2 pi beta x) on [b-, b+], b+- = (1 +- sqrt(beta))^2), computed with scipy's quad and
+    brentq and cached per beta (rounded to 12 decimals). omega(1) = 2.858; their cubic fit 0.56 beta^3 - 0.95 beta^2
+    + 1.82 beta + 1.43 is within about 0.02 of it.
+
+    Args:
+        beta: The aspect ratio min(m, n) / max(m, n) of the matrix, in (0, 1].
+
+    Returns:
+        omega(beta), a float.
+
+    Raises:
+        ValueError: If `beta` is not a number in (0, 1].
+    """
+    beta = round(_check_beta(beta), 12)
+    omega = _GHT_OMEGA_CACHE.get(beta)
+    if omega is None:
+        lam = math.sqrt(2.0 * (beta + 1.0) + 8.0 * beta / (beta + 1.0 + math.sqrt(beta ** 2 + 14.0 * beta + 1.0)))
+        omega = _GHT_OMEGA_CACHE[beta] = lam / math.sqrt(_marchenko_pastur_median(beta))
+    return omega
+
+
+def optimal_hard_threshold_rank(singular_values: torch.Tensor, shape: Tuple[int, int]) -> int:
+    """Rank by Gavish and Donoho's optimal hard threshold for an unknown noise level (exact, not the cubic fit).
+
+    From "The Optimal Hard Threshold for Singular Values is 4/sqrt(3)" (IEEE Trans. Inf. Theory 60(8), 2014): keep
+    the singular values strictly above tau = omega(beta) * y_med, where beta = min(shape) / max(shape), y_med is
+    the median of the singular values (the mean of the two middle ones for an even count, as MATLAB's `median`)
+    and omega(beta) = lambda*(beta) / sqrt(mu_beta) is `ght_omega`.
+
+    Args:
+        singular_values: The matrix's singular values (1-D, any order), normally all min(shape) of them: the median
+            estimates the noise level from the bulk.
+        shape: The matrix's (out, in) shape: two positive ints.
+
+    Returns:
+        The number of singular values above tau, at least 1.
+
+    Raises:
+        ValueError: If `shape` is not two positive ints, or `singular_values` is not a non-empty 1-D tensor.
+    """
+    rows, cols = _check_shape(shape)
+    s = torch.as_tensor(singular_values).detach().to('cpu', torch.float64)
+    if s.ndim != 1 or s.numel() == 0:
+        raise ValueError(f'singular_values of shape {tuple(s.shape)}: must be a non-empty 1-D tensor')
+    ordered, n = s.sort().values, s.numel()
+    y_med = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    tau = ght_omega(min(rows, cols) / max(rows, cols)) * y_med
+    return max(1, int((s > tau).sum()))

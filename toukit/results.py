@@ -10,13 +10,13 @@ A record reads:
               "memory_kind", "trainable_params", "total_params", "num_workers"},
      "env": {"toukit", "git_sha", "torch", "python", "device", "platform"}}
 
-A run's id (`run_id`) is readable and unique: `{preset}_{method}_lr{lr}_s{seed}_{hash}`, the hash over every config
-field that changes the result. A sweep (`toukit.sweep`) writes a manifest `<preset>.sweep.json` beside the records
-naming the runs of each protocol; `load_runs` reads it into the `protocol` column.
+A run's id (`toukit.config.run_id`) is readable and unique: `{preset}_{method}_lr{lr}_s{seed}_{hash}`, the hash
+over every config field that changes the result. A sweep (`toukit.sweep`) writes a manifest `<preset>.sweep.json`
+beside the records naming the runs of each protocol; `load_runs` reads it (`read_manifest`) into the `protocol`
+column.
 """
 import datetime as _dt
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -24,41 +24,22 @@ import socket
 import subprocess
 import tempfile
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import List, Optional, Union
 
 import pandas as pd
+import torch
 
-__all__ = ['write_record', 'read_record', 'finished_record', 'identity', 'load_runs', 'history', 'environment',
-           'now', 'run_id', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol',
-           'missing_runs', 'PAPER_TABLE1', 'MANIFEST_SUFFIX', 'IDENTITY_EXCLUDED']
+from .runstate import process_alive
+from .methods import method_label, method_names
 
-# config fields that never change a run's result: they are left out of its id
-IDENTITY_EXCLUDED = ('results_dir', 'run_name', 'save_weights', 'num_workers', 'data_root', 'download', 'device',
-                     'checkpoint_every', 'log_with')
+__all__ = ['write_record', 'read_record', 'read_manifest', 'finished_record', 'load_runs', 'history', 'environment',
+           'now', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol', 'missing_runs',
+           'PAPER_TABLE1', 'MANIFEST_SUFFIX']
+
 MANIFEST_SUFFIX = '.sweep.json'
 FINISHED = ('ok', 'diverged')  # a run's final statuses: the sweep makes neither again
-
-
-def identity(config: dict) -> dict:
-    """The config fields that make a run what it is: all but `IDENTITY_EXCLUDED` and those left at None (unset
-    options), so a field added to TrainConfig later changes no run's identity (its id, its checkpoint's check)."""
-    return {k: v for k, v in sorted(config.items()) if k not in IDENTITY_EXCLUDED and v is not None}
-
-
-def run_id(config: dict) -> str:
-    """A run's id from its resolved config: `{preset}_{method}_lr{lr:g}_s{seed}_{hash}`.
-
-    The 8-hex-digit hash covers every config field but `IDENTITY_EXCLUDED`, so two runs that differ in rank,
-    noise scale, targets, epochs or anything else that changes the result get different ids (and record files).
-    Fields left at None (unset options) are left out (`identity`), so a field added to `TrainConfig` later changes
-    no id.
-    An explicit `run_name` replaces the whole id.
-    """
-    if config.get('run_name'):
-        return config['run_name']
-    digest = hashlib.sha1(json.dumps(identity(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f'{config["preset"]}_{config["method"]}_lr{config["lr"]:g}_s{config["seed"]}_{digest}'
 
 
 def now() -> str:
@@ -77,7 +58,6 @@ def _git_sha() -> str:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
     try:
         return version('toukit')
     except PackageNotFoundError:
@@ -86,7 +66,6 @@ def _version() -> str:
 
 def environment(device: str = 'cpu') -> dict:
     """toukit version, git sha, torch and Python versions, device name and CPU count."""
-    import torch
     name = torch.cuda.get_device_name(0) if device.startswith('cuda') and torch.cuda.is_available() else (
         f'cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)')
     return dict(toukit=_version(), git_sha=_git_sha(), torch=torch.__version__, python=platform.python_version(),
@@ -109,9 +88,19 @@ def write_record(record: dict, path: Union[str, Path]) -> Path:
     return path
 
 
-def read_record(path: Union[str, Path]) -> dict:
+def _read_json(path: Union[str, Path]) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def read_record(path: Union[str, Path]) -> dict:
+    """The run record at `path`."""
+    return _read_json(path)
+
+
+def read_manifest(path: Union[str, Path]) -> dict:
+    """The sweep manifest at `path` (`<preset>.sweep.json`, `<preset>.ranks.sweep.json`)."""
+    return _read_json(path)
 
 
 def finished_record(path: Union[str, Path]) -> Optional[dict]:
@@ -133,7 +122,6 @@ def _status(record: dict) -> Optional[str]:
     """The record's status; 'interrupted' for a 'running' record whose process (on this host) is gone."""
     status, env = record.get('status'), record.get('env', {})
     if status == 'running' and env.get('pid') and env.get('host') == socket.gethostname():
-        from .checkpoint import process_alive
         if not process_alive(env['pid']):
             return 'interrupted'
     return status
@@ -193,7 +181,7 @@ def load_runs(path: Union[str, Path] = 'results', status: Union[str, None] = Non
     for f in files:
         try:
             if f.name.endswith(MANIFEST_SUFFIX):
-                manifests.append(read_record(f))
+                manifests.append(read_manifest(f))
             else:
                 rows.append(_row(read_record(f), f))
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -245,7 +233,6 @@ def history(record_or_path, kind: str = 'epochs') -> pd.DataFrame:
     return pd.DataFrame(record['metrics'][kind])
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # tables
 
@@ -261,7 +248,6 @@ PAPER_TABLE1 = pd.DataFrame([  # the TOU paper's Table 1: ViT-B/16 on CIFAR-100,
 
 
 def _method_order(methods) -> dict:
-    from .methods import method_names
     order = {m: i for i, m in enumerate(method_names())}
     return {m: order.get(m, len(order)) for m in methods}
 
@@ -296,7 +282,6 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
 
 def format_table1(table: pd.DataFrame) -> pd.DataFrame:
     """Table 1 with the paper's columns and units, ready to print."""
-    from .methods import method_label
     acc = (table.test_accuracy * 100).map('{:.2f}'.format)
     if table.seeds.max() > 1:
         acc = acc + (table.test_accuracy_std.fillna(0) * 100).map(' ± {:.2f}'.format)

@@ -1,10 +1,12 @@
-"""Studies that factorize models: TOU's initial error by rank and noise scale, and rank policies at equal budgets.
+"""Studies that factorize models or compare rank policies: reconstruction error by rank, TOU's initial error by rank
+and noise scale, and rank policies at equal budgets.
 
 They sit above `toukit.methods` (they call `apply_tou` on copies of a model); the spectrum tables they start from
 sit below, in `toukit.spectrum`.
 """
 import copy
-from typing import Sequence, Tuple
+import math
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -12,13 +14,120 @@ import torch
 from torch import nn
 
 from .calibration import capture_layer_inputs
+from .linalg import energy_curve, relative_error
 from .methods import apply_tou
 from .models import call_model
-from .ranks import RankSpec
-from .spectrum import layer_columns, pattern_cost, budget_policies, spectrum_table
-from .targets import QKV_PARTS, Targets, dense_weight, layer_matrices, model_family
+from .ranks import DEFAULT_FRACTION, RankSpec, parse_rank, rank_from_fraction, uniform_cost
+from .spectrum import layer_columns, rank_table, spectrum_table
+from .targets import Targets, dense_weight, layer_matrices, model_family, qkv_part
 
-__all__ = ['tou_errors', 'budget_study']
+__all__ = ['error_curves', 'total_error', 'compare_policies', 'layer_output_errors', 'pattern_cost',
+           'budget_policies', 'tou_errors', 'budget_study', 'BUDGET_POLICIES']
+
+BUDGET_POLICIES = ('uniform', 'energy threshold', 'budget (weights)', 'budget (activations)')
+
+
+def error_curves(table: pd.DataFrame, fractions: Sequence[float] = tuple(np.linspace(0.02, 1.0, 50))) -> pd.DataFrame:
+    """Relative weight error of each layer's rank-k truncation, k = fraction * max_rank (long form).
+
+    Columns: name, part, type, block, kind, fraction, rank, relative_error, energy_kept.
+    """
+    rows = []
+    for row in table.itertuples():
+        s = torch.as_tensor(row.singular_values)
+        curve = energy_curve(s)
+        for f in fractions:
+            k = rank_from_fraction(f, row.max_rank)
+            rows.append(dict(name=row.name, part=row.part, type=row.type, block=row.block, kind=row.kind,
+                             fraction=float(f), rank=k, relative_error=relative_error(s, k),
+                             energy_kept=float(curve[k - 1])))
+    return pd.DataFrame(rows)
+
+
+def total_error(ranks: pd.DataFrame) -> float:
+    """Relative error of all targeted weights together: sqrt(sum of tail energies / sum of energies)."""
+    energy = ranks.fro_norm ** 2
+    return float(np.sqrt((energy * ranks.relative_error ** 2).sum() / energy.sum()))
+
+
+def compare_policies(table: pd.DataFrame, policies: Sequence[RankSpec]) -> pd.DataFrame:
+    """One row per rank policy: parameters kept (factored / dense, over all targets), the total relative error,
+    the mean and worst layer error, and the smallest and largest rank it gives."""
+    rows = []
+    for spec in policies:
+        ranks = rank_table(table, spec)
+        rows.append(dict(policy=str(parse_rank(spec)), kind=parse_rank(spec).kind,
+                         params_factored=int(ranks.params_factored.sum()), params_dense=int(ranks.params_dense.sum()),
+                         kept=float(ranks.params_factored.sum() / ranks.params_dense.sum()),
+                         total_error=total_error(ranks), mean_layer_error=float(ranks.relative_error.mean()),
+                         max_layer_error=float(ranks.relative_error.max()), min_rank=int(ranks['rank'].min()),
+                         max_rank=int(ranks['rank'].max())))
+    return pd.DataFrame(rows)
+
+
+def layer_output_errors(model: nn.Module, inputs, fractions: Sequence[float], targets: Targets = None) -> pd.DataFrame:
+    """Functional error per layer: ||X (W - W_k)^T|| / ||X W^T|| on the inputs each layer really sees.
+
+    Each layer is truncated alone (its input comes from the untouched model). Columns: name, part, type, block,
+    kind, fraction, rank, output_error, weight_error.
+    """
+    captured = capture_layer_inputs(model, inputs, targets)
+    family = model_family(model)
+    rows = []
+    for name, part, weight in layer_matrices(model, targets):
+        x = captured[name].double()
+        w = weight.double()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        reference = x @ w.T
+        xv = x @ vh.T  # the input in the right singular basis: truncation drops trailing columns
+        for f in fractions:
+            k = rank_from_fraction(f, len(s))
+            approx = (xv[:, :k] * s[:k]) @ u[:, :k].T
+            rows.append(dict(**layer_columns(family, name, part), fraction=float(f), rank=k,
+                             output_error=float(torch.linalg.norm(approx - reference) / torch.linalg.norm(reference)),
+                             weight_error=relative_error(s, k)))
+    return pd.DataFrame(rows)
+
+
+def pattern_cost(table: pd.DataFrame, ranks: Dict[str, int], cost: str = 'trainable') -> int:
+    """Parameters TOU spends under a rank pattern: rank times `in` (B's row) for every matrix of every layer,
+    plus `out` (A's column) with cost='total'."""
+    return int(sum(ranks[name] * int(parts.in_features.sum() + (parts.out_features.sum() if cost == 'total' else 0))
+                   for name, parts in table.groupby('name', sort=False)))
+
+
+def _uniform_cost(table: pd.DataFrame, cost: str = 'trainable') -> int:
+    """What uniform rank 0.375 of min(out, in) spends over a spectrum table's layers (`toukit.ranks.uniform_cost`)."""
+    return uniform_cost([(name, [], list(zip(parts.out_features, parts.in_features)))
+                         for name, parts in table.groupby('name', sort=False)], cost)
+
+
+def _energy_for_budget(table: pd.DataFrame, spend: float, iterations: int = 40) -> str:
+    """The largest energy threshold whose ranks (q, k, v sharing their largest, as apply_tou does) cost <= spend."""
+    def cost(threshold):
+        return pattern_cost(table, rank_table(table, f'energy:{threshold!r}').groupby('name', sort=False)['rank']
+                             .max().to_dict())
+    low, high = 1e-6, 1.0
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cost(mid) <= spend else (low, mid)
+    return f'energy:{max(1e-6, math.floor(low * 1e4) / 1e4)!r}'  # rounded down: a short, stable run id
+
+
+
+def budget_policies(table: pd.DataFrame, budget: float) -> Dict[str, Tuple[object, bool]]:
+    """The equal-budget study's policies at `budget` (a multiple of what uniform rank 0.375 spends on B):
+    policy -> (rank spec for `apply_tou` / `TrainConfig.rank`, whether it needs calibration inputs).
+
+    uniform: the fraction 0.375 b; energy threshold: the largest (to 1e-4) whose cost fits; budget (weights): the
+    allocation on weight spectra; budget (activations): the allocation on whitened spectra, with activation-aware
+    factors.
+    """
+    spend = budget * _uniform_cost(table)
+    return {'uniform': (DEFAULT_FRACTION * budget, False),
+            'energy threshold': (_energy_for_budget(table, spend), False),
+            'budget (weights)': (f'budget:{float(budget)}', False),
+            'budget (activations)': (f'budget:{float(budget)}', True)}
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,7 +160,7 @@ def tou_errors(model: nn.Module, inputs, ranks: Sequence[RankSpec], noise_scales
                 for name, part, w in originals:
                     merged = modules[name].effective_weight()
                     if part is not None:
-                        merged = merged.view(3, -1, merged.shape[1])[QKV_PARTS.index(part)]
+                        merged = qkv_part(merged, part)
                     diff = float(torch.linalg.norm((merged - w).double()) ** 2)
                     energy = float(torch.linalg.norm(w.double()) ** 2)
                     num, den = num + diff, den + energy

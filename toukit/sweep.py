@@ -25,12 +25,18 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .checkpoint import can_resume, lock_owner
+import torch
+from tqdm.auto import tqdm
+
+from .runstate import can_resume, lock_owner
+from .config import PRESETS, TrainConfig, resolve_config
 from .methods import METHODS
-from .ranks import DEFAULT_FRACTION
 from .notebooks import run_notebook
-from .results import MANIFEST_SUFFIX, finished_record, now, read_record, write_record
-from .train import PRESETS, TrainConfig, resolve_config
+from .ranks import DEFAULT_FRACTION
+from .results import MANIFEST_SUFFIX, finished_record, now, read_manifest, write_record
+from .spectrum import spectrum_table
+from .studies import budget_policies
+from .train import preset_model
 
 __all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS', 'rank_plan', 'rank_study',
            'study_specs']
@@ -71,7 +77,7 @@ def _check_seeds(seeds: Sequence[int]) -> List[int]:
 def _check_overrides(overrides: Optional[dict], own: Sequence[str] = ()) -> dict:
     """More TrainConfig fields for every run; a ValueError names one the sweep sets itself or an unknown one."""
     overrides = dict(overrides or {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {'extra'}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {'method_options'}
     for key in overrides:
         if key in ('method', 'preset', 'lr', 'seed', 'results_dir', 'run_name', *own):
             raise ValueError(f'overrides: {key!r} is set by the sweep itself (run_name: every run has its own id)')
@@ -199,7 +205,7 @@ def rank_plan(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), 
               lr: Optional[float] = None, calibration_batches: int = 4, results_dir: str = 'results',
               overrides: Optional[dict] = None, specs: Optional[Dict[float, dict]] = None,
               grid: Optional[Dict[str, Sequence[float]]] = None) -> dict:
-    """The adaptive-rank study's manifest: full TOU under each policy of `toukit.spectrum.budget_policies` at each
+    """The adaptive-rank study's manifest: full TOU under each policy of `toukit.studies.budget_policies` at each
     budget, on every seed, at one learning rate.
 
     Args:
@@ -242,25 +248,23 @@ def rank_plan(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), 
                 runs[group].append(config.name)
     return dict(name=f'{preset}.ranks', preset=preset, created=now(), budgets=budgets, seeds=seeds, lr=lr,
                 calibration_batches=calibration_batches, overrides=overrides,
-                specs=[dict(budget=b, policy=p, rank=r, calibrated=c) for b in budgets for p, (r, c) in specs[b].items()],
+                specs=[dict(budget=b, policy=p, rank=r, calibrated=c)
+                       for b in budgets for p, (r, c) in specs[b].items()],
                 policies=policies, runs={'ranks': runs}, configs=configs, parameters=parameters)
 
 
 def study_specs(preset: str, budgets: Sequence[float], overrides: Optional[dict] = None,
                 results_dir: Optional[str] = None) -> Dict[float, dict]:
-    """budget -> `toukit.spectrum.budget_policies` of the preset's model.
+    """budget -> `toukit.studies.budget_policies` of the preset's model.
 
     The specs a study's manifest (`<results_dir>/<preset>.ranks.sweep.json`) already holds are reused, so that every
     worker, on any machine, plans the same runs (an energy threshold from slightly different singular values could
     differ in its last digit). A model with random weights is drawn from seed 0.
     """
-    import torch
-    from .spectrum import budget_policies, spectrum_table
-    from .train import preset_model
     known, overrides = {}, overrides or {}
     manifest = Path(results_dir or '.') / f'{preset}.ranks{MANIFEST_SUFFIX}'
     if results_dir is not None and manifest.exists():
-        stored = read_record(manifest)
+        stored = read_manifest(manifest)
         spectrum_keys = ('model', 'pretrained', 'targets')  # what the spectra depend on
         if all(stored.get('overrides', {}).get(k) == overrides.get(k) for k in spectrum_keys):
             for spec in stored.get('specs', []):
@@ -282,7 +286,8 @@ def rank_study(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5),
     """Run the adaptive-rank study (`rank_plan`) as `sweep` runs its protocols: skipping finished runs, resuming
     killed ones, sharing the folder with other workers (started with the same arguments); returns the manifest."""
     results_dir, budgets = str(Path(results_dir).resolve()), _check_budgets(budgets)
-    specs = study_specs(preset, budgets, _check_overrides(overrides, STUDY_FIELDS), results_dir)  # once, not at every re-plan
+    # the specs once, not at every re-plan
+    specs = study_specs(preset, budgets, _check_overrides(overrides, STUDY_FIELDS), results_dir)
     lr = rank_plan(preset, budgets, seeds, lr, calibration_batches, results_dir, overrides, specs, grid)['lr']
     return _execute(lambda: rank_plan(preset, budgets, seeds, lr, calibration_batches, results_dir,
                                       overrides, specs), ['ranks'], results_dir, redo, progress, poll_seconds)
@@ -292,7 +297,6 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
              poll_seconds: float) -> dict:
     """Run what `planner()` lists under each stage (re-planned as records arrive) until nothing is left; write the
     manifest after every run. The loop of `sweep` and `rank_study`."""
-    from tqdm.auto import tqdm
     failures, done, started = [], set(), now()
     while True:  # passes until nothing is left that this process can run
         ran, busy = False, []
@@ -313,9 +317,10 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
                 try:
                     run_notebook('train.ipynb', scratch, parameters, cwd=Path.cwd(), progress=progress)
                 except Exception as e:  # noqa: BLE001 - the run's own record says why; the sweep goes on
-                    if 'RunLockedError' in str(e) or (not redo and 'RecordExistsError' in str(e)):
+                    refusal = _refusal(e)
+                    if refusal == 'locked' or (not redo and refusal == 'finished'):
                         scratch.unlink(missing_ok=True)  # another worker took it first, or finished it meanwhile
-                        if 'RunLockedError' in str(e):
+                        if refusal == 'locked':
                             busy.append(name)
                         else:
                             done.add(name)
@@ -339,6 +344,13 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
     if failures:
         raise RuntimeError(f'{len(failures)} sweep run(s) failed (records say why): ' + '; '.join(failures))
     return manifest
+
+
+def _refusal(error: Exception) -> Optional[str]:
+    """Why `toukit.train.run` refused to start the run of a notebook that failed: 'locked' (RunLockedError: another
+    process runs it), 'finished' (RecordExistsError: its record exists), or None (the run itself failed). Read from
+    the exception class name papermill reports (`PapermillExecutionError.ename`)."""
+    return {'RunLockedError': 'locked', 'RecordExistsError': 'finished'}.get(getattr(error, 'ename', None))
 
 
 def _finished(record_path: Path, since: Optional[str]) -> bool:

@@ -1,4 +1,5 @@
-"""Which linears a method touches, per model family, and the q/k/v view of a fused attention projection.
+"""Which linears a method touches, per model family; the q/k/v blocks of a fused attention projection and the one
+(out x in) reading of a dense layer's weight, Conv1D's included.
 
 Everything toukit knows about a model's layout lives here, in one `Family` description computed from the model's
 module tree: which block a layer belongs to, which linears are attention and which MLP, which are the blocks'
@@ -29,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['Targets', 'Family', 'model_family', 'find_targets', 'fused_splits', 'new_modules',
-           'QKVSplit', 'split_qkv', 'fuse_qkv', 'get_submodule_parent', 'layer_kind', 'block_index', 'layer_type',
-           'output_projections', 'layer_matrices', 'describe_linears', 'require_family', 'QKV_PARTS', 'matches',
-           'dense_types', 'is_dense', 'is_conv1d', 'dense_weight', 'dense_shape', 'dense_template', 'restore_dense',
+__all__ = ['Targets', 'Family', 'model_family', 'find_targets', 'fused_splits', 'new_modules', 'get_submodule_parent',
+           'layer_kind', 'block_index', 'layer_type', 'output_projections', 'layer_matrices', 'describe_linears',
+           'require_family', 'QKV_PARTS', 'matches', 'dense_types', 'is_dense', 'is_conv1d', 'conv1d_orientation',
+           'dense_weight', 'dense_shape', 'dense_template', 'restore_dense', 'qkv_blocks', 'qkv_part',
            'FUSED_QKV_NAMES']
 
 Targets = Union[str, Sequence[str], None]
@@ -67,16 +68,16 @@ _OWN_FORWARD = weakref.WeakKeyDictionary()  # dense subclass with a forward of i
 
 
 def _computes_dense(module: nn.Module) -> bool:
-    weight = module.weight.T if isinstance(module, dense_types()[1:]) else module.weight
+    weight = conv1d_orientation(module.weight, is_conv1d(module))
     if weight.device.type == 'meta':
         return False
     x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
-    try:
-        with torch.no_grad():
+    with torch.no_grad():  # the probe and its expected output: no autograd graph (and no warning reading them)
+        try:
             out = module(x)
-    except Exception:  # noqa: BLE001 - any failure: not a plain dense layer
-        return False
-    expected = F.linear(x, weight, getattr(module, 'bias', None)).float()
+        except Exception:  # noqa: BLE001 - any failure: not a plain dense layer
+            return False
+        expected = F.linear(x, weight, getattr(module, 'bias', None)).float()
     tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2  # bf16 / fp16 round at ~1e-2
     return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.allclose(
         out.float(), expected, rtol=tol, atol=tol * float(expected.abs().max().clamp_min(1e-6)))
@@ -88,12 +89,29 @@ def is_conv1d(module: nn.Module) -> bool:
     return bool(conv1d) and isinstance(module, conv1d)
 
 
+def conv1d_orientation(weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """A dense weight between its (out x in) form and its stored form: transposed for Conv1D, which stores (in x
+    out), as it is otherwise. The transpose is its own inverse, so this reads a stored weight and writes one."""
+    return weight.T if conv1d else weight
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """A dense layer's weight as (out x in), whatever its layout (Conv1D stores in x out); a toukit layer's
     effective weight (formed: for analysis and merge, never in a forward)."""
     if hasattr(module, 'effective_weight'):
         return module.effective_weight()
-    return module.weight.T if is_conv1d(module) else module.weight
+    return conv1d_orientation(module.weight, is_conv1d(module))
+
+
+def qkv_blocks(tensor: torch.Tensor, splits: int = 3) -> Tuple[torch.Tensor, ...]:
+    """The `splits` equal row blocks of a fused projection's weight (out x in) or bias (out), as views: q, k and v
+    for splits=3, the tensor itself for splits=1."""
+    return tensor.reshape(splits, tensor.shape[0] // splits, *tensor.shape[1:]).unbind(0)
+
+
+def qkv_part(tensor: torch.Tensor, part: str) -> torch.Tensor:
+    """The q, k or v block (`part`) of a fused q/k/v projection's weight or bias."""
+    return qkv_blocks(tensor)[QKV_PARTS.index(part)]
 
 
 def dense_shape(module: nn.Module) -> Tuple[int, int]:
@@ -130,7 +148,7 @@ def restore_dense(template: nn.Module, weight: torch.Tensor, bias: Optional[torc
             none to a layer with one).
     """
     layer = copy.deepcopy(template)
-    stored = weight.T if is_conv1d(layer) else weight
+    stored = conv1d_orientation(weight, is_conv1d(layer))
     name = type(layer).__name__
     if tuple(stored.shape) != tuple(layer.weight.shape):
         raise ValueError(f'{name}: a weight of shape {tuple(weight.shape)} (out x in) does not fit its stored '
@@ -419,77 +437,13 @@ def get_submodule_parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-class QKVSplit(nn.Module):
-    """A fused q/k/v projection seen as three linears `q`, `k`, `v`; the output is their concatenation.
-
-    Methods that act on separate square matrices (LoRA through peft, SVFit, DeLoRA) use this view, so every
-    method sees the attention as the TOU paper counts it; `fuse_qkv` turns it back into one nn.Linear.
-    """
-
-    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module):
-        super().__init__()
-        self.q, self.k, self.v = q, k, v
-
-    @classmethod
-    def from_linear(cls, linear: nn.Module) -> 'QKVSplit':
-        """Split a fused dense layer (nn.Linear or Conv1D) into three nn.Linear; `to_linear` restores its class."""
-        weight = dense_weight(linear).detach()
-        d_out = weight.shape[0] // 3
-        parts = []
-        for i in range(3):
-            bias = linear.bias[i * d_out:(i + 1) * d_out].detach() if linear.bias is not None else None
-            part = nn.Linear(weight.shape[1], d_out, bias=bias is not None, device='meta', dtype=weight.dtype)
-            part.requires_grad_(linear.weight.requires_grad)
-            parts.append(restore_dense(part, weight[i * d_out:(i + 1) * d_out], bias))
-        split = cls(*parts)
-        split.__dict__['_template'] = dense_template(linear)  # not a submodule: to_linear restores it
-        return split
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
-
-    def to_linear(self) -> nn.Module:
-        """The fused layer again, of its original class (nn.Linear or Conv1D)."""
-        parts = [self.q, self.k, self.v]
-        if not all(isinstance(p, nn.Linear) for p in parts):
-            raise ValueError('QKVSplit.to_linear: merge the q, k, v layers into nn.Linear first (toukit.merge)')
-        bias = torch.cat([p.bias for p in parts]).detach() if parts[0].bias is not None else None
-        weight = torch.cat([p.weight for p in parts]).detach()
-        template = self.__dict__.get('_template') or dense_template(nn.Linear(
-            weight.shape[1], weight.shape[0], bias=bias is not None, device='meta'))
-        return restore_dense(template, weight, bias)
-
-
-def split_qkv(model: nn.Module) -> List[str]:
-    """Replace every fused q/k/v nn.Linear in the model by a QKVSplit; returns the names replaced."""
-    replaced, family = [], model_family(model)
-    for name, module in list(model.named_modules()):
-        if fused_splits(family, name, module) == 3:
-            parent, child = get_submodule_parent(model, name)
-            setattr(parent, child, QKVSplit.from_linear(module))
-            replaced.append(name)
-    return replaced
-
-
-def fuse_qkv(model: nn.Module) -> List[str]:
-    """Turn every QKVSplit back into one nn.Linear; returns the names fused."""
-    fused = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QKVSplit):
-            parent, child = get_submodule_parent(model, name)
-            setattr(parent, child, module.to_linear())
-            fused.append(name)
-    return fused
-
-
 def layer_matrices(model: nn.Module, targets: Targets = None) -> Iterator[Tuple[str, Optional[str], torch.Tensor]]:
     """(name, part, weight) for every targeted linear; a fused q/k/v projection yields its three blocks."""
     family = model_family(model)
     for name, linear in find_targets(model, targets).items():
         weight = dense_weight(linear).detach()
-        splits = fused_splits(family, name, linear)
-        if splits == 1:
+        if fused_splits(family, name, linear) == 1:
             yield name, None, weight
         else:
-            for part, block in zip(QKV_PARTS, weight.view(splits, -1, weight.shape[1]).unbind(0)):
+            for part, block in zip(QKV_PARTS, qkv_blocks(weight)):
                 yield name, part, block

@@ -11,6 +11,7 @@ construction); the `left_energy_*` columns measure how much of any method's upda
 and the amplification factor are the LoRA paper's (Hu et al., 2021, section 7). `update_summary` keeps what a run
 record stores.
 """
+import time
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pandas as pd
@@ -20,10 +21,11 @@ from torch import nn
 from .linalg import effective_rank, rank_for_energy, singular_values_many, stable_rank, svd_many
 from .ranks import DEFAULT_FRACTION, RankSpec, layer_policies
 from .spectrum import layer_columns
-from .targets import QKV_PARTS, Targets, is_conv1d, layer_matrices, model_family
+from .targets import (Targets, conv1d_orientation, dense_weight, is_conv1d, layer_matrices, model_family,
+                      qkv_part)
 
 __all__ = ['update_table', 'update_rows', 'update_summary', 'matched_weights', 'conv1d_names', 'records_updates',
-           'median_table', 'own_updates', 'COLUMNS', 'FIXED_RANKS', 'SIMILARITY_K', 'LEADING']
+           'median_table', 'own_updates', 'UpdateBaseline', 'COLUMNS', 'FIXED_RANKS', 'SIMILARITY_K', 'LEADING']
 
 FIXED_RANKS = (8, 32)  # subspace sizes besides each layer's own TOU rank
 SIMILARITY_K = (1, 8, 32)  # top-k singular vectors compared, besides the layer's rank
@@ -136,24 +138,22 @@ def _matrix(source: Weights, name: str, part: Optional[str], shape: Tuple[int, i
             raise ValueError(f'{name}: no such layer in the fine-tuned model (of class '
                              f'{type(source).__name__}); are the two models of one architecture?')
         module = getattr(module, 'base', module)  # a bottleneck adapter wraps its (frozen) layer
-        if hasattr(module, 'effective_weight'):
-            weight = module.effective_weight()
-        elif hasattr(module, 'get_base_layer') or not isinstance(getattr(module, 'weight', None), torch.Tensor):
+        if not hasattr(module, 'effective_weight') and (
+                hasattr(module, 'get_base_layer') or not isinstance(getattr(module, 'weight', None), torch.Tensor)):
             raise ValueError(f'{name}: a {type(module).__name__} holds no plain weight; merge the model first '
                              f'(toukit.merge)')
-        else:
-            weight = module.weight.T if is_conv1d(module) else module.weight
+        weight = dense_weight(module)
     else:
         key = f'{name}.weight'
         if key not in source:
             raise ValueError(f'{name}: the state dict has no {key!r}')
-        weight = source[key].T if conv1d else source[key]
+        weight = conv1d_orientation(source[key], conv1d)
     weight = weight.detach()
     full = (shape[0] * (3 if part else 1), shape[1])
     if tuple(weight.shape) != full:
         raise ValueError(f'{name}: the fine-tuned weight has shape {tuple(weight.shape)} (out x in), the pretrained '
                          f'one {full}')
-    return weight.view(3, -1, weight.shape[1])[QKV_PARTS.index(part)] if part else weight
+    return qkv_part(weight, part) if part else weight
 
 
 def matched_weights(source: Weights, entries, conv1d: Sequence[str] = ()) -> List[torch.Tensor]:
@@ -260,3 +260,52 @@ def own_updates(updates: pd.DataFrame) -> pd.DataFrame:
 
 DW_COLUMNS = ('spectral_ratio', 'rank_e50', 'rank_e90', 'rank_e99', 'left_energy_r', 'right_energy_r',
               'left_energy_8', 'right_energy_8', 'left_energy_32', 'right_energy_32', 'amplification')
+
+
+ADAPTER_NOTE = ('adapters add modules after frozen layers: every target weight is unchanged (dW = 0); the adapters\' '
+                'own change is not a change of these weights and is not analysed')
+
+
+class UpdateBaseline:
+    """The pretrained weights of every attention and MLP matrix (on the CPU), kept from before the method, and TOU's
+    own starting weights (A_0 B_0), so that a finished run records what it did to each layer (`update_summary`)."""
+
+    def __init__(self, entries, conv1d, family=None, why: Optional[str] = None):
+        self.entries, self.conv1d, self.family, self.why, self.start = entries, conv1d, family, why, None
+
+    @classmethod
+    def capture(cls, model: nn.Module) -> 'UpdateBaseline':
+        """The untouched model's matrices (call before any method changes it)."""
+        try:
+            entries = [(n, p, w.detach().to('cpu', copy=True)) for n, p, w in layer_matrices(model)]
+        except ValueError as e:  # no attention or MLP matrix (a convolutional network): nothing to analyse
+            return cls([], [], why=f'not defined: {e}')
+        return cls(entries, conv1d_names(model), model_family(model))  # the layout as pretrained, before any method
+
+    def capture_start(self, model: nn.Module, method: str) -> None:
+        """The prepared model's starting weights, for the methods whose factorization moved them (TOU's)."""
+        if self.entries and method in ('tou', 'tou_frozen_ffn'):  # the factorization moved the starting point
+            self.start = [w.to('cpu', copy=True) for w in matched_weights(model, self.entries, self.conv1d)]
+
+    def summary(self, model: nn.Module, method: str, ranks: Optional[dict], preset_rank: RankSpec) -> dict:
+        """What the trained `model` changed, as a run record keeps it (`update_summary`, plus the rank it used, a
+        note and the seconds it took).
+
+        Args:
+            model: the trained model (merged or not).
+            method: the run's method.
+            ranks: the run's TOU ranks (`model.toukit_ranks`), or None when the method has none.
+            preset_rank: the rank the analysis uses without `ranks`: the preset's TOU rank.
+        """
+        if not self.entries:
+            return dict(note=self.why)
+        t0 = time.perf_counter()
+        rank = ranks or preset_rank
+        table = update_rows(self.entries, matched_weights(model, self.entries, self.conv1d), self.start, rank=rank,
+                            family=self.family)
+        out = update_summary(table)
+        out['rank'] = 'the run\'s TOU ranks' if ranks else f'{rank} (the preset\'s TOU rank)'
+        if method == 'adapter':
+            out['note'] = ADAPTER_NOTE
+        out['seconds'] = time.perf_counter() - t0
+        return out

@@ -1,4 +1,5 @@
-"""Checkpoints that let a killed run continue exactly, and locks that keep two processes off one run.
+"""A run's state on disk: the checkpoints that let a killed run continue exactly, and the locks that keep two
+processes off one run.
 
 A run's checkpoint lives next to its record, `results/<run id>.ckpt/`:
     tensors-<step>.safetensors  everything training changes in the model: the trainable parameters and every
@@ -226,15 +227,7 @@ def _read_owner(fd: int) -> dict:
     return owner if isinstance(owner, dict) else {}
 
 
-def _legacy_owner_alive(owner: dict) -> bool:
-    """A lock written before locks were flocks: held while its owner lives (one on another host cannot be checked
-    from here and counts as alive)."""
-    if owner.get('flock') or not owner.get('pid'):
-        return False
-    return owner.get('host') != socket.gethostname() or process_alive(owner['pid'])
-
-
-def _held(fd: int, owner: dict) -> bool:
+def _held(fd: int) -> bool:
     """Whether a live process holds the lock file open as `fd`. The check takes a shared flock for an instant, so
     checks never collide with each other, and `RunLock` retries past one."""
     try:
@@ -242,7 +235,7 @@ def _held(fd: int, owner: dict) -> bool:
     except BlockingIOError:
         return True
     fcntl.flock(fd, fcntl.LOCK_UN)
-    return _legacy_owner_alive(owner)
+    return False
 
 
 def lock_owner(record_path: Path) -> Optional[dict]:
@@ -261,7 +254,7 @@ def lock_owner(record_path: Path) -> Optional[dict]:
         return {}
     try:
         owner = _read_owner(fd)
-        return owner if _held(fd, owner) else None
+        return owner if _held(fd) else None
     finally:
         os.close(fd)
 
@@ -276,10 +269,8 @@ class RunLock:
         self.fd = None
 
     def _refuse(self, owner: dict, why: str = '') -> RunLockedError:
-        hint = ('; it was written before locks were flocks: delete it if that process is gone' if owner.get('pid')
-                and not owner.get('flock') else '; wait for it')
         return RunLockedError(f'{self.path.stem}: already running (lock {self.path} held by pid {owner.get("pid")} '
-                              f'on {owner.get("host")}{why}){hint}')
+                              f'on {owner.get("host")}{why}); wait for it')
 
     def _take(self, fd: int) -> bool:
         """Take the flock on `fd` unless a live owner holds it (then False)."""
@@ -302,7 +293,7 @@ class RunLock:
                 raise self._refuse({}, f', not writable by this user: {e.strerror}') from None
             try:
                 owner = _read_owner(fd)
-                if not self._take(fd) or _legacy_owner_alive(owner):
+                if not self._take(fd):
                     raise self._refuse(owner)
                 try:
                     current = os.stat(self.path).st_ino
