@@ -32,7 +32,7 @@ import torch
 import toukit
 from toukit import method_names
 from toukit.config import PRESETS
-from toukit.meter import allocated_mib, peak_mib, peak_since_reset_mib, reset_peak, synchronize
+from toukit.meter import allocated_mib, peak_mib, peak_since_reset_mib, reset_peak, synchronize, timed
 from toukit.models import call_model
 from toukit.step import autocast, to_device, train_step
 
@@ -74,15 +74,13 @@ def _prepared(args):
     model.to(device)
     inputs, labels = to_device((inputs, labels), device)
     if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    toukit.apply_method(model, args.method, **_options(args.method, args.rank, args.lora_rank))
-    model.to(device)
-    synchronize(device)
-    prepare_s = time.perf_counter() - t0
+        reset_peak(device)
+    with timed(device) as prepare_s:
+        toukit.apply_method(model, args.method, **_options(args.method, args.rank, args.lora_rank))
+        model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
     model.train()
-    return model, opt, inputs, labels, prepare_s
+    return model, opt, inputs, labels, prepare_s[0]
 
 
 def worker_step(args):
@@ -94,12 +92,10 @@ def worker_step(args):
     net = torch.compile(model) if args.compile else model  # compiled during the warm-up steps
     times = []
     for i in range(args.warmup + args.steps):
-        synchronize(device)
-        t = time.perf_counter()
-        train_step(net, opt, inputs, labels, args.precision)
-        synchronize(device)
+        with timed(device) as t:
+            train_step(net, opt, inputs, labels, args.precision)
         if i >= args.warmup:
-            times.append(time.perf_counter() - t)
+            times.append(t[0])
     step = statistics.median(times)
     return dict(method=args.method, step_s=step, steps=len(times), samples_per_s=args.batch_size / step,
                 peak_mib=peak_mib(device), start_mib=rss_before, prepare_s=prepare_s, trainable=trainable,
@@ -176,11 +172,9 @@ def worker_profile(args):
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     walls = []  # the same steps unprofiled: against the profiled time, how busy the device (or core) was
     for _ in range(args.steps):
-        synchronize(device)
-        t = time.perf_counter()
-        train_step(model, opt, inputs, labels, args.precision)
-        synchronize(device)
-        walls.append(time.perf_counter() - t)
+        with timed(device) as t:
+            train_step(model, opt, inputs, labels, args.precision)
+        walls.append(t[0])
     gemms = dict(flops=0.0, bytes=0.0, calls=0, roofline_s=0.0, memory_bound_s=0.0, by_shape={})
     size = 2 if args.precision == 'bf16' else 4  # bytes per element of the matrix products' operands
     peak = H200['bf16_flops' if args.precision == 'bf16' else 'fp32_flops']
@@ -234,12 +228,10 @@ def worker_inference(args):
     with torch.no_grad(), autocast(device, args.precision):
         for i in range(args.warmup + args.steps):
             for name, model in models.items():  # interleaved, so drift hits all three alike
-                synchronize(device)
-                t = time.perf_counter()
-                call_model(model, inputs)
-                synchronize(device)
+                with timed(device) as t:
+                    call_model(model, inputs)
                 if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t)
+                    times[name].append(t[0])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -253,11 +245,9 @@ def worker_factorize(args):
     model.to(device)
     originals = [w.detach().double().cpu() for _, _, w in layer_matrices(model)]
     factored = copy.deepcopy(model)
-    synchronize(device)
-    t = time.perf_counter()
-    toukit.apply_tou(factored, rank=args.rank, noise_scale=0.0, svd_method=args.svd_method)
-    synchronize(device)
-    seconds = time.perf_counter() - t
+    with timed(device) as t:
+        toukit.apply_tou(factored, rank=args.rank, noise_scale=0.0, svd_method=args.svd_method)
+    seconds = t[0]
     # relative error of the factorization vs the optimum (sqrt tail energy) over all matrices
     merged = toukit.merge(factored)
     num = den = opt = 0.0
@@ -293,16 +283,14 @@ def worker_factorize_llm(args):
     dtype = torch.bfloat16 if args.precision == 'bf16' else torch.float32
     torch.manual_seed(0)
     runtime = 0.0 if device.type == 'cuda' else allocated_mib(device)
-    t = time.perf_counter()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with device:
+        with timed(device) as t, device:
             model = LlamaForCausalLM(LlamaConfig(**shape))
     finally:
         torch.set_default_dtype(default)
-    synchronize(device)
-    build_s = time.perf_counter() - t
+    build_s = t[0]
     params = sum(p.numel() for p in model.parameters())
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
     before = allocated_mib(device) - runtime  # the model alone
@@ -310,10 +298,9 @@ def worker_factorize_llm(args):
                  if n.endswith(('layers.0.self_attn.q_proj', 'layers.0.mlp.down_proj'))}
     copies = sum(w.numel() * w.element_size() for w in originals.values()) / 2 ** 20
     reset_peak(device)
-    t = time.perf_counter()
-    toukit.apply_tou(model, rank=args.rank, svd_method=args.svd_method, chunk=getattr(args, 'chunk', None))
-    synchronize(device)
-    seconds = time.perf_counter() - t
+    with timed(device) as t:
+        toukit.apply_tou(model, rank=args.rank, svd_method=args.svd_method, chunk=getattr(args, 'chunk', None))
+    seconds = t[0]
     peak, after = peak_since_reset_mib(device) - runtime, allocated_mib(device) - runtime
     trainable, total = toukit.count_parameters(model)
     ranks = sorted(set(model.toukit_ranks.values()))
@@ -325,10 +312,9 @@ def worker_factorize_llm(args):
         errors.append(dict(layer=name, rank=module.rank, optimal_error=float(torch.linalg.norm(s[module.rank:]) /
                                                                              torch.linalg.norm(s)),
                            error=float(error)))
-    t = time.perf_counter()
-    toukit.merge(model)
-    synchronize(device)
-    merge_s = time.perf_counter() - t
+    with timed(device) as t:
+        toukit.merge(model)
+    merge_s = t[0]
     return dict(svd_method=args.svd_method, config=shape, params=params, weights_dtype=str(dtype), build_s=build_s,
                 seconds=seconds, merge_s=merge_s, weights_mib=weights, runtime_mib=runtime, copies_mib=copies,
                 model_mib=before,

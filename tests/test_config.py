@@ -39,8 +39,8 @@ def test_a_renamed_field_changes_the_id_as_it_did_under_its_old_name():
 
 def test_the_metadata_says_each_field_once():
     fields = dataclasses.fields(config.TrainConfig)
-    assert config.IDENTITY_EXCLUDED == ('data_root', 'download', 'device', 'num_workers', 'results_dir', 'run_name',
-                                        'save_weights', 'checkpoint_every', 'log_with')
+    assert config.IDENTITY_EXCLUDED == ('download', 'data_root', 'device', 'results_dir', 'run_name', 'save_weights',
+                                        'num_workers', 'checkpoint_every', 'log_with')
     parser = cli.argparse.ArgumentParser()
     cli._train_parser(parser.add_subparsers())
     train_parser = parser._subparsers._group_actions[0].choices['train']

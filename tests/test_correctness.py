@@ -119,7 +119,7 @@ def test_failing_apply_method_leaves_model_untouched(method, options, test_vit):
     assert toukit.is_prepared(test_vit)
 
 
-# bug 5: create_model('minilm', checkpoint=dir) took the tokenizer from the bundled package, not from dir
+# bug 5: create_model('minilm', weights=dir) took the tokenizer from the bundled package, not from dir
 
 
 def test_minilm_checkpoint_brings_its_own_tokenizer(tmp_path, monkeypatch):
@@ -131,7 +131,7 @@ def test_minilm_checkpoint_brings_its_own_tokenizer(tmp_path, monkeypatch):
     def no_bundle():
         raise AssertionError('the bundled package must not be needed with a checkpoint')
     monkeypatch.setattr(models, 'minilm_path', no_bundle)
-    model = toukit.create_model('minilm', num_classes=3, checkpoint=str(tmp_path))
+    model = toukit.create_model('minilm', num_classes=3, weights=str(tmp_path))
     assert model.tokenizer_path == str(tmp_path)
     bundle = data.load_dataset('bbc', model, max_length=8, train_limit=4, val_limit=2, test_limit=2)
     assert bundle.train.input_ids.shape == (4, 8)

@@ -97,5 +97,5 @@ def test_create_model_reloads_a_fine_tuned_timm_checkpoint_with_its_head(tmp_pat
     with torch.no_grad():
         expected = model(x)
         for name in ('tuned.safetensors', 'tuned.pth'):
-            loaded = toukit.create_model('test_vit', num_classes=5, checkpoint=str(tmp_path / name)).eval()
+            loaded = toukit.create_model('test_vit', num_classes=5, weights=str(tmp_path / name)).eval()
             torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-5)

@@ -193,13 +193,16 @@ def test_a_killed_owner_never_holds_the_lock(tmp_path):
     with runstate.RunLock(path):
         assert runstate.lock_owner(path)['pid'] == os.getpid()
     assert not path.with_suffix('.lock').exists()
-    # a lock written before locks were flocks holds while its owner lives
+    # only the flock holds: a lock file naming a live process that holds no flock on it is free
     sleeper = subprocess.Popen(['sleep', '30'])
     path.with_suffix('.lock').write_text(json.dumps(dict(host=socket.gethostname(), pid=sleeper.pid)))
-    assert runstate.lock_owner(path)['pid'] == sleeper.pid
-    sleeper.kill()
-    sleeper.wait()
-    assert runstate.lock_owner(path) is None
+    try:
+        assert runstate.lock_owner(path) is None
+        with runstate.RunLock(path):
+            assert runstate.lock_owner(path)['pid'] == os.getpid()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_a_check_of_the_lock_never_makes_its_taker_fail(tmp_path):

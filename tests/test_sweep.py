@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import toukit
-from toukit import claims, results, studies, sweep
+from toukit import claims, results, sweep
 
 
 def _record(val, test):
@@ -79,25 +79,38 @@ def test_tiny_sweep_picks_best_validation_rate_and_resumes(tmp_path):
 @pytest.mark.notebook
 def test_sweep_workers_share_a_results_folder(tmp_path):
     """A run another worker holds is skipped: one on another host is left to it, one of this host is waited for."""
-    import socket
     import subprocess
+    import sys
     kw = dict(grid={'tou': [1e-4, 1e-3]}, results_dir=str(tmp_path), stages=('grid',), progress=False,
               overrides=dict(epochs=1, max_steps_per_epoch=2), poll_seconds=0.5)
     first, second = (c.record_path for c in sweep.plan('test', ['tou'], [0], kw['grid'], str(tmp_path),
                                                        kw['overrides'])['configs'].values())
-    first.with_suffix('.lock').write_text(json.dumps(dict(host='elsewhere', pid=1)))
+    def hold(seconds, host=None):  # a worker process that holds the run's lock (as another host's, if given)
+        rewrite = (f'open({str(first.with_suffix(".lock"))!r}, "w").write(json.dumps(dict(host={host!r}, pid=1)))'
+                   if host else 'pass')
+        code = (f'import json, time; from toukit.runstate import RunLock\n'
+                f'with RunLock({str(first)!r}):\n    {rewrite}\n    print("locked", flush=True)\n'
+                f'    time.sleep({seconds})')
+        worker = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+        assert worker.stdout.readline().strip() == 'locked'
+        return worker
+
+    elsewhere = hold(60, host='elsewhere')
+    try:
+        sweep.sweep('test', ['tou'], [0], **kw)
+        assert not first.exists() and second.exists()  # no failure raised, no record written for the held run
+    finally:
+        elsewhere.kill()
+        elsewhere.wait()
+    local = hold(3)  # a live local worker that dies without finishing its run
     sweep.sweep('test', ['tou'], [0], **kw)
-    assert not first.exists() and second.exists()  # no failure raised, no record written for the held run
-    sleeper = subprocess.Popen(['sleep', '3'])  # a live local worker that dies without finishing its run
-    first.with_suffix('.lock').write_text(json.dumps(dict(host=socket.gethostname(), pid=sleeper.pid)))
-    sweep.sweep('test', ['tou'], [0], **kw)
-    assert sleeper.poll() is not None and json.loads(first.read_text())['status'] == 'ok'
+    assert local.poll() is not None and json.loads(first.read_text())['status'] == 'ok'
 
 
 def test_rank_study_plan_on_the_demo(tmp_path):
     specs = sweep.study_specs('demo', [0.5, 1.0])
     manifest = sweep.rank_plan('demo', [0.5, 1.0], [0, 1], lr=5e-5, results_dir=str(tmp_path), specs=specs)
-    assert list(manifest['runs']['ranks']) == [f'{p} @ {b}' for b in ('0.5', '1') for p in studies.BUDGET_POLICIES]
+    assert list(manifest['runs']['ranks']) == [f'{p} @ {b}' for b in ('0.5', '1') for p in toukit.ranks.BUDGET_POLICIES]
     assert len(manifest['configs']) == 16 and len(set(manifest['configs'])) == 16
     # budget 1.0's uniform runs are the plain TOU runs at that rate: run once, shared with the sweep's protocols
     plain = sweep.plan('demo', ['tou'], [0, 1], results_dir=str(tmp_path))['runs']['paper']['tou']

@@ -18,7 +18,7 @@ from scipy import stats
 
 from .methods import method_label
 from .results import missing_runs, read_record, with_protocol
-from .studies import BUDGET_POLICIES
+from .ranks import BUDGET_POLICIES
 
 __all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'pooled_summary',
            'bootstrap_means', 'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS', 'POOLING']

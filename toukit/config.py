@@ -225,20 +225,20 @@ class TrainConfig:
                                                       'batches', _INT)
     pretrained: Optional[bool] = _field(None, "None: the preset's", _optional(_bool_or_none), fallback=True)
     weights: Optional[str] = _field(None, 'local weights file for the model', _optional(_text), id_name='checkpoint')
-    data_root: str = _field('data', 'where downloadable datasets (cifar100, fashion_mnist) live', _folder,
-                            identity=False)
     download: Optional[bool] = _field(None, "let torchvision download the dataset; None: the preset's",
                                       _optional(_bool_or_none), identity=False, fallback=False)
+    data_root: str = _field('data', 'where downloadable datasets (cifar100, fashion_mnist) live', _folder,
+                            identity=False)
     device: str = _field('auto', 'auto, cpu or cuda', _device, identity=False)
     precision: str = _field('fp32', 'fp32 or bf16 (autocast)', _precision)
     compile: Optional[bool] = _field(None, 'torch.compile the prepared model for its training steps and '
                                            'evaluations; None: eager', _optional(_bool_or_none))
-    num_workers: Optional[int] = _field(None, "DataLoader worker processes; None: the preset's",
-                                        _optional(_int_at_least(0)), identity=False, fallback=0)
     results_dir: str = _field('results', 'where the run record goes', _folder, identity=False)
     run_name: Optional[str] = _field(None, "None: the run's id, {preset}_{method}_lr{lr}_s{seed}_{hash of the other "
                                            'settings}', _optional(_file_name), identity=False)
     save_weights: bool = _field(False, "also write the merged model's weights (safetensors)", _bool, identity=False)
+    num_workers: Optional[int] = _field(None, "DataLoader worker processes; None: the preset's",
+                                        _optional(_int_at_least(0)), identity=False, fallback=0)
     checkpoint_every: Optional[int] = _field(None, 'also checkpoint every N steps (always after every epoch)', _INT,
                                              identity=False)
     log_with: Optional[str] = _field(None, "an accelerate tracker for the metrics, e.g. 'tensorboard' (under "

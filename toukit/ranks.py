@@ -28,9 +28,12 @@ from .linalg import check_rank, rank_for_energy, singular_values_many
 from .targets import Targets, layer_matrices, matches
 
 __all__ = ['RankPolicy', 'parse_rank', 'allocate_budget', 'allocate_spectra', 'allocate_ranks', 'uniform_cost',
-           'layer_policies', 'rank_from_fraction', 'optimal_hard_threshold_rank', 'ght_omega', 'DEFAULT_FRACTION']
+           'layer_policies', 'rank_from_fraction', 'optimal_hard_threshold_rank', 'ght_omega', 'DEFAULT_FRACTION',
+           'BUDGET_POLICIES']
 
 DEFAULT_FRACTION = 0.375  # the paper's r = 288 on ViT-B/16's 768-wide matrices, as a fraction of min(out, in)
+# the rank study's policies, compared at equal budgets (`toukit.studies.budget_policies`), in the order tables show them
+BUDGET_POLICIES = ('uniform', 'energy threshold', 'budget (weights)', 'budget (activations)')
 
 RankSpec = Union[int, float, str, 'RankPolicy', Mapping[str, Union[int, float, str]]]
 

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 __all__ = ['RunState', 'checkpoint_dir', 'save_checkpoint', 'read_checkpoint', 'restore_model', 'load_optimizer',
            'has_checkpoint', 'remove_checkpoint',
@@ -102,7 +103,6 @@ def _training_tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 def save_checkpoint(record_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
                     identity: dict) -> Path:
     """Write the model's trainable parameters and buffers, the optimizer and `state` atomically; returns the folder."""
-    from safetensors.torch import save_file
     folder = checkpoint_dir(record_path)
     folder.mkdir(parents=True, exist_ok=True)
     names = dict(tensors_file=f'tensors-{state.step}.safetensors', optimizer_file=f'optimizer-{state.step}.pt')
@@ -167,7 +167,6 @@ def load_optimizer(record_path: Path, optimizer: torch.optim.Optimizer) -> None:
 def _read(folder: Path):
     """(the saved state dict, the model's saved tensors) of a checkpoint folder; the optimizer file is checked to
     exist, not read."""
-    from safetensors.torch import load_file
     saved = torch.load(folder / 'state.pt', map_location='cpu', weights_only=False)
     if not (folder / saved['optimizer_file']).exists():
         raise FileNotFoundError(folder / saved['optimizer_file'])

@@ -6,6 +6,7 @@ policies are in `toukit.studies`.
 """
 from typing import Dict, Mapping, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from .linalg import effective_rank, energy_curve, rank_for_energy, relative_erro
 from .ranks import RankSpec, allocate_spectra, layer_policies, parse_rank
 from .targets import Family, Targets, block_index, layer_kind, layer_matrices, layer_type, model_family
 
-__all__ = ['spectrum_table', 'rank_table', 'allocate_from_table', 'energy_rank_grid', 'layer_columns',
+__all__ = ['spectrum_table', 'rank_table', 'total_error', 'allocate_from_table', 'energy_rank_grid', 'layer_columns',
            'ENERGY_LEVELS']
 
 ENERGY_LEVELS = (0.5, 0.9, 0.99)
@@ -95,6 +96,12 @@ def rank_table(table: pd.DataFrame, rank: RankSpec) -> pd.DataFrame:
     out['relative_error'] = errors
     return out
 
+
+def total_error(ranks: pd.DataFrame) -> float:
+    """Relative error of all targeted weights together (a `rank_table`): sqrt(sum of tail energies / sum of
+    energies)."""
+    energy = ranks.fro_norm ** 2
+    return float(np.sqrt((energy * ranks.relative_error ** 2).sum() / energy.sum()))
 
 def allocate_from_table(table: pd.DataFrame, budget, cost: str = 'trainable') -> Dict[str, int]:
     """`toukit.ranks.allocate_ranks` on a spectrum table: layer name -> rank, the parts (q, k, v) of a name sharing

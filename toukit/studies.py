@@ -18,13 +18,12 @@ from .linalg import energy_curve, relative_error
 from .methods import apply_tou
 from .models import call_model
 from .ranks import DEFAULT_FRACTION, RankSpec, parse_rank, rank_from_fraction, uniform_cost
-from .spectrum import layer_columns, rank_table, spectrum_table
+from .spectrum import layer_columns, rank_table, spectrum_table, total_error
 from .targets import Targets, dense_weight, layer_matrices, model_family, qkv_part
 
-__all__ = ['error_curves', 'total_error', 'compare_policies', 'layer_output_errors', 'pattern_cost',
-           'budget_policies', 'tou_errors', 'budget_study', 'BUDGET_POLICIES']
+__all__ = ['error_curves', 'compare_policies', 'layer_output_errors', 'pattern_cost',
+           'budget_policies', 'tou_errors', 'budget_study']
 
-BUDGET_POLICIES = ('uniform', 'energy threshold', 'budget (weights)', 'budget (activations)')
 
 
 def error_curves(table: pd.DataFrame, fractions: Sequence[float] = tuple(np.linspace(0.02, 1.0, 50))) -> pd.DataFrame:
@@ -42,12 +41,6 @@ def error_curves(table: pd.DataFrame, fractions: Sequence[float] = tuple(np.lins
                              fraction=float(f), rank=k, relative_error=relative_error(s, k),
                              energy_kept=float(curve[k - 1])))
     return pd.DataFrame(rows)
-
-
-def total_error(ranks: pd.DataFrame) -> float:
-    """Relative error of all targeted weights together: sqrt(sum of tail energies / sum of energies)."""
-    energy = ranks.fro_norm ** 2
-    return float(np.sqrt((energy * ranks.relative_error ** 2).sum() / energy.sum()))
 
 
 def compare_policies(table: pd.DataFrame, policies: Sequence[RankSpec]) -> pd.DataFrame:

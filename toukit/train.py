@@ -155,7 +155,7 @@ class Run:
             self.source = read_source(config.dataset, **config.columns())
         classes = len(self.source.classes) if self.source is not None else num_classes_of(config.dataset)
         set_seed(config.seed)
-        self.model = create_model(config.model, classes, pretrained=config.pretrained, checkpoint=config.weights,
+        self.model = create_model(config.model, classes, pretrained=config.pretrained, weights=config.weights,
                                   seed=config.seed, image_size=config.image_size)
         self.data = load_dataset(config.dataset, self.model, root=config.data_root, split_seed=config.split_seed,
                                  max_length=config.max_length, train_limit=config.train_limit,
@@ -369,6 +369,20 @@ class Run:
                 for split, loader in self.eval_loaders.items()}
 
 
+def _read_data(config: Optional[TrainConfig], overrides: dict) -> Optional[Source]:
+    """The run's own data (a table file or an image folder), read once here and handed on; None for a built-in set.
+
+    Raises:
+        ValueError: a torch Dataset's name ('python:...') without the Dataset itself.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    dataset = config.dataset if config.dataset is not None else PRESETS[config.preset].get('dataset')
+    if isinstance(dataset, str) and dataset.startswith('python:'):
+        raise ValueError(f'dataset={dataset!r}: a torch Dataset is read from the Dataset itself; pass it as '
+                         f'run(data=...)')
+    return read_source(dataset, **config.columns()) if is_source(dataset) else None
+
+
 def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: bool = False, resume: bool = False,
         data=None, **overrides) -> dict:
     """Fine-tune one model with one method and write its run record; returns the record.
@@ -391,8 +405,8 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
         RunLockedError: another live process runs the same run.
         ValueError: resume without a checkpoint, or with one made by a different configuration.
     """
-    source = dataset_source(data) if data is not None else None
-    if source is not None:
+    source = dataset_source(data) if data is not None else _read_data(config, overrides)
+    if data is not None:
         overrides['dataset'] = source.name
     config = resolve_config(config, source=source, **overrides)
     path = config.record_path

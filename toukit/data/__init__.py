@@ -30,13 +30,13 @@ from .base import (HELD_OUT_VAL_FRACTION, SPLIT_FRACTIONS, SPLITS, DataBundle, I
                    LoadOptions, TextDataset, sample_batch, stratified_split)
 from .registry import BuiltinDataset, builtin_dataset, builtin_names, register_builtin_dataset
 from .sources import IMAGE_SUFFIXES, TABLE_SUFFIXES, Source, dataset_source, is_source, read_source
-from .builtin import DATASETS, read_bbc, rotten_tomatoes_table
+from .builtin import read_bbc, rotten_tomatoes_table
 from .load import load_dataset, num_classes_of
 
 __all__ = [
     'load_dataset', 'num_classes_of', 'DataBundle', 'sample_batch',
     'Source', 'read_source', 'dataset_source', 'is_source', 'TABLE_SUFFIXES', 'IMAGE_SUFFIXES',
-    'DATASETS', 'BuiltinDataset', 'register_builtin_dataset', 'builtin_dataset', 'builtin_names', 'LoadOptions',
+    'BuiltinDataset', 'register_builtin_dataset', 'builtin_dataset', 'builtin_names', 'LoadOptions',
     'read_bbc', 'rotten_tomatoes_table',
     'SPLITS', 'SPLIT_FRACTIONS', 'HELD_OUT_VAL_FRACTION', 'stratified_split',
     'TextDataset', 'ImageArrayDataset', 'ImageFileDataset',

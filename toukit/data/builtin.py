@@ -12,7 +12,7 @@ import torch
 
 from .base import (HELD_OUT_VAL_FRACTION, SPLIT_FRACTIONS, SPLITS, DataBundle, ImageArrayDataset, LoadOptions,
                    TextDataset, first_of_each, image_transform, limited, stratified_split, subsets, tokenized_sets)
-from .registry import builtin_dataset, builtin_names, register_builtin_dataset
+from .registry import register_builtin_dataset
 from .sources import read_source, source_bundle
 
 BBC_DUPLICATE_PREFIX = 300  # characters that make two articles the same
@@ -250,5 +250,3 @@ def load_rotten_tomatoes(model, modality: str, options: LoadOptions) -> DataBund
     source = read_source(str(rotten_tomatoes_table(str(options.root))), 'text', 'label', 'split')
     return source_bundle(source, model, modality, options)
 
-
-DATASETS = {name: builtin_dataset(name).modality for name in builtin_names()}  # name -> 'text', 'image' or 'any'

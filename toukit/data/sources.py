@@ -84,12 +84,14 @@ def _content(value, index: int) -> bytes:
                      f'id; give tensors, arrays, PIL images or strings')
 
 
-_READ: Dict[tuple, Source] = {}  # files and folders already read, by path, modification time and columns
+# the last file or folder read, by path, modification time and columns: a run's config check, its id and its data
+# share one read, and a sweep over many files keeps only one in memory
+_LAST_READ: Dict[tuple, Source] = {}
 
 
 def read_source(name: str, text_column: str = 'text', label_column: str = 'label',
                 split_column: Optional[str] = None) -> Source:
-    """Read (and cache, by path and modification time) a table file or an image folder.
+    """Read a table file or an image folder (the last one read is kept, by path and modification time).
 
     Raises:
         ValueError: naming the file and the problem: it does not exist or is empty, a missing column (listing the
@@ -104,10 +106,12 @@ def read_source(name: str, text_column: str = 'text', label_column: str = 'label
     if not path.exists():
         raise ValueError(f'dataset={name!r}: no such file or folder')
     key = (str(path.resolve()), path.stat().st_mtime_ns, text_column, label_column, split_column)
-    if key not in _READ:
-        _READ[key] = (_read_image_folder(path) if path.is_dir()
-                      else _read_table(path, text_column, label_column, split_column))
-    return _READ[key]
+    if key not in _LAST_READ:
+        source = _read_image_folder(path) if path.is_dir() else _read_table(path, text_column, label_column,
+                                                                             split_column)
+        _LAST_READ.clear()
+        _LAST_READ[key] = source
+    return _LAST_READ[key]
 
 
 def _splits_of(values, where: str) -> np.ndarray:
