@@ -34,9 +34,9 @@ import torch
 from .runstate import process_alive
 from .methods import method_label, method_names
 
-__all__ = ['write_record', 'read_record', 'read_manifest', 'finished_record', 'load_runs', 'history', 'environment',
-           'now', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol', 'missing_runs',
-           'PAPER_TABLE1', 'MANIFEST_SUFFIX']
+__all__ = ['write_record', 'redo_path', 'read_record', 'read_manifest', 'finished_record', 'load_runs', 'history',
+           'environment', 'now', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol',
+           'missing_runs', 'PAPER_TABLE1', 'MANIFEST_SUFFIX']
 
 MANIFEST_SUFFIX = '.sweep.json'
 FINISHED = ('ok', 'diverged')  # a run's final statuses: the sweep makes neither again
@@ -101,6 +101,12 @@ def read_record(path: Union[str, Path]) -> dict:
 def read_manifest(path: Union[str, Path]) -> dict:
     """The sweep manifest at `path` (`<preset>.sweep.json`, `<preset>.ranks.sweep.json`)."""
     return _read_json(path)
+
+
+def redo_path(record_path: Path) -> Path:
+    """Where a redo writes its record until it finishes (beside the finished record it will replace; `load_runs`
+    reads only *.json)."""
+    return record_path.with_name(record_path.name + '.redo')
 
 
 def finished_record(path: Union[str, Path]) -> Optional[dict]:

@@ -21,12 +21,15 @@ resumed run allocates its state inside the training-memory window, as an uninter
 The lock `results/<run id>.lock` is an flock (released by the kernel when its process dies, however it dies) on a
 file naming the owner's host and pid; a second process refuses the run while the owner lives.
 """
+import contextlib
 import dataclasses
 import fcntl
 import json
 import os
 import random
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,8 @@ from safetensors.torch import load_file, save_file
 __all__ = ['RunState', 'checkpoint_dir', 'save_checkpoint', 'read_checkpoint', 'restore_model', 'load_optimizer',
            'has_checkpoint', 'remove_checkpoint',
            'checkpoint_problem', 'can_resume',
-           'RunLock', 'RunLockedError', 'lock_owner', 'process_alive', 'rng_states', 'set_rng_states']
+           'RunLock', 'RunLockedError', 'lock_owner', 'process_alive', 'rng_states', 'set_rng_states',
+           'sigterm_as_interrupt']
 
 
 class RunLockedError(RuntimeError):
@@ -313,3 +317,21 @@ class RunLock:
             self.path.unlink(missing_ok=True)  # while still holding it: a waiting opener sees a new inode
             os.close(self.fd)
             self.fd = None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or `kill`'s) raises KeyboardInterrupt in the main thread, as Ctrl-C does, so the run
+    ends the same way: a record that says interrupted, its checkpoint kept, its lock released."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt('SIGTERM')
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -11,13 +11,20 @@ from torch.utils.data import DataLoader
 from .meter import timed
 from .models import call_model
 
-__all__ = ['set_seed', 'to_device', 'autocast', 'train_step', 'evaluate']
+__all__ = ['set_seed', 'device_of', 'to_device', 'autocast', 'train_step', 'evaluate']
 
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def device_of(name: str) -> torch.device:
+    """The torch device a config's `device` names ('auto': CUDA when this machine has it, else the CPU)."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(name)
 
 
 def to_device(batch, device: torch.device):

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -30,16 +31,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .calibration import first_batches
-from .runstate import (RunLock, RunState, checkpoint_dir, has_checkpoint, load_optimizer, read_checkpoint,
-                         remove_checkpoint, restore_model, rng_states, save_checkpoint, set_rng_states)
 from .config import PRESETS, TrainConfig, identity, resolve_config
 from .data import Source, dataset_source, is_source, load_dataset, num_classes_of, read_source
 from .meter import MEMORY_DEFINITIONS, MemoryMeter, timed
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
 from .models import create_model
 from .ranks import DEFAULT_FRACTION
-from .results import environment, finished_record, now, write_record
-from .step import evaluate, set_seed, to_device, train_step
+from .results import FINISHED, environment, finished_record, now, redo_path, write_record
+from .runstate import (RunLock, RunState, checkpoint_dir, has_checkpoint, load_optimizer, read_checkpoint,
+                       remove_checkpoint, restore_model, rng_states, save_checkpoint, set_rng_states,
+                       sigterm_as_interrupt)
+from .step import device_of, evaluate, set_seed, to_device, train_step
 from .updates import UpdateBaseline
 
 __all__ = ['run', 'Run', 'RecordExistsError', 'preset_model']
@@ -55,12 +57,6 @@ def preset_model(preset: str = 'demo', model: Optional[str] = None, pretrained: 
     config = resolve_config(TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
     net = create_model(config.model, num_classes=config.num_classes(), pretrained=config.pretrained)
     return config, net
-
-
-def _device(name: str) -> torch.device:
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(name)
 
 
 def _engine(config: TrainConfig, path: Path):
@@ -88,10 +84,11 @@ class Run:
     optimizer, engine, memory meter). `record` is the run record, written by `run`."""
 
     def __init__(self, config: TrainConfig, record: dict, resume: bool = False, progress: bool = True,
-                 source: Optional[Source] = None):
+                 source: Optional[Source] = None, record_path: Optional[Path] = None):
         self.config, self.record, self.resume, self.progress, self.source = config, record, resume, progress, source
-        self.path = config.record_path
-        self.device = _device(config.device)
+        self.path = config.record_path  # the run's id on disk: its checkpoint and lock
+        self.record_path = record_path or self.path  # where its record is written (a redo's goes beside the old one)
+        self.device = device_of(config.device)
         self.state = RunState(created=record['run']['created'])
         self.forward = None  # what computes the steps and evaluations when compiled
         self.engine = self.model = self.optimizer = self.memory = self.updates = None
@@ -285,7 +282,7 @@ class Run:
         self.checkpoint()
         self.write_costs()
         if self.main:
-            write_record(self.record, self.path)  # a partial record after every epoch: a dead run loses one epoch
+            write_record(self.record, self.record_path)  # a partial record each epoch: a dead run loses one epoch
         if self.progress:
             print(f'epoch {row["epoch"]}: train loss {row["train_loss"]:.4f}  val loss {row["val_loss"]:.4f}  '
                   f'val accuracy {row["val_accuracy"]:.4f}  test accuracy {row["test_accuracy"]:.4f}  '
@@ -383,6 +380,16 @@ def _read_data(config: Optional[TrainConfig], overrides: dict) -> Optional[Sourc
     return read_source(dataset, **config.columns()) if is_source(dataset) else None
 
 
+def _say_checkpoint(config: TrainConfig, resume: bool) -> None:
+    """A run that finds a checkpoint of its own id and is not told to resume says so, and how to resume it."""
+    path = config.record_path
+    if resume or not has_checkpoint(path):
+        return
+    warnings.warn(f'{config.name}: a checkpoint of this run is in {checkpoint_dir(path)}; this run starts over and '
+                  f'replaces it. To continue it instead: toukit train ... --resume, -p resume True, or '
+                  f'run(config, resume=True)', stacklevel=3)
+
+
 def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: bool = False, resume: bool = False,
         data=None, **overrides) -> dict:
     """Fine-tune one model with one method and write its run record; returns the record.
@@ -413,16 +420,19 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
     if resume and not has_checkpoint(path):
         raise ValueError(f'resume=True but {config.name} has no checkpoint ({checkpoint_dir(path)}); run it without '
                          f'resume')
+    _say_checkpoint(config, resume)
     main = int(os.environ.get('RANK', '0')) == 0  # under torchrun / accelerate launch only rank 0 writes
-    with (RunLock(path) if main else contextlib.nullcontext()):
-        if not overwrite and finished_record(path) is not None:  # checked under the lock: no race with its owner
+    with (RunLock(path) if main else contextlib.nullcontext()), sigterm_as_interrupt():
+        finished = finished_record(path) is not None  # checked under the lock: no race with its owner
+        if finished and not overwrite:
             raise RecordExistsError(f'{path}: a finished record of this run exists; pass overwrite=True '
                                     f'(toukit: --redo) to run it again and replace it')
+        out = redo_path(path) if finished else path  # a redo replaces the finished record only once it finishes
         record = dict(run=dict(id=config.name, created=now(), config=dataclasses.asdict(config)), status='running',
                       metrics=dict(epochs=[], steps=[], final={}), cost={},
-                      env=dict(environment(str(_device(config.device))), pid=os.getpid(), host=socket.gethostname()))
+                      env=dict(environment(str(device_of(config.device))), pid=os.getpid(), host=socket.gethostname()))
         try:
-            job = Run(config, record, resume, progress and main, source).setup()
+            job = Run(config, record, resume, progress and main, source, out).setup()
             job.finish(job.fit())
             record['status'] = 'ok'
             if main:
@@ -433,6 +443,10 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
             if main:
                 remove_checkpoint(path)
             raise
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the checkpoint stays for a resume
+            record['status'] = 'interrupted'
+            record['error'] = f'interrupted ({e or "KeyboardInterrupt"})'
+            raise
         except BaseException as e:
             record['status'] = 'failed'
             record['error'] = ''.join(traceback.format_exception_only(type(e), e)).strip()
@@ -441,5 +455,7 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
         finally:
             record['finished'] = now()
             if main:
-                write_record(record, path)
+                write_record(record, out)
+                if out != path and record['status'] in FINISHED:
+                    os.replace(out, path)  # atomic: a reader sees the old record or the new, never a partial one
     return record
