@@ -9,7 +9,8 @@ Built in (`builtin`, each registered by name in `registry`):
     fashion_mnist  Debian's dataset-fashion-mnist files (/usr/share/datasets/fashion-mnist), else torchvision download
     synthetic      small, learnable, made on the fly (tests)
 
-Or your own data (`sources`), read and hashed once into a `Source`:
+Or your own data (`sources`, `tables`), read, checked and hashed once into a `Source`, said back by
+`source_summary` and `format_summary` (`summary`):
     a table file   .csv, .tsv, .jsonl (.json: JSON Lines) or .parquet with a text column and a label column (names
                    given by `text_column`, `label_column`) and an optional split column (`split_column`: train,
                    val / validation, test)
@@ -27,15 +28,17 @@ the same three sets. rotten_tomatoes is split once, by movie (no test movie's re
 split whatever the `split_seed`.
 """
 from .base import (HELD_OUT_VAL_FRACTION, SPLIT_FRACTIONS, SPLITS, DataBundle, ImageArrayDataset, ImageFileDataset,
-                   LoadOptions, TextDataset, sample_batch, stratified_split)
+                   LoadOptions, Source, TextDataset, sample_batch, stratified_split)
 from .registry import BuiltinDataset, builtin_dataset, builtin_names, register_builtin_dataset
-from .sources import IMAGE_SUFFIXES, TABLE_SUFFIXES, Source, dataset_source, is_source, read_source
+from .sources import IMAGE_SUFFIXES, TABLE_SUFFIXES, dataset_source, is_source, read_source
+from .summary import format_summary, source_summary
 from .builtin import read_bbc, rotten_tomatoes_table
 from .load import load_dataset, num_classes_of
 
 __all__ = [
     'load_dataset', 'num_classes_of', 'DataBundle', 'sample_batch',
-    'Source', 'read_source', 'dataset_source', 'is_source', 'TABLE_SUFFIXES', 'IMAGE_SUFFIXES',
+    'Source', 'read_source', 'dataset_source', 'is_source', 'source_summary', 'format_summary', 'TABLE_SUFFIXES',
+    'IMAGE_SUFFIXES',
     'BuiltinDataset', 'register_builtin_dataset', 'builtin_dataset', 'builtin_names', 'LoadOptions',
     'read_bbc', 'rotten_tomatoes_table',
     'SPLITS', 'SPLIT_FRACTIONS', 'HELD_OUT_VAL_FRACTION', 'stratified_split',

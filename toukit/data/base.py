@@ -1,8 +1,9 @@
 """What every dataset shares: the bundle, the dataset classes, one split, one tokenizer helper, one de-duplication."""
 import contextlib
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 SPLITS = ('train', 'val', 'test')
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / validation / test of a dataset without an official test set
 HELD_OUT_VAL_FRACTION = 0.1  # datasets with an official test set: validation's share of the training set
+EXACT, CONFLICTING = 'exact duplicates', 'conflicting duplicates'  # two of the reasons a row is dropped
 
 
 @dataclass
@@ -27,6 +29,35 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+@dataclass
+class Source:
+    """Your data, read: inputs (texts, image files, or indices of a torch Dataset's items), integer labels, the class
+    names, each example's given split (None: split by the stratified rule), and what was dropped, skipped or
+    normalised on the way (said back by `toukit.data.source_summary`)."""
+    origin: str  # 'table', 'image_folder' or 'python': the record's `source`
+    name: str  # the file's or folder's path; a torch Dataset's 'python:<class>:<hash12>' (the config's `dataset`)
+    inputs: list
+    labels: np.ndarray
+    classes: List[str]
+    splits: Optional[np.ndarray]
+    sha256: str  # of the file, of the folder's names and images; a torch Dataset's: the first 12 hex digits
+    read: int = 0  # rows, image files or items read, before any was dropped
+    dropped: Dict[str, list] = field(default_factory=dict)  # reason -> the data rows (from 1) or files dropped
+    notes: List[str] = field(default_factory=list)  # each normalisation applied, in words
+    skipped: List[str] = field(default_factory=list)  # an image folder's entries that are not images, or hidden
+    given_split: Optional[str] = None  # where the given split comes from: "column 'part'", 'folders train/, test/'
+    dataset: Optional[Dataset] = field(default=None, repr=False)  # origin 'python': the Dataset itself
+
+    @property
+    def duplicates(self) -> int:
+        """Exact copies dropped (whitespace-normalised texts with the same label, byte-identical images): first kept."""
+        return len(self.dropped.get(EXACT, []))
+
+    def describe(self) -> dict:
+        """What a run record's `data` says of the source."""
+        return dict(source=self.origin, path=self.name, sha256=self.sha256, duplicates_dropped=self.duplicates)
 
 
 @dataclass(frozen=True)
@@ -83,11 +114,11 @@ def unreadable_image(path) -> Iterator[None]:
         raise ValueError(f'{path}: unreadable image ({type(e).__name__}: {e})') from None
 
 
-def check_images(files: Sequence[str]) -> None:
-    """Raise a ValueError naming the first of `files` that PIL cannot read."""
-    for f in files:
-        with unreadable_image(f), Image.open(f) as image:
-            image.verify()
+def decode_image(path, content: bytes) -> None:
+    """Decode the image file `path` whose bytes are `content` in full (a truncated file is caught, where PIL's
+    `verify()` reads the header only); a ValueError names the file."""
+    with unreadable_image(path), Image.open(io.BytesIO(content)) as image:
+        image.load()
 
 
 class ImageFileDataset(Dataset):
@@ -147,12 +178,15 @@ def first_of_each(keys: Sequence) -> np.ndarray:
 
 
 def class_labels(values: Sequence, where: str) -> Tuple[np.ndarray, List[str]]:
-    """(integer labels, sorted class names) of label values; one class only is refused, naming `where`."""
-    names = sorted({str(v) for v in values})
-    if len(names) < 2:
-        raise ValueError(f'{where}: one class only ({names[0] if names else "none"}); a classifier needs two or more')
-    index = {n: i for i, n in enumerate(names)}
-    return np.asarray([index[str(v)] for v in values], dtype=np.int64), names
+    """(integer labels, class names) of label values, all numbers or all strings: the classes in sorted (numbers:
+    numeric) order, named by their text (so labels 0..K-1 keep their index); one class only is refused, naming
+    `where`."""
+    ordered = sorted(set(values))
+    if len(ordered) < 2:
+        raise ValueError(f'{where}: one class only ({ordered[0] if ordered else "none"}); a classifier needs two or '
+                         f'more')
+    index = {v: i for i, v in enumerate(ordered)}
+    return np.asarray([index[v] for v in values], dtype=np.int64), [str(v) for v in ordered]
 
 
 def tokenized_sets(texts: Sequence[str], labels: Sequence[int], parts: Sequence[np.ndarray], tokenizer_path: str,
