@@ -235,3 +235,44 @@ def test_integer_labels_of_any_kind_are_class_indices():
     items = [(np.zeros(2, np.float32), [np.int64(i % 2), torch.tensor(i % 2)][i % 2]) for i in range(10)]
     source = data.dataset_source(Items(items))
     assert source.classes == ['class0', 'class1'] and source.notes == [] and source.dataset.items is items
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# through a run: an input error writes nothing; the summary is printed and recorded
+
+
+@pytest.mark.parametrize('case', ['case labels', 'open-set test class', 'bad item', 'python name alone'])
+def test_an_input_error_raises_before_anything_is_written(case, tmp_path):
+    from toukit import train
+    results = tmp_path / 'results'
+    kw = dict(preset='test', model='tiny-bert', epochs=1, results_dir=str(results), progress=False)
+    if case == 'case labels':
+        frame = _frame()
+        frame.loc[4, 'label'] = 'Sport'
+        kw['dataset'] = _csv(tmp_path / 'case.csv', frame)
+    elif case == 'open-set test class':
+        frame = pd.concat([_frame(), pd.DataFrame(dict(text=[f'n {i}' for i in range(5)], label='art', part='test'))])
+        kw.update(dataset=_csv(tmp_path / 'open.csv', frame), split_column='part')
+    elif case == 'bad item':
+        items = _good(20)
+        items[7] = (torch.zeros(3), -1)
+        kw.update(data=Items(items), model='test_vit')
+    else:
+        kw['dataset'] = 'python:Items:0123456789ab'
+    with pytest.raises(ValueError):
+        train.run(**kw)
+    assert not results.exists()  # no record, no lock, no checkpoint: the record of a failed run is for training
+
+
+def test_a_run_says_its_data_back_and_records_it(tmp_path, capsys):
+    from toukit import train
+    frame = pd.concat([_frame(), _frame(3)])  # the first three rows again: exact duplicates
+    frame.loc[7, 'text'] = ' '
+    path = _csv(tmp_path / 'reviews.csv', frame)
+    record = train.run(dataset=path, preset='test', model='tiny-bert', epochs=1, max_steps_per_epoch=1,
+                       results_dir=str(tmp_path / 'results'), progress=True)
+    said = capsys.readouterr().out
+    summary = record['data']['summary']
+    assert f'data: {path}' in said and '1 empty text' in said and '3 exact duplicates' in said
+    assert summary['read'] == 33 and summary['kept'] == 29 and summary == data.source_summary(data.read_source(path), 0)
+    assert sum(sum(c.values()) for c in summary['classes'].values()) == 29

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from .calibration import first_batches
 from .config import PRESETS, TrainConfig, identity, resolve_config
-from .data import Source, dataset_source, is_source, load_dataset, num_classes_of, read_source
+from .data import (Source, dataset_source, format_summary, is_source, load_dataset, num_classes_of, read_source,
+                   source_summary)
 from .meter import MEMORY_DEFINITIONS, MemoryMeter, timed
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
 from .models import create_model
@@ -84,8 +85,9 @@ class Run:
     optimizer, engine, memory meter). `record` is the run record, written by `run`."""
 
     def __init__(self, config: TrainConfig, record: dict, resume: bool = False, progress: bool = True,
-                 source: Optional[Source] = None, record_path: Optional[Path] = None):
+                 source: Optional[Source] = None, record_path: Optional[Path] = None, summary: Optional[dict] = None):
         self.config, self.record, self.resume, self.progress, self.source = config, record, resume, progress, source
+        self.summary = summary  # your data as read (`toukit.data.source_summary`), for the record
         self.path = config.record_path  # the run's id on disk: its checkpoint and lock
         self.record_path = record_path or self.path  # where its record is written (a redo's goes beside the old one)
         self.device = device_of(config.device)
@@ -191,6 +193,8 @@ class Run:
         data = self.data
         record['data'] = dict(train_size=len(data.train), val_size=len(data.val), test_size=len(data.test),
                               classes=data.classes, **(data.source or dict(source='name', name=config.dataset)))
+        if self.summary is not None:
+            record['data']['summary'] = self.summary
         record['new_modules'] = list(model.toukit_new_modules)  # the head: trains under every method
         if getattr(model, 'toukit_ranks', None):
             record['ranks'] = dict(model.toukit_ranks)  # a rank pattern: rank=record['ranks'] replays the allocation
@@ -417,6 +421,9 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
         overrides['dataset'] = source.name
     config = resolve_config(config, source=source, **overrides)
     path = config.record_path
+    summary = source_summary(source, config.split_seed) if source is not None else None  # raises on bad input
+    if summary is not None and progress:
+        print(format_summary(summary))
     if resume and not has_checkpoint(path):
         raise ValueError(f'resume=True but {config.name} has no checkpoint ({checkpoint_dir(path)}); run it without '
                          f'resume')
@@ -432,7 +439,7 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
                       metrics=dict(epochs=[], steps=[], final={}), cost={},
                       env=dict(environment(str(device_of(config.device))), pid=os.getpid(), host=socket.gethostname()))
         try:
-            job = Run(config, record, resume, progress and main, source, out).setup()
+            job = Run(config, record, resume, progress and main, source, out, summary).setup()
             job.finish(job.fit())
             record['status'] = 'ok'
             if main:
