@@ -124,9 +124,6 @@ class Run:
         self._build_model_and_data()
         self.engine = _engine(config, self.path)
         if self.distributed:
-            if config.batch_size % self.engine.num_processes:
-                raise ValueError(f'batch_size={config.batch_size} does not split over {self.engine.num_processes} '
-                                 f'processes: the global batch must be a multiple of the world size')
             self.device = self.engine.device
         self._make_loaders()
         self.model.to(self.device)
@@ -421,6 +418,10 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
         overrides['dataset'] = source.name
     config = resolve_config(config, source=source, **overrides)
     path = config.record_path
+    world = int(os.environ.get('WORLD_SIZE', '1'))  # under torchrun / accelerate launch: the processes
+    if config.batch_size % world:
+        raise ValueError(f'batch_size={config.batch_size} does not split over {world} processes: the global batch '
+                         f'must be a multiple of the world size')
     summary = source_summary(source, config.split_seed) if source is not None else None  # raises on bad input
     if summary is not None and progress:
         print(format_summary(summary))
