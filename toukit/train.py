@@ -36,7 +36,7 @@ from .data import (Source, dataset_source, format_summary, is_source, load_datas
                    source_summary)
 from .meter import MEMORY_DEFINITIONS, MemoryMeter, timed
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
-from .models import create_model
+from .models import check_model, create_model
 from .ranks import DEFAULT_FRACTION
 from .results import FINISHED, environment, finished_record, now, redo_path, write_record
 from .runstate import (RunLock, RunState, checkpoint_dir, has_checkpoint, load_optimizer, read_checkpoint,
@@ -422,6 +422,7 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
     if config.batch_size % world:
         raise ValueError(f'batch_size={config.batch_size} does not split over {world} processes: the global batch '
                          f'must be a multiple of the world size')
+    check_model(config.model, config.weights)  # what the model reads, checked: an input error writes nothing
     summary = source_summary(source, config.split_seed) if source is not None else None  # raises on bad input
     if summary is not None and progress:
         print(format_summary(summary))
