@@ -241,7 +241,8 @@ def test_integer_labels_of_any_kind_are_class_indices():
 # through a run: an input error writes nothing; the summary is printed and recorded
 
 
-@pytest.mark.parametrize('case', ['case labels', 'open-set test class', 'bad item', 'python name alone'])
+@pytest.mark.parametrize('case', ['case labels', 'open-set test class', 'bad item', 'python name alone',
+                                  'images for a text model', 'texts for an image model', 'a built-in set of texts'])
 def test_an_input_error_raises_before_anything_is_written(case, tmp_path):
     from toukit import train
     results = tmp_path / 'results'
@@ -257,8 +258,14 @@ def test_an_input_error_raises_before_anything_is_written(case, tmp_path):
         items = _good(20)
         items[7] = (torch.zeros(3), -1)
         kw.update(data=Items(items), model='test_vit')
-    else:
+    elif case == 'python name alone':
         kw['dataset'] = 'python:Items:0123456789ab'
+    elif case == 'images for a text model':
+        kw['dataset'] = str(_images(tmp_path / 'photos'))
+    elif case == 'texts for an image model':
+        kw.update(dataset=_csv(tmp_path / 'reviews.csv', _frame()), model='test_vit')
+    else:
+        kw.update(dataset='bbc', model='test_vit')
     with pytest.raises(ValueError):
         train.run(**kw)
     assert not results.exists()  # no record, no lock, no checkpoint: the record of a failed run is for training
@@ -276,3 +283,11 @@ def test_a_run_says_its_data_back_and_records_it(tmp_path, capsys):
     assert f'data: {path}' in said and '1 empty text' in said and '3 exact duplicates' in said
     assert summary['read'] == 33 and summary['kept'] == 29 and summary == data.source_summary(data.read_source(path), 0)
     assert sum(sum(c.values()) for c in summary['classes'].values()) == 29
+
+
+def test_na_like_texts_and_labels_in_a_csv_are_read_as_written(tmp_path):
+    frame = _frame()
+    frame.loc[0, 'text'], frame.loc[1, 'text'], frame.loc[2, 'text'] = 'NA', 'null', 'None'
+    source = data.read_source(_csv(tmp_path / 'na.csv', frame))
+    assert {'NA', 'null', 'None'} <= set(source.inputs)
+    assert not any(d['count'] for d in data.source_summary(source, 0)['dropped'].values())

@@ -201,7 +201,6 @@ def test_the_python_api_raises_as_before(tmp_path):
 
 
 def test_a_parquet_table_reads(tmp_path):
-    pytest.importorskip('pyarrow', reason='a .parquet table needs pyarrow, a dependency of toukit: pip install -e .')
     from toukit.data import read_source
     path = tmp_path / 'reviews.parquet'
     pd.DataFrame(dict(text=[f'review number {i}' for i in range(6)], label=['good', 'bad'] * 3)).to_parquet(path)

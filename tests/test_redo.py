@@ -52,28 +52,43 @@ def test_a_redo_killed_mid_run_leaves_the_finished_record_byte_for_byte(tmp_path
     assert path.read_bytes() == before  # the old record, untouched
     assert json.loads(side.read_text())['status'] == 'running'  # the redo's partial record, beside it
     assert toukit.load_runs(tmp_path).run_id.tolist() == [first['run']['id']]  # one run, the finished one
-    # the checkpoint the killed redo left is reported with how to resume it; a redo that finishes replaces the record
-    with pytest.warns(UserWarning, match=r'checkpoint of this run.*resume'):
-        again = train.run(results_dir=str(tmp_path), progress=False, overwrite=True, **KW)
+    # the killed redo resumes as the warning says (--redo --resume) and, once it ends ok, replaces the record
+    again = train.run(results_dir=str(tmp_path), progress=False, overwrite=True, resume=True, **KW)
     stored = json.loads(path.read_text())
     assert stored['status'] == 'ok' and stored['run']['created'] == again['run']['created'] != first['run']['created']
+    assert stored['resumed'][0]['at_step'] > first['metrics']['epochs'][0]['step']
     assert stored['metrics']['final']['test_predictions'] == first['metrics']['final']['test_predictions']
     assert not side.exists() and not runstate.has_checkpoint(path)
 
 
-def test_a_failed_redo_keeps_the_old_record(tmp_path, monkeypatch):
+def test_a_checkpoint_found_is_said_with_how_to_resume_it(tmp_path):
+    path = tmp_path / 'run.json'
+    runstate.checkpoint_dir(path).mkdir()
+    (runstate.checkpoint_dir(path) / 'state.pt').write_bytes(b'')
+    with pytest.warns(UserWarning, match=r'checkpoint of this run.*starts over.*toukit train \.\.\. --resume'):
+        runstate.say_checkpoint('run', path, finished=False)
+    with pytest.warns(UserWarning, match=r'--redo --resume.*overwrite=True'):  # only a redo replaces a finished one
+        runstate.say_checkpoint('run', path, finished=True)
+
+
+@pytest.mark.parametrize('how', ['fails', 'diverges'])
+def test_a_redo_that_does_not_end_ok_keeps_the_old_record(how, tmp_path, monkeypatch):
     train.run(results_dir=str(tmp_path), progress=False, **KW)
     path = toukit.resolve_config(results_dir=str(tmp_path), **KW).record_path
     before = path.read_bytes()
+    handler = signal.getsignal(signal.SIGTERM)
 
     def broken(*args, **kwargs):
-        raise RuntimeError('the merge broke')
+        if how == 'fails':
+            raise RuntimeError('the merge broke')
+        return torch.tensor(float('nan'))
 
-    monkeypatch.setattr(train, 'merge', broken)
-    with pytest.raises(RuntimeError, match='the merge broke'):
+    monkeypatch.setattr(train, 'merge' if how == 'fails' else 'train_step', broken)
+    with pytest.raises(RuntimeError if how == 'fails' else FloatingPointError):
         train.run(results_dir=str(tmp_path), progress=False, overwrite=True, **KW)
     assert path.read_bytes() == before
-    assert json.loads(results.redo_path(path).read_text())['status'] == 'failed'
+    assert json.loads(results.redo_path(path).read_text())['status'] == ('failed' if how == 'fails' else 'diverged')
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's SIGTERM handler is gone with it
 
 
 def test_sigterm_ends_a_run_as_interrupted_with_its_checkpoint_kept_and_its_lock_released(tmp_path):

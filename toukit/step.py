@@ -1,6 +1,9 @@
 """The arithmetic of one training step and of one evaluation, shared by a run (`toukit.train`) and the benchmarks:
-batches to the device, bf16 autocast, the seeded RNGs."""
+batches to the device, bf16 autocast, the seeded RNGs, the accelerate engine of a distributed or tracked run."""
+import os
 import random
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -11,7 +14,7 @@ from torch.utils.data import DataLoader
 from .meter import timed
 from .models import call_model
 
-__all__ = ['set_seed', 'device_of', 'to_device', 'autocast', 'train_step', 'evaluate']
+__all__ = ['set_seed', 'device_of', 'make_engine', 'to_device', 'autocast', 'train_step', 'evaluate']
 
 
 def set_seed(seed: int) -> None:
@@ -25,6 +28,25 @@ def device_of(name: str) -> torch.device:
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     return torch.device(name)
+
+
+def make_engine(device: str, log_with: Optional[str], trackers_dir: Path, name: str, tracked: dict):
+    """A run's accelerate Accelerator, set up in this one place, or None for a plain single process.
+
+    Under `torchrun --nproc_per_node=N` or `accelerate launch` (WORLD_SIZE > 1) it runs DDP with each global batch
+    split over the processes; with `log_with` it logs to that tracker under `trackers_dir` (the run `name`, with
+    the `tracked` settings). A single process without a tracker trains without it (the same arithmetic).
+    """
+    if int(os.environ.get('WORLD_SIZE', '1')) == 1 and not log_with:
+        return None
+    from accelerate import Accelerator  # imported only for a distributed or tracked run: it is slow to import
+    from accelerate.utils import DataLoaderConfiguration
+    on_cpu = device == 'cpu' or (device == 'auto' and not torch.cuda.is_available())
+    engine = Accelerator(cpu=on_cpu, log_with=log_with or None,  # cpu: gloo processes, not a silent one
+                         project_dir=str(trackers_dir), dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if log_with:
+        engine.init_trackers(name, config=tracked)
+    return engine
 
 
 def to_device(batch, device: torch.device):

@@ -311,7 +311,7 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
                     busy.append(name)
                     continue
                 parameters = dict(manifest['parameters'][name], results_dir=results_dir, overwrite=redo,
-                                  resume=not redo and can_resume(config.record_path))
+                                  resume=can_resume(config.record_path))
                 executed = Path(results_dir) / 'notebooks' / f'{name}.ipynb'
                 scratch = executed.with_name(f'.{name}.{socket.gethostname()}.{os.getpid()}.ipynb')  # this worker's
                 try:

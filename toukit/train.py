@@ -19,7 +19,6 @@ import os
 import socket
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -31,18 +30,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .calibration import first_batches
-from .config import PRESETS, TrainConfig, identity, resolve_config
-from .data import (Source, dataset_source, format_summary, is_source, load_dataset, num_classes_of, read_source,
-                   source_summary)
+from .config import PRESETS, TrainConfig, identity, resolve_config, run_source
+from .data import (Source, builtin_dataset, dataset_source, format_summary, is_source, load_dataset, num_classes_of,
+                   read_source, source_summary)
 from .meter import MEMORY_DEFINITIONS, MemoryMeter, timed
 from .methods import METHODS, apply_method, count_parameters, has_method_layers, merge
-from .models import check_model, create_model
+from .models import check_model, create_model, input_modality
 from .ranks import DEFAULT_FRACTION
 from .results import FINISHED, environment, finished_record, now, redo_path, write_record
 from .runstate import (RunLock, RunState, checkpoint_dir, has_checkpoint, load_optimizer, read_checkpoint,
                        remove_checkpoint, restore_model, rng_states, save_checkpoint, set_rng_states,
-                       sigterm_as_interrupt)
-from .step import device_of, evaluate, set_seed, to_device, train_step
+                       say_checkpoint, sigterm_as_interrupt, sigterm_deferred)
+from .step import device_of, evaluate, make_engine, set_seed, to_device, train_step
 from .updates import UpdateBaseline
 
 __all__ = ['run', 'Run', 'RecordExistsError', 'preset_model']
@@ -58,26 +57,6 @@ def preset_model(preset: str = 'demo', model: Optional[str] = None, pretrained: 
     config = resolve_config(TrainConfig(method='tou', preset=preset, model=model, pretrained=pretrained))
     net = create_model(config.model, num_classes=config.num_classes(), pretrained=config.pretrained)
     return config, net
-
-
-def _engine(config: TrainConfig, path: Path):
-    """The run's accelerate Accelerator, set up in this one place, or None for a plain single process.
-
-    Under `torchrun --nproc_per_node=N` or `accelerate launch` (WORLD_SIZE > 1) it runs DDP with each global batch
-    of `batch_size` split over the processes; with `log_with` it logs to that tracker under
-    `<results_dir>/trackers/`. A single process without a tracker trains without it (the same arithmetic).
-    """
-    if int(os.environ.get('WORLD_SIZE', '1')) == 1 and not config.log_with:
-        return None
-    from accelerate import Accelerator  # imported only for a distributed or tracked run: it is slow to import
-    from accelerate.utils import DataLoaderConfiguration
-    on_cpu = config.device == 'cpu' or (config.device == 'auto' and not torch.cuda.is_available())
-    engine = Accelerator(cpu=on_cpu, log_with=config.log_with or None,  # cpu: gloo processes, not a silent one
-                         project_dir=str(path.parent / 'trackers'),
-                         dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if config.log_with:
-        engine.init_trackers(config.name, config={k: str(v) for k, v in dataclasses.asdict(config).items()})
-    return engine
 
 
 class Run:
@@ -122,7 +101,8 @@ class Run:
         """Build the model, its data and the method; restore a checkpoint's state; open the training-memory window."""
         config = self.config
         self._build_model_and_data()
-        self.engine = _engine(config, self.path)
+        self.engine = make_engine(config.device, config.log_with, self.path.parent / 'trackers', config.name,
+                                  {k: str(v) for k, v in dataclasses.asdict(config).items()})
         if self.distributed:
             self.device = self.engine.device
         self._make_loaders()
@@ -367,28 +347,41 @@ class Run:
                 for split, loader in self.eval_loaders.items()}
 
 
-def _read_data(config: Optional[TrainConfig], overrides: dict) -> Optional[Source]:
-    """The run's own data (a table file or an image folder), read once here and handed on; None for a built-in set.
+def _check_inputs(config: TrainConfig, source: Optional[Source], resume: bool) -> Optional[dict]:
+    """Every input a run reads, checked before it writes anything (no record, no lock): the batch against the
+    processes, the model's files, the data against the model, the checkpoint to resume; returns your data's summary
+    (`toukit.data.source_summary`), None for a built-in set.
 
     Raises:
-        ValueError: a torch Dataset's name ('python:...') without the Dataset itself.
+        ValueError: naming the field, the file and what is wrong.
     """
-    config = dataclasses.replace(config or TrainConfig(), **overrides)
-    dataset = config.dataset if config.dataset is not None else PRESETS[config.preset].get('dataset')
-    if isinstance(dataset, str) and dataset.startswith('python:'):
-        raise ValueError(f'dataset={dataset!r}: a torch Dataset is read from the Dataset itself; pass it as '
-                         f'run(data=...)')
-    return read_source(dataset, **config.columns()) if is_source(dataset) else None
+    world = int(os.environ.get('WORLD_SIZE', '1'))  # under torchrun / accelerate launch: the processes
+    if config.batch_size % world:
+        raise ValueError(f'batch_size={config.batch_size} does not split over {world} processes: the global batch '
+                         f'must be a multiple of the world size')
+    check_model(config.model, config.weights)
+    takes = input_modality(config.model)
+    kind = ({'table': 'text', 'image_folder': 'image'}.get(source.origin) if source is not None
+            else builtin_dataset(config.dataset).modality if builtin_dataset(config.dataset) is not None else None)
+    if kind in ('text', 'image') and kind != takes:
+        raise ValueError(f'dataset={config.dataset!r}: {kind} data, but model={config.model!r} takes {takes} input')
+    if resume and not has_checkpoint(config.record_path):
+        raise ValueError(f'resume=True but {config.name} has no checkpoint ({checkpoint_dir(config.record_path)}); '
+                         f'run it without resume')
+    return source_summary(source, config.split_seed) if source is not None else None
 
 
-def _say_checkpoint(config: TrainConfig, resume: bool) -> None:
-    """A run that finds a checkpoint of its own id and is not told to resume says so, and how to resume it."""
-    path = config.record_path
-    if resume or not has_checkpoint(path):
-        return
-    warnings.warn(f'{config.name}: a checkpoint of this run is in {checkpoint_dir(path)}; this run starts over and '
-                  f'replaces it. To continue it instead: toukit train ... --resume, -p resume True, or '
-                  f'run(config, resume=True)', stacklevel=3)
+def _write_final(record: dict, path: Path, out: Path) -> None:
+    """The run's last record, whole (SIGTERM held back): a redo's replaces the old record only when it ends ok; a
+    finished run's checkpoint is removed after its record is written, never before."""
+    with sigterm_deferred():
+        write_record(record, out)
+        if record['status'] == 'ok':
+            if out != path:
+                os.replace(out, path)  # atomic: a reader sees the old record or the new, never a partial one
+            redo_path(path).unlink(missing_ok=True)  # a failed redo's leftover, now superseded
+        if record['status'] in FINISHED:
+            remove_checkpoint(path)
 
 
 def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: bool = False, resume: bool = False,
@@ -413,30 +406,23 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
         RunLockedError: another live process runs the same run.
         ValueError: resume without a checkpoint, or with one made by a different configuration.
     """
-    source = dataset_source(data) if data is not None else _read_data(config, overrides)
+    source = dataset_source(data) if data is not None else run_source(config, **overrides)
     if data is not None:
         overrides['dataset'] = source.name
     config = resolve_config(config, source=source, **overrides)
     path = config.record_path
-    world = int(os.environ.get('WORLD_SIZE', '1'))  # under torchrun / accelerate launch: the processes
-    if config.batch_size % world:
-        raise ValueError(f'batch_size={config.batch_size} does not split over {world} processes: the global batch '
-                         f'must be a multiple of the world size')
-    check_model(config.model, config.weights)  # what the model reads, checked: an input error writes nothing
-    summary = source_summary(source, config.split_seed) if source is not None else None  # raises on bad input
-    if summary is not None and progress:
-        print(format_summary(summary))
-    if resume and not has_checkpoint(path):
-        raise ValueError(f'resume=True but {config.name} has no checkpoint ({checkpoint_dir(path)}); run it without '
-                         f'resume')
-    _say_checkpoint(config, resume)
     main = int(os.environ.get('RANK', '0')) == 0  # under torchrun / accelerate launch only rank 0 writes
+    summary = _check_inputs(config, source, resume)
+    if summary is not None and main:
+        print(format_summary(summary))  # said back as read, before any training
     with (RunLock(path) if main else contextlib.nullcontext()), sigterm_as_interrupt():
         finished = finished_record(path) is not None  # checked under the lock: no race with its owner
         if finished and not overwrite:
             raise RecordExistsError(f'{path}: a finished record of this run exists; pass overwrite=True '
                                     f'(toukit: --redo) to run it again and replace it')
-        out = redo_path(path) if finished else path  # a redo replaces the finished record only once it finishes
+        if main and not resume:
+            say_checkpoint(config.name, path, finished)
+        out = redo_path(path) if finished else path  # a redo replaces the finished record only once it ends ok
         record = dict(run=dict(id=config.name, created=now(), config=dataclasses.asdict(config)), status='running',
                       metrics=dict(epochs=[], steps=[], final={}), cost={},
                       env=dict(environment(str(device_of(config.device))), pid=os.getpid(), host=socket.gethostname()))
@@ -444,13 +430,9 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
             job = Run(config, record, resume, progress and main, source, out, summary).setup()
             job.finish(job.fit())
             record['status'] = 'ok'
-            if main:
-                remove_checkpoint(path)
         except FloatingPointError as e:  # diverged: a result of this learning rate, final like a success
             record['status'] = 'diverged'
             record['error'] = str(e)
-            if main:
-                remove_checkpoint(path)
             raise
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the checkpoint stays for a resume
             record['status'] = 'interrupted'
@@ -464,7 +446,5 @@ def run(config: Optional[TrainConfig] = None, progress: bool = True, overwrite: 
         finally:
             record['finished'] = now()
             if main:
-                write_record(record, out)
-                if out != path and record['status'] in FINISHED:
-                    os.replace(out, path)  # atomic: a reader sees the old record or the new, never a partial one
+                _write_final(record, path, out)
     return record

@@ -32,7 +32,9 @@ def read_frame(path: Path) -> pd.DataFrame:
         elif suffix in ('.jsonl', '.json'):
             frame = pd.read_json(path, lines=True, dtype=False, convert_dates=False)  # values as JSON typed them
         else:
-            frame = pd.read_csv(path, sep='\t' if suffix == '.tsv' else ',', dtype=str)  # as written: '1.0' stays
+            # as written: '1.0' stays '1.0', and 'NA', 'null' or 'None' are texts; only an empty cell is missing
+            frame = pd.read_csv(path, sep='\t' if suffix == '.tsv' else ',', dtype=str, keep_default_na=False,
+                                na_values=[''])
     except Exception as e:  # noqa: BLE001 - any parser's failure is reported with the file's name
         raise ValueError(f'{path}: not a readable {suffix[1:]} table ({type(e).__name__}: {e})') from None
     if frame.empty:
