@@ -361,8 +361,11 @@ def _check_inputs(config: TrainConfig, source: Optional[Source], resume: bool) -
                          f'must be a multiple of the world size')
     check_model(config.model, config.weights)
     takes = input_modality(config.model)
-    kind = ({'table': 'text', 'image_folder': 'image'}.get(source.origin) if source is not None
-            else builtin_dataset(config.dataset).modality if builtin_dataset(config.dataset) is not None else None)
+    if source is not None:
+        kind = {'table': 'text', 'image_folder': 'image'}.get(source.origin)  # a torch Dataset fits any model
+    else:
+        builtin = builtin_dataset(config.dataset)
+        kind = builtin.modality if builtin is not None else None
     if kind in ('text', 'image') and kind != takes:
         raise ValueError(f'dataset={config.dataset!r}: {kind} data, but model={config.model!r} takes {takes} input')
     if resume and not has_checkpoint(config.record_path):
