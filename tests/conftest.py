@@ -41,3 +41,16 @@ def bert_inputs(batch=2, length=12, seed=0):
     mask = torch.ones_like(ids)
     mask[0, length // 2:] = 0
     return dict(input_ids=ids, attention_mask=mask)
+
+
+def calibration_for(method: str, inputs, labels=None) -> dict:
+    """The `calibration` option a data-driven method needs (EVA: a batch of inputs; LoRA-GA: (inputs, labels)), as
+    keyword arguments for `apply_method`; {} for every other method."""
+    import toukit
+    data = toukit.METHODS[method].data
+    if not data:
+        return {}
+    if labels is None:
+        first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+        labels = torch.arange(first.shape[0]) % 2
+    return dict(calibration=[inputs] if data == 'inputs' else [(inputs, labels)])

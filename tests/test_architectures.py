@@ -33,6 +33,15 @@ def test_full_rank_tou_reproduces_and_merges_back(model_type):
     assert float((logits(fresh, inputs) - reference).norm() / reference.norm()) < 1e-5
 
 
+@pytest.mark.parametrize('model_type', FAMILIES)
+def test_tou_with_residual_starts_at_the_model_at_any_rank(model_type):
+    model, inputs = build(model_type)
+    reference = logits(model, inputs)
+    toukit.apply_method(model, 'tou_residual', rank=0.25)  # truncated, and noisy: the residual takes both back
+    assert any(isinstance(m, toukit.ResidualFactorizedLinear) for m in model.modules())
+    assert float((logits(model, inputs) - reference).norm() / reference.norm()) < 1e-5
+
+
 NO_MLP_LINEAR = {'mixtral'}  # its experts are 3-d parameters and its router a bare parameter: no MLP nn.Linear
 
 
@@ -134,12 +143,13 @@ def _perturb(model, seed=0):
                 p.add_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-@pytest.mark.parametrize('method', ['tou', 'svfit', 'delora'])
+@pytest.mark.parametrize('method', ['tou', 'tou_residual', 'svfit', 'delora'])
 @pytest.mark.parametrize('model_type', FAMILIES)
 def test_the_merged_model_computes_what_the_unmerged_one_did(model_type, method):
     model, inputs = build(model_type)
     original = copy.deepcopy(model)
-    options = dict(tou=dict(rank=0.5, noise_scale=1e-2), svfit=dict(rank=2), delora=dict(rank=2))[method]
+    options = dict(tou=dict(rank=0.5, noise_scale=1e-2), tou_residual=dict(rank=0.5, noise_scale=1e-2), svfit=dict(rank=2),
+                   delora=dict(rank=2))[method]
     toukit.apply_method(model, method, **options)
     _perturb(model)
     before = logits(model, inputs)

@@ -6,10 +6,12 @@ from torch import nn
 import toukit
 from toukit import train
 from architectures import build
+from conftest import calibration_for
 
 METHODS = toukit.method_names()
-OPTIONS = dict(tou=dict(rank=4), tou_frozen_ffn=dict(rank=4), lora=dict(rank=2), pissa=dict(rank=2),
-               svfit=dict(rank=2), delora=dict(rank=2), adapter=dict(width=2))
+OPTIONS = dict(tou=dict(rank=4), tou_frozen_ffn=dict(rank=4), tou_residual=dict(rank=4), svfit=dict(rank=2),
+               delora=dict(rank=2), adapter=dict(width=2),
+               **{m: dict(rank=2) for m in ('lora', 'pissa', 'dora', 'mica', 'olora', 'eva', 'loraga')})
 
 
 def _trains_whole(model, name):
@@ -18,9 +20,9 @@ def _trains_whole(model, name):
 
 @pytest.mark.parametrize('method', METHODS)
 def test_distilbert_pre_classifier_trains_under_every_method(method):
-    model, _ = build('distilbert')
+    model, inputs = build('distilbert')
     assert toukit.new_modules(model) == ['pre_classifier', 'classifier']
-    toukit.apply_method(model, method, **OPTIONS.get(method, {}))
+    toukit.apply_method(model, method, **OPTIONS.get(method, {}), **calibration_for(method, inputs))
     assert model.toukit_new_modules == ['pre_classifier', 'classifier']
     assert _trains_whole(model, 'pre_classifier') and _trains_whole(model, 'classifier')
 
@@ -45,9 +47,10 @@ def test_a_head_of_any_name_trains_under_every_method(method):
     model = OddlyNamedHead()
     assert toukit.new_modules(model) == ['sentiment_projection']
     assert not set(toukit.find_targets(model)) & {'sentiment_projection.0', 'sentiment_projection.2'}
-    toukit.apply_method(model, method, **OPTIONS.get(method, {}))
+    ids = torch.randint(3, 100, (2, 6))
+    toukit.apply_method(model, method, **OPTIONS.get(method, {}), **calibration_for(method, dict(input_ids=ids)))
     assert _trains_whole(model, 'sentiment_projection')
-    model(torch.randint(3, 100, (2, 6)))
+    model(ids)
 
 
 @pytest.mark.parametrize('model_type,expected', [

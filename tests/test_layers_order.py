@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 # bottom to top: each module may import only those before it
-ORDER = ['linalg', 'targets', 'convert', 'models', 'calibration', 'ranks', 'layers', 'methods', 'spectrum', 'updates',
+ORDER = ['linalg', 'targets', 'convert', 'models', 'calibration', 'ranks', 'layers', 'surgery', 'tou', 'peft_methods',
+         'methods', 'spectrum', 'updates',
          'studies', 'data', 'meter', 'step', 'config', 'runstate', 'results', 'train', 'notebooks', 'sweep', 'claims',
          'plots', 'cli']
 PACKAGE = Path(__file__).resolve().parents[1] / 'toukit'

@@ -2,7 +2,8 @@
 __version__ = '0.1.0'
 
 from .config import PRESETS, TrainConfig, resolve_config, run_id
-from .layers import AdapterLinear, DeLoRALinear, FactorizedLinear, SVFitLinear, WeightInfo, fuse_qkv, split_qkv
+from .layers import (AdapterLinear, DeLoRALinear, FactorizedLinear, ResidualFactorizedLinear, SVFitLinear, WeightInfo,
+                     fuse_qkv, split_qkv)
 from .linalg import (effective_rank, energy_curve, relative_error, rank_for_energy, singular_values, stable_rank,
                      truncated_svd)
 from .methods import (DEFAULT_NOISE_SCALE, METHODS, apply_method, apply_tou, count_parameters, is_prepared, merge,
@@ -16,7 +17,7 @@ from .train import run
 from .updates import update_table
 
 __all__ = [
-    'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear', 'WeightInfo',
+    'FactorizedLinear', 'ResidualFactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear', 'WeightInfo',
     'singular_values', 'truncated_svd', 'energy_curve', 'rank_for_energy', 'stable_rank', 'effective_rank',
     'relative_error',
     'RankPolicy', 'parse_rank', 'allocate_ranks',

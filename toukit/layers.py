@@ -1,4 +1,5 @@
-"""Factorized linear layers: TOU's FactorizedLinear, its relatives SVFit and DeLoRA, and the bottleneck adapter.
+"""Factorized linear layers: TOU's FactorizedLinear (and its ablation with the truncation residual kept), its relatives
+SVFit and DeLoRA, and the bottleneck adapter.
 
 Each layer is built from an existing dense layer with `from_linear`, which keeps a weightless template of that
 layer (its class, layout and attributes). `effective_weight()` is the one place the layer's matrix is formed (merge
@@ -19,8 +20,8 @@ from .linalg import check_finite, check_rank, factorize
 from .targets import (dense_template, dense_weight, fused_splits, get_submodule_parent, is_dense, model_family,
                       qkv_blocks, restore_dense)
 
-__all__ = ['ToukitLayer', 'WeightInfo', 'FactorizedLinear', 'SVFitLinear', 'DeLoRALinear', 'AdapterLinear',
-           'QKVSplit', 'split_qkv', 'fuse_qkv']
+__all__ = ['ToukitLayer', 'WeightInfo', 'FactorizedLinear', 'ResidualFactorizedLinear', 'SVFitLinear', 'DeLoRALinear',
+           'AdapterLinear', 'QKVSplit', 'split_qkv', 'fuse_qkv']
 
 
 class WeightInfo:
@@ -210,6 +211,35 @@ class FactorizedLinear(ToukitLayer):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', rank={self.rank}, splits={self.splits}'
+
+
+class ResidualFactorizedLinear(FactorizedLinear):
+    """TOU with the truncation residual kept: y = R x + A (B x) + bias, R = W - A_0 B_0 frozen.
+
+    R holds what the truncation (and the noise) took from W, so the layer starts out computing W exactly (up to
+    rounding); A is frozen and B trains as in TOU, so the update A (B - B_0) still lies in the span of A's columns,
+    W's top-r left singular directions. The ablation that separates TOU's truncation from its restriction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, splits: int = 1, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, rank, splits=splits, bias=bias, device=device, dtype=dtype)
+        self.tou_R = _frozen(torch.zeros(out_features, in_features, device=device, dtype=dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, **options) -> 'ResidualFactorizedLinear':
+        """As `FactorizedLinear.from_linear` (same options), then R = W - A B of the noisy factors, in float64."""
+        layer = super().from_linear(linear, rank, **options)
+        with torch.no_grad():
+            product = FactorizedLinear.effective_weight(layer).double()
+            layer.tou_R.copy_(dense_weight(linear).double() - product)
+        return layer
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.tou_R + super().effective_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + F.linear(x, self.tou_R)
 
 
 class SVFitLinear(ToukitLayer):

@@ -15,7 +15,7 @@ from torch import nn
 
 from .calibration import capture_layer_inputs
 from .linalg import energy_curve, relative_error
-from .methods import apply_tou
+from .tou import apply_tou
 from .models import call_model
 from .ranks import DEFAULT_FRACTION, RankSpec, parse_rank, rank_from_fraction, uniform_cost
 from .spectrum import layer_columns, rank_table, spectrum_table, total_error

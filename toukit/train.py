@@ -156,8 +156,9 @@ class Run:
         options = config.method_kwargs()
         if config.calibration_batches:  # the first training batches in file order: the same for every seed
             loader = DataLoader(self.data.train, batch_size=config.batch_size, shuffle=False)
-            options['calibration'] = [to_device(b, self.device)[0]
-                                      for b in first_batches(loader, config.calibration_batches)]
+            batches = [to_device(b, self.device) for b in first_batches(loader, config.calibration_batches)]
+            whole = METHODS[config.method].data == 'batches'  # LoRA-GA reads the loss: inputs and labels
+            options['calibration'] = batches if whole else [inputs for inputs, _ in batches]
         self.memory = MemoryMeter(self.device)
         self.updates = UpdateBaseline.capture(model)
         with timed(self.device) as seconds:  # new layers are built on their weights' device
