@@ -5,7 +5,8 @@ A record reads:
      "metrics": {"epochs": [{epoch, val_accuracy, val_loss, test_accuracy, test_loss, train_loss, train_seconds,
                              data_seconds}, ...],
                  "steps": [{step, epoch, loss}, ...],
-                 "final": {val_accuracy, test_accuracy, test_predictions, test_labels, merge, merged_*, ...}},
+                 "final": {val_accuracy, test_accuracy, test_predictions, test_labels, val_predictions,
+                           val_labels, merge, merged_*, ...}},
      "cost": {"train_seconds", "data_seconds", "factorize_seconds", "peak_memory_mib", "train_memory_mib",
               "memory_kind", "trainable_params", "total_params", "num_workers"},
      "env": {"toukit", "git_sha", "torch", "python", "device", "platform"}}

@@ -18,12 +18,14 @@ runs of each protocol and the chosen rates; it is rewritten after every run, and
 into the `protocol` column.
 """
 import dataclasses
+import datetime as _dt
+import functools
 import math
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -170,7 +172,7 @@ def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: S
 
 def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
           grid: Optional[Dict[str, Sequence[float]]] = None, results_dir: str = 'results',
-          overrides: Optional[dict] = None, redo: bool = False, stages: Sequence[str] = PROTOCOLS,
+          overrides: Optional[dict] = None, redo: Union[bool, str] = False, stages: Sequence[str] = PROTOCOLS,
           progress: bool = True, poll_seconds: float = 30.0) -> dict:
     """Run the grid, then each method's best rate on every seed, then the paper's shared rate; returns the manifest.
 
@@ -181,10 +183,15 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
         grid: method -> learning rates; default the preset's `lr_grid`.
         results_dir: records and the manifest.
         overrides: more TrainConfig fields for every run (e.g. epochs or max_steps_per_epoch for a quick check).
-        redo: run again where a successful record exists.
+        redo: run again where a successful record exists; a time (ISO 8601, as records write it, e.g.
+            '2026-12-05T13:30:00+00:00'): run again where it finished before that time, so that a re-run spread over
+            several sweeps (sessions, machines) redoes each run once.
         stages: which of 'grid', 'tuned', 'paper' to run (all by default, in that order).
         progress: progress bars.
         poll_seconds: how often to look again while every run left is held by another worker of this host.
+
+    The manifest keeps the methods an earlier sweep of the same preset, seeds, overrides and paper rate listed and
+    this one leaves out, so methods can be swept in turns into one comparison.
 
     Several `toukit sweep` processes can share one results folder (one per core or GPU, say): each skips the runs
     whose lock another live process holds, and waits for them (polling) while nothing else is left, since their
@@ -198,7 +205,8 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
         raise ValueError(f'stages={bad!r}: choose from {", ".join(PROTOCOLS)}')
     results_dir = str(Path(results_dir).resolve())  # the notebooks run elsewhere
     return _execute(lambda: plan(preset, methods, seeds, grid, results_dir, overrides),
-                    [s for s in PROTOCOLS if s in stages], results_dir, redo, progress, poll_seconds)
+                    [s for s in PROTOCOLS if s in stages], results_dir, redo, progress, poll_seconds,
+                    keep_others=True)
 
 
 def rank_plan(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), seeds: Sequence[int] = (0, 1, 2),
@@ -293,11 +301,20 @@ def rank_study(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5),
                                       overrides, specs), ['ranks'], results_dir, redo, progress, poll_seconds)
 
 
-def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: str, redo: bool, progress: bool,
-             poll_seconds: float) -> dict:
+def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: str, redo: Union[bool, str],
+             progress: bool, poll_seconds: float, keep_others: bool = False) -> dict:
     """Run what `planner()` lists under each stage (re-planned as records arrive) until nothing is left; write the
-    manifest after every run. The loop of `sweep` and `rank_study`."""
-    failures, done, started = [], set(), now()
+    manifest after every run (with `keep_others`, merged into the one on disk: `_merged`). The loop of `sweep` and
+    `rank_study`."""
+    if isinstance(redo, str):
+        try:
+            _dt.datetime.fromisoformat(redo)
+        except ValueError:
+            raise ValueError(f'redo={redo!r}: expected True, False or an ISO 8601 time such as '
+                             f'2026-12-05T13:30:00+00:00') from None
+    failures, done = [], set()
+    started = redo if isinstance(redo, str) else now()  # under redo, a record finished since then is this redo's
+    write = functools.partial(_write_manifest, results_dir=results_dir, keep_others=keep_others)
     while True:  # passes until nothing is left that this process can run
         ran, busy = False, []
         for stage in stages:
@@ -331,7 +348,7 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
                         os.replace(scratch, executed)
                 done.add(name)
                 ran = True
-                _write_manifest(planner(), results_dir)
+                write(planner())
         freed = [n for n in busy if lock_owner(manifest['configs'][n].record_path) is None]
         if not ran and not freed and not any(_held_here(manifest['configs'][n].record_path) for n in busy):
             break  # (a run freed since this pass found it held, its owner gone meanwhile, is tried in another pass)
@@ -340,7 +357,7 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
     manifest = planner()
     if busy:
         print(f'{manifest["name"]}: {len(busy)} run(s) left to other workers: {", ".join(sorted(set(busy)))}')
-    _write_manifest(manifest, results_dir)
+    write(manifest)
     if failures:
         raise RuntimeError(f'{len(failures)} sweep run(s) failed (records say why): ' + '; '.join(failures))
     return manifest
@@ -365,6 +382,30 @@ def _held_here(record_path: Path) -> bool:
     return owner is not None and owner.get('host', socket.gethostname()) == socket.gethostname()
 
 
-def _write_manifest(manifest: dict, results_dir: str) -> Path:
+def _write_manifest(manifest: dict, results_dir: str, keep_others: bool = False) -> Path:
     public = {k: v for k, v in manifest.items() if k not in ('configs', 'parameters')}
-    return write_record(public, Path(results_dir) / f'{manifest["name"]}{MANIFEST_SUFFIX}')
+    path = Path(results_dir) / f'{manifest["name"]}{MANIFEST_SUFFIX}'
+    return write_record(_merged(public, path) if keep_others else public, path)
+
+
+def _merged(manifest: dict, path: Path) -> dict:
+    """`manifest` with the methods the sweep manifest at `path` lists and it does not, when both sweeps share their
+    preset, seeds, overrides and paper rate (their protocols then mean the same); otherwise `manifest` as it is."""
+    try:
+        old = read_manifest(path)
+    except (OSError, ValueError):
+        return manifest
+    if any(old.get(key) != manifest[key] for key in ('preset', 'seeds', 'overrides', 'paper_lr')):
+        return manifest
+    others = [m for m in old.get('methods', []) if m not in manifest['methods']]
+    if not others:
+        return manifest
+    every = set(manifest['methods']) | set(others)
+    order = [m for m in METHODS if m in every] + sorted(every - set(METHODS))
+    merged = dict(manifest, methods=order, runs={})
+    for key in ('grid', 'selected_lr'):
+        merged[key] = {m: v for m in order for v in [manifest[key].get(m, old.get(key, {}).get(m))] if v is not None}
+    for protocol in PROTOCOLS:
+        ours, theirs = manifest['runs'].get(protocol, {}), old.get('runs', {}).get(protocol, {})
+        merged['runs'][protocol] = {m: ours[m] if m in ours else theirs[m] for m in order if m in ours or m in theirs}
+    return merged

@@ -286,6 +286,8 @@ class Run:
                      best_val_accuracy=max(e['val_accuracy'] for e in metrics['epochs']), steps=self.state.step,
                      test_predictions=evals['test']['logits'].argmax(-1).tolist(),
                      test_labels=evals['test']['labels'].tolist(), inference_seconds=evals['test']['seconds'],
+                     val_predictions=evals['val']['logits'].argmax(-1).tolist(),  # a paired test between rates
+                     val_labels=evals['val']['labels'].tolist(),
                      inference_params=count_parameters(model)[1])
         final.update(self._merge(evals))
         metrics['final'] = final
