@@ -9,7 +9,7 @@ import pytest
 # bottom to top: each module may import only those before it
 ORDER = ['linalg', 'targets', 'convert', 'models', 'calibration', 'ranks', 'layers', 'methods', 'spectrum', 'updates',
          'studies', 'data', 'meter', 'step', 'config', 'runstate', 'results', 'train', 'notebooks', 'sweep', 'claims',
-         'gap', 'plots', 'cli']
+         'gap', 'lr_choice', 'plots', 'cli']
 PACKAGE = Path(__file__).resolve().parents[1] / 'toukit'
 
 
