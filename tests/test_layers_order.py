@@ -10,7 +10,7 @@ import pytest
 ORDER = ['linalg', 'targets', 'convert', 'models', 'calibration', 'ranks', 'layers', 'surgery', 'tou', 'peft_methods',
          'methods', 'spectrum', 'updates',
          'studies', 'data', 'meter', 'step', 'config', 'runstate', 'results', 'train', 'notebooks', 'sweep', 'claims',
-         'plots', 'cli']
+         'gap', 'lr_choice', 'plots', 'cli']
 PACKAGE = Path(__file__).resolve().parents[1] / 'toukit'
 
 

@@ -51,17 +51,23 @@ def bootstrap_means(diff: np.ndarray, n_boot: int, rng: np.random.Generator,
     examples), each resampling the seeds (rows, kept paired) and the test examples (columns) with replacement.
 
     Args:
-        diff: per seed and test example, A's correctness minus B's.
+        diff: per seed and test example, A's correctness minus B's; or several such differences stacked on leading
+            axes (... x seeds x test examples), every one resampled with the same draws in a replicate (so that
+            differences which add up add up replicate by replicate: `toukit.gap`).
         n_boot: replicates.
         rng: draws, replicate by replicate, the seeds and then the examples.
         seed_draws: the seeds of every replicate drawn beforehand (n_boot x seeds), as `paired_bootstrap` does;
             then only the examples are drawn replicate by replicate.
+
+    Returns:
+        The replicates: n_boot, or n_boot x the leading axes of `diff`.
     """
-    n_seeds, n_examples = diff.shape
-    reps = np.empty(n_boot)
+    *lead, n_seeds, n_examples = diff.shape
+    reps = np.empty((n_boot, *lead))
     for i in range(n_boot):
         seeds = seed_draws[i] if seed_draws is not None else rng.integers(0, n_seeds, n_seeds)
-        reps[i] = diff[seeds][:, rng.integers(0, n_examples, n_examples)].mean()
+        drawn = diff[..., seeds, :][..., rng.integers(0, n_examples, n_examples)]
+        reps[i] = drawn.mean() if not lead else drawn.reshape(*lead, -1).mean(-1)
     return reps
 
 

@@ -16,7 +16,8 @@ from .spectrum import rank_table, total_error
 __all__ = ['training_curves', 'save_figure', 'plot_spectra', 'plot_energy_curves',
            'plot_rank_heatmap', 'plot_rank_by_depth', 'threshold_explorer', 'plot_policy_tradeoff',
            'plot_error_vs_rank', 'plot_noise_errors', 'plot_accuracy_vs_noise', 'plot_costs', 'plot_lr_sweep',
-           'plot_budget_study', 'plot_rank_pareto', 'plot_update_by_depth', 'plot_update_similarity', 'plot_forest']
+           'plot_budget_study', 'plot_rank_pareto', 'plot_update_by_depth', 'plot_update_similarity', 'plot_forest',
+           'plot_gap']
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -379,6 +380,19 @@ def plot_update_similarity(updates: pd.DataFrame, ks: Sequence[str] = ('1', '8',
     return fig
 
 
+def _forest_rows(ax, rows: pd.DataFrame, labels: Sequence[str]) -> None:
+    """A forest plot's rows, the first at the top: each task's estimate with its 95% interval, the pooled one a
+    black diamond."""
+    for y, row in enumerate(rows.iloc[::-1].itertuples()):
+        color = 'black' if row.task == 'pooled' else 'tab:blue'
+        if pd.notna(row.ci_low):
+            ax.plot([row.ci_low, row.ci_high], [y, y], color=color)
+        ax.plot(row.measured, y, marker='D' if row.task == 'pooled' else 'o',
+                markersize=8 if row.task == 'pooled' else 5, color=color)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(list(labels)[::-1], fontsize=7)
+
+
 def plot_forest(pooled: pd.DataFrame, title: str = ''):
     """A forest plot of `toukit.claims.pooled_claims`: one panel per claim, each task's difference with its 95%
     interval and the pooled one (a diamond), the claim's threshold dashed; `title` above the panels. Claim (f)
@@ -390,14 +404,7 @@ def plot_forest(pooled: pd.DataFrame, title: str = ''):
     for ax, statement in zip(axes[:, 0], statements):
         rows = pooled[pooled.statement == statement].reset_index(drop=True)
         ratio = rows.unit.iloc[0] == 'ratio'
-        for y, row in rows.iloc[::-1].reset_index(drop=True).iterrows():
-            pooled_row = row.task == 'pooled'
-            if pd.notna(row.ci_low):
-                ax.plot([row.ci_low, row.ci_high], [y, y], color='black' if pooled_row else 'tab:blue')
-            ax.plot(row.measured, y, marker='D' if pooled_row else 'o', markersize=8 if pooled_row else 5,
-                    color='black' if pooled_row else 'tab:blue')
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([f'{t} ({v})' for t, v in zip(rows.task[::-1], rows.verdict[::-1])], fontsize=7)
+        _forest_rows(ax, rows, [f'{t} ({v})' for t, v in zip(rows.task, rows.verdict)])
         ax.axvline(rows.threshold.iloc[0], color='grey', linestyle='--')
         ax.set_title(f'({rows.claim.iloc[0]}) {statement}: {rows.comparison.iloc[0]}', fontsize=8, loc='left')
         ax.set_xlabel('ratio' if ratio else 'points', fontsize=7)
@@ -410,6 +417,27 @@ def plot_forest(pooled: pd.DataFrame, title: str = ''):
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:.3g}'))
             ax.tick_params(axis='x', labelsize=7)
         ax.grid(alpha=0.3, axis='x')
+    if title:
+        fig.suptitle(title, fontsize=9)
+    plt.tight_layout()
+    return fig
+
+
+def plot_gap(table: pd.DataFrame, title: str = ''):
+    """A forest plot of `toukit.gap.gap_decomposition`: one panel per part (the whole gap, then the three parts that
+    add up to it, on one x axis), each task's difference with its 95% interval and the pooled one (a diamond), zero
+    dashed; `title` above the panels."""
+    parts = list(dict.fromkeys(table.part))
+    fig, axes = plt.subplots(len(parts), 1, figsize=(7, 1.1 + 0.45 * table.task.nunique() * len(parts)),
+                             sharex=True, squeeze=False)
+    for ax, part in zip(axes[:, 0], parts):
+        rows = table[table.part == part]
+        _forest_rows(ax, rows, [f'{t} ({s} seeds)' if s else f'{t} (not measured)'
+                                for t, s in zip(rows.task, rows.seeds)])
+        ax.axvline(0, color='grey', linestyle='--')
+        ax.set_title(f'{rows.label.iloc[0]}: {rows.comparison.iloc[0]}', fontsize=8, loc='left')
+        ax.grid(alpha=0.3, axis='x')
+    axes[-1, 0].set_xlabel('test accuracy difference (points)', fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     plt.tight_layout()
