@@ -246,3 +246,31 @@ def test_claims_refuse_several_runs_of_one_method_and_seed():
     extra = runs[runs.method == 'tou'].head(1).assign(lr=1e-4)
     with pytest.raises(ValueError, match='several tou runs share a seed'):
         claims.claims_table(pd.concat([runs, extra]), n_boot=10, load=records.__getitem__)
+
+
+def test_a_sweep_of_some_methods_keeps_the_others_in_the_manifest(tmp_path):
+    path = tmp_path / 'test.sweep.json'
+    earlier = sweep.plan('test', ['ft', 'lora', 'tou'], [0, 1], results_dir=str(tmp_path))
+    earlier['selected_lr'] = {'lora': 1e-3}  # as a finished grid would have chosen
+    earlier['runs']['tuned'] = {'lora': ['lora-tuned-0', 'lora-tuned-1']}
+    sweep._write_manifest(earlier, str(tmp_path))
+    now = sweep.plan('test', ['tou', 'mica'], [0, 1], results_dir=str(tmp_path))
+    merged = json.loads(sweep._write_manifest(now, str(tmp_path), keep_others=True).read_text())
+    assert merged['methods'] == ['ft', 'lora', 'mica', 'tou']  # the registry's order
+    assert merged['runs']['grid']['tou'] == now['runs']['grid']['tou']  # this sweep's own entries win
+    assert merged['runs']['grid']['ft'] == earlier['runs']['grid']['ft']
+    assert merged['runs']['tuned'] == {'lora': ['lora-tuned-0', 'lora-tuned-1']}
+    assert merged['selected_lr'] == {'lora': 1e-3} and set(merged['grid']) == {'ft', 'lora', 'mica', 'tou'}
+    # another protocol (other seeds) replaces the manifest as before
+    other = sweep.plan('test', ['tou'], [0], results_dir=str(tmp_path))
+    assert json.loads(sweep._write_manifest(other, str(tmp_path), keep_others=True).read_text())['methods'] == ['tou']
+    assert path.exists()
+
+
+def test_redo_since_a_time_redoes_only_what_finished_before_it(tmp_path):
+    config = sweep.plan('test', ['ft'], [0], results_dir=str(tmp_path))['configs']
+    path = next(iter(config.values())).record_path
+    results.write_record(dict(status='ok', finished='2026-12-05T10:00:00+00:00'), path)
+    assert sweep._finished(path, '2026-12-05T09:00:00+00:00') and not sweep._finished(path, '2026-12-05T11:00:00+00:00')
+    with pytest.raises(ValueError, match="redo='yesterday': expected True, False or an ISO 8601 time"):
+        sweep.sweep('test', ['ft'], [0], results_dir=str(tmp_path), redo='yesterday', progress=False)
