@@ -40,3 +40,16 @@ def test_factorize_llm_reports_peak_over_weights(tmp_path, chunk):
     assert 0 < row['weights_mib'] < row['peak_mib']  # the peak counts the weights themselves
     assert all(e['error'] / e['optimal_error'] < 1.1 for e in row['layer0'])
     assert 'peak/weights' in stdout
+
+
+def test_svfit_floor_times_old_new_and_ft_on_the_same_outputs(tmp_path):
+    out = tmp_path / 'svfit.json'
+    script = BENCH.parent / 'svfit_floor.py'
+    done = subprocess.run([sys.executable, str(script), '--model', 'tiny-bert', '--batch-size', '4', '--seq-len', '16',
+                           '--warmup', '0', '--rounds', '1', '--json', str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res['ms_per_step']) == {'old', 'new', 'ft'} and res['formed'] == res['layers'] > 0
+    assert res['max_logit_diff'] < 1e-5 and res['max_grad_diff'] < 1e-6
+    assert 'new / old' in done.stdout and 'max |logits difference|' in done.stdout

@@ -113,6 +113,72 @@ def test_svfit_rank_from_energy(tiny_bert):
     assert sorted(m.rank for m in layers) == sorted(table.rank_e99)
 
 
+def _svfit_factored(layer, x):
+    """SVFitLinear's forward as it was before it formed its weight: the reference both of its paths must match."""
+    low = nn.functional.linear(nn.functional.linear(x, layer.svfit_Vh) * layer.svfit_s, layer.svfit_U)
+    return nn.functional.linear(x, layer.base_weight, layer.bias) + low
+
+
+def _moved_singular_values(model, seed=0):
+    """Every svfit_s scaled by a random factor in [0.5, 1.5], so the checks are not at the starting point."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, toukit.SVFitLinear):
+                m.svfit_s.mul_(0.5 + torch.rand(m.rank, generator=g, dtype=torch.float64).to(m.svfit_s.dtype))
+
+
+# (dtype, tolerance): float64 shows the two computations are the same function, float32 that rounding stays small
+SVFIT_PRECISIONS = [(torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=1e-4, atol=1e-5))]
+
+
+@pytest.mark.parametrize('dtype, tol', SVFIT_PRECISIONS)
+@pytest.mark.parametrize('tokens, formed', [(64, True), (4, False)])
+def test_svfit_forward_equals_the_factored_formula(dtype, tol, tokens, formed):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40, dtype=dtype)
+    layer = toukit.SVFitLinear.from_linear(linear, rank=24)  # full rank, as 99% energy nearly is
+    _moved_singular_values(layer)
+    x = torch.randn(tokens // 2, 2, 24, dtype=dtype, requires_grad=True)
+    assert layer._forms_weight(tokens) is formed  # many tokens form W, few keep the factored path
+    upstream = torch.randn(tokens // 2, 2, 40, dtype=dtype)
+    grads = []
+    for forward in (layer, lambda v: _svfit_factored(layer, v)):
+        layer.svfit_s.grad = x.grad = None
+        y = forward(x)
+        (y * upstream).sum().backward()
+        grads.append((y.detach(), layer.svfit_s.grad.clone(), x.grad.clone()))
+    for new, old in zip(*grads):
+        assert_close(new, old, **tol)
+    with torch.no_grad():
+        assert_close(layer.merge()(x), grads[0][0], **tol)
+
+
+@pytest.mark.parametrize('dtype, tol', SVFIT_PRECISIONS)
+def test_svfit_model_forward_and_gradient_match_the_factored_formula(dtype, tol, monkeypatch):
+    model = apply_method(_vit().to(dtype), 'svfit')
+    _moved_singular_values(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, toukit.SVFitLinear)}
+    x = torch.randn(2, 3, 160, 160, dtype=dtype)
+    tokens = 2 * (model.patch_embed.num_patches + 1)
+    assert any(m._forms_weight(tokens) for m in layers.values())  # the formed path is the one under test
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        y = model(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)).sum().backward()
+        return y.detach(), {n: m.svfit_s.grad.clone() for n, m in layers.items()}
+
+    y, grads = outputs_and_grads()
+    with monkeypatch.context() as m:
+        m.setattr(toukit.SVFitLinear, 'forward', _svfit_factored)
+        y_ref, grads_ref = outputs_and_grads()
+    assert_close(y, y_ref, **tol)
+    assert_close(grads, grads_ref, **tol)
+    with torch.no_grad():
+        assert_close(merge(model)(x), y, **tol)
+
+
 def test_bitfit_trains_biases_and_head():
     model = apply_method(_vit(), 'bitfit')
     for n, p in model.named_parameters():

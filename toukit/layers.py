@@ -3,8 +3,9 @@ SVFit and DeLoRA, and the bottleneck adapter.
 
 Each layer is built from an existing dense layer with `from_linear`, which keeps a weightless template of that
 layer (its class, layout and attributes). `effective_weight()` is the one place the layer's matrix is formed (merge
-and analysis use it; no forward does), and `merge()` restores the template with that weight: the original class
-(nn.Linear, any subclass of it, or transformers' Conv1D), its layout, and a bias exactly when it had one.
+and analysis use it, and SVFit's forward where that is cheaper; no other forward does), and `merge()` restores the
+template with that weight: the original class (nn.Linear, any subclass of it, or transformers' Conv1D), its layout,
+and a bias exactly when it had one.
 Trainable tensors carry a method prefix (`tou_B`, `svfit_s`, `delora_M`, `adapter_down`/`adapter_up`) so a name
 filter finds them. The adapter adds computation after its linear, so it has no merge: it is the one layer here
 that stays in the model. `QKVSplit` shows a fused q/k/v projection as three linears (`split_qkv`, `fuse_qkv`).
@@ -48,7 +49,8 @@ class ToukitLayer(nn.Module):
     `.weight` is a `WeightInfo` (dtype, device, shape), not the matrix, so code that reads `module.weight.dtype`
     never forms A B; a write to `.weight` raises. Under `nn.MultiheadAttention`, which reads `out_proj.weight` as
     a matrix in its own forward, `read_by_parent` is set (by `toukit.apply_method`) and `.weight` then forms the
-    effective weight there, deliberately: the one place a toukit layer's product enters a forward.
+    effective weight there, deliberately: besides SVFit's own forward (which forms its weight where that is
+    cheaper), the one place a toukit layer's product enters a forward.
     """
     in_features: int
     out_features: int
@@ -247,6 +249,11 @@ class SVFitLinear(ToukitLayer):
 
     W_res is the part of W outside the top-r singular directions, so the layer starts out computing W exactly
     (up to rounding) and the update can only rescale the top-r directions.
+
+    All three stored matrices are needed: U_r and V_r^T are the directions s scales, and W_res (the rest of W) cannot
+    be rebuilt from them; storing W instead of W_res would save nothing and change what `base_weight` holds in
+    saved checkpoints. The forward takes the cheaper of two equal computations (`_forms_weight`): at the ranks
+    SVFit is used at (99% energy is near full rank) it forms W once per call and runs one dense matmul.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
@@ -287,9 +294,30 @@ class SVFitLinear(ToukitLayer):
         return layer
 
     def effective_weight(self) -> torch.Tensor:
-        return self.base_weight + (self.svfit_U * self.svfit_s) @ self.svfit_Vh
+        """W_res + U_r diag(s) V_r^T, (out x in); differentiable in s."""
+        return torch.addmm(self.base_weight, self.svfit_U * self.svfit_s, self.svfit_Vh)
+
+    def _forms_weight(self, tokens: int) -> bool:
+        """Whether forming W costs fewer multiply-adds than the factored path for `tokens` input rows.
+
+        Formed: W (out*in*r), then x W^T; in training also dx, dW (the weight gradient a frozen layer never needs)
+        and ds = diag(U^T dW V) (out*in*r again). Factored: x W_res^T plus x V_r (in*r per token) and that times s
+        through U_r^T (r*out per token); in training also dx through both and ds from per-token products.
+        Forward only, r cancels: formed wins once tokens*(in+out) > out*in. Training: formed wins at high rank
+        and many tokens (0.99-energy ranks at a training batch); few tokens or a small rank keep the factored path.
+        """
+        o, i, r = self.out_features, self.in_features, self.rank
+        if torch.is_grad_enabled() and self.svfit_s.requires_grad:
+            return tokens * o * i + 2 * o * i * r < 2 * tokens * r * (i + o)
+        return o * i < tokens * (i + o)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Both paths compute x (W_res + U_r diag(s) V_r^T)^T + b and differ only in rounding. Memory: in training the
+        # formed path holds one out x in W per layer until backward (for dx) and the layer's input (for dW), where the
+        # factored path holds one tokens x r product (for ds); backward adds a transient out x in dW. On the demo's
+        # MiniLM at 32 x 64 tokens that is 82 MiB more in all (benchmarks/svfit_floor.py).
+        if self._forms_weight(x.numel() // self.in_features):
+            return F.linear(x, self.effective_weight(), self.bias)
         low = F.linear(F.linear(x, self.svfit_Vh) * self.svfit_s, self.svfit_U)
         return F.linear(x, self.base_weight, self.bias) + low
 
