@@ -17,7 +17,7 @@ def reproduced(tmp_path_factory):
     root = tmp_path_factory.mktemp('reproduce')
     cli.reproduce(preset='test', methods=['lora', 'tou'], seeds=[0, 1], grid=GRID, noise_scales=[0.0, 0.01],
                   results_dir=str(root / 'results'), figures_dir=str(root / 'figures'),
-                  overrides=dict(max_steps_per_epoch=2), cwd=str(root), rank_budgets=[1.0],
+                  overrides=dict(max_steps_per_epoch=2, epochs=1), cwd=str(root), rank_budgets=[1.0],
                   analysis_parameters={'reconstruction.ipynb': dict(ranks=[0.25, 0.5], noise_scales=[0.0, 0.01, 0.1],
                                                                     batch_size=4)})
     return root
@@ -119,7 +119,7 @@ def test_reproduce_skips_successful_runs(reproduced, capsys):
     before = records()
     cli.reproduce(preset='test', methods=['lora', 'tou'], seeds=[0, 1], grid=GRID, noise_scales=[0.0, 0.01],
                   results_dir=str(reproduced / 'results'), figures_dir=str(reproduced / 'figures'), analysis=False,
-                  overrides=dict(max_steps_per_epoch=2), cwd=str(reproduced), rank_budgets=[1.0])
+                  overrides=dict(max_steps_per_epoch=2, epochs=1), cwd=str(reproduced), rank_budgets=[1.0])
     assert records() == before
     assert capsys.readouterr().out.count('skip ') == 2  # the noise runs; the sweep skips silently
 

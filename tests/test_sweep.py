@@ -274,3 +274,12 @@ def test_redo_since_a_time_redoes_only_what_finished_before_it(tmp_path):
     assert sweep._finished(path, '2026-12-05T09:00:00+00:00') and not sweep._finished(path, '2026-12-05T11:00:00+00:00')
     with pytest.raises(ValueError, match="redo='yesterday': expected True, False or an ISO 8601 time"):
         sweep.sweep('test', ['ft'], [0], results_dir=str(tmp_path), redo='yesterday', progress=False)
+
+
+def test_the_sweep_command_takes_a_redo_time_or_redo_not_both(tmp_path, capsys):
+    from toukit import cli
+    assert cli.command(['sweep', '--preset', 'test', '--redo', '--redo-before', '2026-12-05T14:10:00+00:00',
+                        '--results-dir', str(tmp_path)]) == 2
+    assert '--redo and --redo-before: give one' in capsys.readouterr().err
+    assert cli.command(['sweep', '--preset', 'test', '--redo-before', 'soon', '--results-dir', str(tmp_path)]) == 2
+    assert "redo='soon': expected True, False or an ISO 8601 time" in capsys.readouterr().err

@@ -172,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     swp = _runs_parser(sub, 'sweep', seeds_help='the first seed runs the grid',
                        help='learning-rate grid, each method at its best rate, and the paper protocol')
     swp.add_argument('--stages', nargs='+', default=list(PROTOCOLS), choices=PROTOCOLS)
+    swp.add_argument('--redo-before', metavar='TIME', default=None,
+                     help='run again where a record finished before TIME (ISO 8601, e.g. 2026-12-05T14:10:00+00:00): '
+                          'a re-run spread over several sweeps redoes each run once')
     rks = _runs_parser(sub, 'rank-study', methods=False,
                        help='full TOU under rank policies at equal budgets, after fine-tuning',
                        description='Trains the runs only; notebooks/rank_selection.ipynb (or `toukit reproduce`) '
@@ -203,7 +206,10 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == 'train':
         _train(args)
     elif args.command == 'sweep':
-        sweep(args.preset, args.methods, args.seeds, results_dir=args.results_dir, redo=args.redo, stages=args.stages)
+        if args.redo and args.redo_before:
+            raise ValueError('--redo and --redo-before: give one (--redo runs everything again)')
+        sweep(args.preset, args.methods, args.seeds, results_dir=args.results_dir,
+              redo=args.redo_before or args.redo, stages=args.stages)
     elif args.command == 'rank-study':
         rank_study(args.preset, args.budgets, args.seeds, args.lr, args.calibration_batches, args.results_dir,
                    redo=args.redo)
