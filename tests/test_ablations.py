@@ -96,3 +96,18 @@ def test_ablation_defaults_and_presets():
         assert ranks['tou_residual'] == ranks['tou'] and ranks['tou_full_rank'] == 1.0
         config = toukit.resolve_config(toukit.TrainConfig(method='tou_full_rank', preset=preset))
         assert config.rank == 1.0 and config.noise_scale == toukit.DEFAULT_NOISE_SCALE
+
+
+def test_full_rank_tou_refuses_another_rank_and_its_update_is_measured_from_its_noisy_start(tiny_bert):
+    from toukit.updates import UpdateBaseline
+    with pytest.raises(ValueError, match=r"tou_full_rank: rank=0.5; this ablation is full TOU at rank 1.0"):
+        apply_method(copy.deepcopy(tiny_bert), 'tou_full_rank', rank=0.5)
+    assert [m for m, spec in toukit.METHODS.items() if spec.moves_start] == [
+        'tou', 'tou_frozen_ffn', 'tou_residual', 'tou_full_rank']
+    model = copy.deepcopy(tiny_bert)
+    baseline = UpdateBaseline.capture(model)
+    apply_method(model, 'tou_full_rank')  # TOU's noise moves the start off W; nothing trains here
+    baseline.capture_start(model, toukit.METHODS['tou_full_rank'].moves_start)
+    layers = baseline.summary(model, 'tou_full_rank', getattr(model, 'toukit_ranks', None), 1.0)['layers']
+    assert layers and all(row['relative_update'] > 1e-3 for row in layers)  # the noise, against W
+    assert all(row['start_relative_update'] < 1e-6 for row in layers)  # no update yet, against the start

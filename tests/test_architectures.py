@@ -148,8 +148,8 @@ def _perturb(model, seed=0):
 def test_the_merged_model_computes_what_the_unmerged_one_did(model_type, method):
     model, inputs = build(model_type)
     original = copy.deepcopy(model)
-    options = dict(tou=dict(rank=0.5, noise_scale=1e-2), tou_residual=dict(rank=0.5, noise_scale=1e-2), svfit=dict(rank=2),
-                   delora=dict(rank=2))[method]
+    options = dict(tou=dict(rank=0.5, noise_scale=1e-2), tou_residual=dict(rank=0.5, noise_scale=1e-2),
+                   svfit=dict(rank=2), delora=dict(rank=2))[method]
     toukit.apply_method(model, method, **options)
     _perturb(model)
     before = logits(model, inputs)

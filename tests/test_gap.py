@@ -66,7 +66,7 @@ def test_the_parts_add_up_to_the_total_replicate_by_replicate():
     within = within[within.comparison == 'FT - Full TOU'].set_index('task').measured
     total = table[table.part == 'total'].set_index('task').measured
     assert total.to_dict() == pytest.approx(within.to_dict(), abs=1e-9)
-    a = {m: claims._correct(runs['a'][runs['a'].method == m].path, records.__getitem__) for m in ('ft', 'tou')}
+    a = {m: claims.correct_on_test(runs['a'][runs['a'].method == m].path, records.__getitem__) for m in ('ft', 'tou')}
     alone = claims.bootstrap_means(a['ft'] - a['tou'].astype(float), 400, np.random.default_rng(0)) * 100
     np.testing.assert_allclose(estimates[0][1][:, 0], alone, rtol=0, atol=1e-9)
 

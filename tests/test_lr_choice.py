@@ -54,6 +54,10 @@ def test_per_example_validation_predictions_are_compared_paired():
     unpaired = {lr: {**r, 'metrics': {'final': {'val_accuracy': r['metrics']['final']['val_accuracy']}}}
                 for lr, r in grid.items()}
     assert lr_choice.runner_up_margin(unpaired)['test'] == 'binomial' and lr_choice.close_runner_up(unpaired) == 5e-5
+    other = {**grid[5e-5], 'metrics': {'final': {**grid[5e-5]['metrics']['final'],
+                                                 'val_labels': [0] * 999 + [1]}}}  # another validation set
+    with pytest.raises(ValueError, match='hold different validation labels'):
+        lr_choice.runner_up_margin({1e-5: grid[1e-5], 5e-5: other})
 
 
 def _sweep(tmp_path, preset: str, grid: dict, test_right: dict, skip=()):

@@ -41,6 +41,7 @@ def test_on_a_text_model_it_starts_at_the_model_trains_and_merges(method, tiny_b
         merge(model)
         after = model(**inputs)
     assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert not hasattr(model, 'peft_config'), 'no peft layer is left: its config goes too'
     fresh = toukit.create_model('tiny-bert', num_classes=3, seed=0)
     fresh.load_state_dict(model.state_dict(), strict=True)  # the original architecture again
     with torch.no_grad():
@@ -62,6 +63,7 @@ def test_eva_reads_the_inputs_and_redistributes_ranks(tiny_bert):
     model = apply_method(copy.deepcopy(tiny_bert), 'eva', rank=4, calibration=[inputs])
     ranks = [m.r['default'] for m in model.modules() if hasattr(m, 'lora_A') and hasattr(m, 'r')]
     assert ranks and all(1 <= r <= 8 for r in ranks)  # up to rho * r with rho = 2
+    assert len(set(ranks)) > 1, f'EVA gave every layer the same rank: {ranks}'  # redistributed, not uniform
     assert sum(ranks) <= 4 * len(ranks)  # the budget stays r per layer
 
 

@@ -261,9 +261,17 @@ def test_a_sweep_of_some_methods_keeps_the_others_in_the_manifest(tmp_path):
     assert merged['runs']['grid']['ft'] == earlier['runs']['grid']['ft']
     assert merged['runs']['tuned'] == {'lora': ['lora-tuned-0', 'lora-tuned-1']}
     assert merged['selected_lr'] == {'lora': 1e-3} and set(merged['grid']) == {'ft', 'lora', 'mica', 'tou'}
-    # another protocol (other seeds) replaces the manifest as before
+    # a method this sweep lists keeps none of its old entries, even where this sweep has none yet (its old tuned
+    # runs and chosen rate would be stale)
+    again = sweep.plan('test', ['lora'], [0, 1], results_dir=str(tmp_path))
+    merged = json.loads(sweep._write_manifest(again, str(tmp_path), keep_others=True).read_text())
+    assert 'lora' not in merged['selected_lr'] and 'lora' not in merged['runs']['tuned']
+    assert merged['runs']['grid']['lora'] == again['runs']['grid']['lora'] and 'ft' in merged['runs']['grid']
+    # another protocol (other seeds) replaces the manifest as before, and says which methods it no longer lists
     other = sweep.plan('test', ['tou'], [0], results_dir=str(tmp_path))
-    assert json.loads(sweep._write_manifest(other, str(tmp_path), keep_others=True).read_text())['methods'] == ['tou']
+    with pytest.warns(UserWarning, match=r'listed ft, lora, mica under another protocol \(seeds differ\)'):
+        written = sweep._write_manifest(other, str(tmp_path), keep_others=True)
+    assert json.loads(written.read_text())['methods'] == ['tou']
     assert path.exists()
 
 
@@ -272,8 +280,12 @@ def test_redo_since_a_time_redoes_only_what_finished_before_it(tmp_path):
     path = next(iter(config.values())).record_path
     results.write_record(dict(status='ok', finished='2026-12-05T10:00:00+00:00'), path)
     assert sweep._finished(path, '2026-12-05T09:00:00+00:00') and not sweep._finished(path, '2026-12-05T11:00:00+00:00')
+    # instants, not strings: 10:00 UTC is 11:30 in India and 05:00 in New York
+    assert sweep._finished(path, '2026-12-05T11:30:00+05:30') and not sweep._finished(path, '2026-12-05T05:01:00-05:00')
     with pytest.raises(ValueError, match="redo='yesterday': expected True, False or an ISO 8601 time"):
         sweep.sweep('test', ['ft'], [0], results_dir=str(tmp_path), redo='yesterday', progress=False)
+    with pytest.raises(ValueError, match=r"redo='2026-12-05T09:00:00': the time needs its offset"):
+        sweep.sweep('test', ['ft'], [0], results_dir=str(tmp_path), redo='2026-12-05T09:00:00', progress=False)
 
 
 def test_the_sweep_command_takes_a_redo_time_or_redo_not_both(tmp_path, capsys):

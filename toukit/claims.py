@@ -91,7 +91,8 @@ def paired_t_interval(a: np.ndarray, b: np.ndarray) -> Tuple[float, float, float
     return mean, mean - half, mean + half
 
 
-def _by_seed(runs: pd.DataFrame, method: str) -> pd.DataFrame:
+def runs_by_seed(runs: pd.DataFrame, method: str) -> pd.DataFrame:
+    """`method`'s successful runs of one protocol, indexed by seed (several runs of one seed are refused)."""
     chosen = runs[(runs.method == method) & (runs.status == 'ok')]
     if chosen.seed.duplicated().any():
         raise ValueError(f'claims_table: several {method} runs share a seed (learning rates '
@@ -99,7 +100,8 @@ def _by_seed(runs: pd.DataFrame, method: str) -> pd.DataFrame:
     return chosen.set_index('seed')
 
 
-def _correct(paths: List[str], load: Callable[[str], dict]) -> np.ndarray:
+def correct_on_test(paths: List[str], load: Callable[[str], dict]) -> np.ndarray:
+    """Per-example test correctness of each record (runs x examples, bool), for paired intervals."""
     rows = []
     for path in paths:
         final = load(path)['metrics']['final']
@@ -126,7 +128,7 @@ def claims_table(runs: pd.DataFrame, n_boot: int = 4000, load: Optional[Callable
                              f'preset\'s runs (e.g. runs[runs.preset == "demo"])')
     rows = []
     for claim, statement, (a, b), kind, threshold, side in CLAIMS:
-        ra, rb = _by_seed(runs, a), _by_seed(runs, b)
+        ra, rb = runs_by_seed(runs, a), runs_by_seed(runs, b)
         seeds = sorted(set(ra.index) & set(rb.index))
         row = dict(claim=claim, statement=statement, comparison=f'{method_label(a)} - {method_label(b)}',
                    unit=UNITS[kind], seeds=len(seeds))
@@ -135,8 +137,8 @@ def claims_table(runs: pd.DataFrame, n_boot: int = 4000, load: Optional[Callable
                              verdict='not measured'))
             continue
         if kind == 'accuracy':
-            mean, low, high = paired_bootstrap(_correct(ra.loc[seeds, 'path'], load),
-                                               _correct(rb.loc[seeds, 'path'], load), n_boot=n_boot)
+            mean, low, high = paired_bootstrap(correct_on_test(ra.loc[seeds, 'path'], load),
+                                               correct_on_test(rb.loc[seeds, 'path'], load), n_boot=n_boot)
             method = 'paired bootstrap over seeds and test examples'
         else:
             mean, low, high = paired_t_interval(ra.loc[seeds, kind].to_numpy(), rb.loc[seeds, kind].to_numpy())
@@ -194,8 +196,8 @@ def rank_study_table(runs: pd.DataFrame, manifest: dict, n_boot: int = 4000,
         if policy == 'uniform' or not seeds:
             rows.append(dict(row, vs_uniform=np.nan, ci_low=np.nan, ci_high=np.nan, beats_uniform=''))
             continue
-        mean, low, high = paired_bootstrap(_correct(group.loc[seeds, 'path'], load),
-                                           _correct(uniform.loc[seeds, 'path'], load), n_boot=n_boot)
+        mean, low, high = paired_bootstrap(correct_on_test(group.loc[seeds, 'path'], load),
+                                           correct_on_test(uniform.loc[seeds, 'path'], load), n_boot=n_boot)
         rows.append(dict(row, vs_uniform=mean, ci_low=low, ci_high=high,
                          beats_uniform=verdict(low, high, 0.0, 'above')))
     table = pd.DataFrame(rows, columns=['budget', 'policy', 'seeds', 'trainable_params', 'test_accuracy',
@@ -216,7 +218,7 @@ POOLING = ('accuracy: a stratified bootstrap, every replicate resampling within 
 
 def _accuracy_replicates(ra: pd.DataFrame, rb: pd.DataFrame, seeds: list, load, rng, n_boot: int):
     """(point estimate, n_boot bootstrap replicates) of one task's accuracy difference A - B, in points."""
-    diff = _correct(ra.loc[seeds, 'path'], load).astype(float) - _correct(rb.loc[seeds, 'path'], load)
+    diff = correct_on_test(ra.loc[seeds, 'path'], load).astype(float) - correct_on_test(rb.loc[seeds, 'path'], load)
     return diff.mean() * 100, bootstrap_means(diff, n_boot, rng) * 100
 
 
@@ -278,7 +280,7 @@ def _claim_rows(claim: tuple, runs_by_task: Dict[str, pd.DataFrame], load: Calla
                 unit=UNITS[kind] if accuracy else 'ratio', threshold=threshold if accuracy else 1.0)
     rows, points, replicates, logs, counts = [], [], [], [], []
     for task, runs in runs_by_task.items():
-        ra, rb = _by_seed(runs, a), _by_seed(runs, b)
+        ra, rb = runs_by_seed(runs, a), runs_by_seed(runs, b)
         seeds = sorted(set(ra.index) & set(rb.index))
         if not seeds:
             rows.append(dict(base, task=task, measured=np.nan, ci_low=np.nan, ci_high=np.nan, seeds=0, n_tasks=1,

@@ -4,7 +4,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from .claims import _by_seed, _correct, bootstrap_means
+from .claims import bootstrap_means, correct_on_test, runs_by_seed
 from .methods import method_label
 from .results import read_record
 
@@ -31,7 +31,9 @@ def gap_decomposition(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000,
                  + (TOU residual - TOU)             the truncation
 
     ('tou_full_rank': TOU at rank 1.0, nothing truncated; 'tou_residual': TOU with the truncation residual kept
-    frozen, so nothing is lost but the update stays in the top-r subspace.) Intervals come from `toukit.claims`'
+    frozen, so nothing is lost but the update stays in the top-r subspace. TOU's noise moves the start of
+    'tou_full_rank' and 'tou' off W; the residual of 'tou_residual' absorbs it, so the noise's effect on the start
+    falls in the restriction part.) Intervals come from `toukit.claims`'
     paired bootstrap over seeds and test examples, with one draw of seeds and examples per replicate for all four
     comparisons of a task, so that the parts' replicates add up to the total's, replicate by replicate; a task
     uses the seeds all four methods share. Pooled rows weigh each task the same (`toukit.claims.POOLING`): the
@@ -68,11 +70,11 @@ def _task_replicates(runs: pd.DataFrame, load: Callable[[str], dict], rng: np.ra
                      n_boot: int) -> Optional[Estimate]:
     """One task's (points, replicates, seeds) of every part of `GAP_PARTS`, in points; None without all four
     methods on a common seed."""
-    by_method = {m: _by_seed(runs, m) for m in GAP_METHODS}
+    by_method = {m: runs_by_seed(runs, m) for m in GAP_METHODS}
     seeds = sorted(set.intersection(*(set(r.index) for r in by_method.values())))
     if not seeds:
         return None
-    correct = {m: _correct(r.loc[seeds, 'path'], load).astype(float) for m, r in by_method.items()}
+    correct = {m: correct_on_test(r.loc[seeds, 'path'], load).astype(float) for m, r in by_method.items()}
     diff = np.stack([correct[a] - correct[b] for _, _, a, b in GAP_PARTS])  # parts x seeds x test examples
     return diff.mean(axis=(1, 2)) * 100, bootstrap_means(diff, n_boot, rng) * 100, len(seeds)
 

@@ -314,8 +314,8 @@ class SVFitLinear(ToukitLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Both paths compute x (W_res + U_r diag(s) V_r^T)^T + b and differ only in rounding. Memory: in training the
         # formed path holds one out x in W per layer until backward (for dx) and the layer's input (for dW), where the
-        # factored path holds one tokens x r product (for ds); backward adds a transient out x in dW. On the demo's
-        # MiniLM at 32 x 64 tokens that is 82 MiB more in all (benchmarks/svfit_floor.py).
+        # factored path holds one tokens x r product (for ds); backward adds a transient out x in dW (measured on
+        # MiniLM: benchmarks/svfit_floor.py, BENCHMARKS.md).
         if self._forms_weight(x.numel() // self.in_features):
             return F.linear(x, self.effective_weight(), self.bias)
         low = F.linear(F.linear(x, self.svfit_Vh) * self.svfit_s, self.svfit_U)

@@ -44,7 +44,8 @@ def runner_up_margin(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optiona
         (rates), margin and threshold (in accuracy points), test ('paired' or 'binomial') and close.
 
     Raises:
-        ValueError: the binomial test with a record that does not say its validation set's size.
+        ValueError: the binomial test with a record that does not say its validation set's size; the paired test
+            with records of different validation labels.
     """
     best = select_lr(grid_records_by_lr)
     others = {lr: r for lr, r in grid_records_by_lr.items() if lr != best}
@@ -54,6 +55,10 @@ def runner_up_margin(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optiona
     a, b = grid_records_by_lr[best], grid_records_by_lr[second]
     right_a, right_b = _val_correct(a), _val_correct(b)
     if right_a is not None and right_b is not None:
+        labels_a, labels_b = (np.asarray(r['metrics']['final']['val_labels']) for r in (a, b))
+        if not np.array_equal(labels_a, labels_b):
+            raise ValueError(f'lr {best:g} and {second:g}: their records hold different validation labels '
+                             f'({len(labels_a)} and {len(labels_b)} examples); a paired test needs one validation set')
         d = right_a.astype(float) - right_b
         margin, se, test = float(d.mean()), float(d.std() / math.sqrt(len(d))), 'paired'
     else:
@@ -75,7 +80,10 @@ def _val_correct(record: dict) -> Optional[np.ndarray]:
     final = record['metrics']['final']
     if final.get('val_predictions') is None or final.get('val_labels') is None:
         return None
-    return np.asarray(final['val_predictions']) == np.asarray(final['val_labels'])
+    predictions, labels = np.asarray(final['val_predictions']), np.asarray(final['val_labels'])
+    if predictions.shape != labels.shape:
+        raise ValueError(f'{record["run"]["id"]}: {len(predictions)} validation predictions for {len(labels)} labels')
+    return predictions == labels
 
 
 def _accuracy_and_size(record: dict):
@@ -149,9 +157,10 @@ def runner_up_plan(manifest: dict, runs: pd.DataFrame, load: Optional[Callable[[
 def claims_both_ways(runs: pd.DataFrame, tasks: Sequence[str] = (), n_boot: int = 4000, seed: int = 0,
                      load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
     """Every claim of `toukit.claims.CLAIMS`, per task and pooled (`toukit.claims.pooled_claims`), twice: under the
-    tuned protocol's chosen rates, and with the runner-up rate substituted for each method whose choice was close
-    (`runner_up_plan`): that rate's grid run on the first seed and its runs on the others, as far as they exist
-    (the `seeds` column says how many a claim used; `runner_up_plan` lists the runs left).
+    tuned protocol's chosen rates, and with the runner-up rate substituted for every method whose choice was close,
+    all at once (`runner_up_plan`): that rate's grid run on the first seed and its runs on the others, as far as
+    they exist (the `seeds` column says how many a claim used; `runner_up_plan` lists the runs left). A claim
+    comparing two close methods thus sees both swapped together, not one at a time.
 
     Args:
         runs: a `load_runs` table of every task (its `preset` column), with its sweep manifests (`attrs`).

@@ -47,6 +47,8 @@ def merge(model: nn.Module) -> nn.Module:
             module.merge(safe_merge=True)
             replace_layer(model, name, module.get_base_layer())
     fuse_qkv(model)
+    if hasattr(model, 'peft_config') and not any(is_peft_layer(m) for m in model.modules()):
+        del model.peft_config  # peft's injection left its config on the model; nothing of peft is left to configure
     for mark in ('toukit_method', 'toukit_ranks', 'toukit_new_modules'):
         if hasattr(model, mark):
             delattr(model, mark)
@@ -73,6 +75,9 @@ class Method:
     # what a run hands the method from the training split, as `calibration`: 'inputs' (the first batches' inputs),
     # 'batches' ((inputs, labels) of the first batches); '' nothing unless asked for (TOU takes inputs if given)
     data: str = ''
+    # True: the preparation moves the starting weights away from the pretrained ones (TOU's noise and truncation),
+    # so a run's update summary measures the update from the prepared start (`UpdateBaseline.capture_start`)
+    moves_start: bool = False
     defaults: Dict[str, object] = field(default_factory=dict)
 
 
@@ -80,9 +85,10 @@ METHODS: Dict[str, Method] = {}  # in the order tables and figures show them
 
 
 def _register(prepare: Callable[..., None], label: str, description: str, mergeable: bool = True,
-              data: str = '') -> None:
+              data: str = '', moves_start: bool = False) -> None:
     defaults = {k: p.default for k, p in list(inspect.signature(prepare).parameters.items())[1:]}
-    METHODS[prepare.__name__] = Method(prepare.__name__, prepare, label, description, mergeable, data, defaults)
+    METHODS[prepare.__name__] = Method(prepare.__name__, prepare, label, description, mergeable, data, moves_start,
+                                       defaults)
 
 
 def method_names() -> List[str]:
@@ -130,6 +136,9 @@ def tou_residual(model: nn.Module, rank: RankSpec = DEFAULT_FRACTION, targets: T
 def tou_full_rank(model: nn.Module, rank: RankSpec = 1.0, targets: Targets = 'all',
                   noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram',
                   chunk: Optional[int] = None) -> None:
+    if isinstance(rank, bool) or rank not in (1, 1.0, '1', '1.0'):
+        raise ValueError(f'tou_full_rank: rank={rank!r}; this ablation is full TOU at rank 1.0 (use method tou '
+                         f'for another rank)')
     model.requires_grad_(True)
     apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, seed=seed, svd_method=svd_method,
               chunk=chunk)
@@ -165,8 +174,6 @@ def bitfit(model: nn.Module) -> None:
         p.requires_grad_(name.endswith('bias'))
 
 
-
-
 # the table, in the order tables and figures show the methods
 _register(ft, 'FT', 'full fine-tuning: every parameter trains')
 _register(peft_methods.lora, 'LoRA', 'LoRA through peft on the target linears (q, k, v as separate matrices)')
@@ -183,12 +190,15 @@ _register(peft_methods.eva, 'EVA', 'EVA through peft: A from the principal direc
 _register(peft_methods.loraga, 'LoRA-GA', "LoRA-GA through peft: A and B from the loss gradient's singular "
                                           'directions on training batches, residual frozen', data='batches')
 _register(tou, 'Full TOU', 'full TOU: truncated-SVD factors of attention and MLP, A frozen, B and all other '
-                           'parameters train')
-_register(tou_frozen_ffn, 'TOU frozen FFN', 'TOU frozen FFN: like tou, but nothing in the factorized MLP trains')
+                           'parameters train', moves_start=True)
+_register(tou_frozen_ffn, 'TOU frozen FFN', 'TOU frozen FFN: like tou, but nothing in the factorized MLP trains',
+          moves_start=True)
 _register(tou_residual, 'TOU + residual', 'ablation: full TOU with the truncation residual W - A B kept frozen '
-                                          '(no truncation; B still moves in the top-r left subspace only)')
-_register(tou_full_rank, 'Full-rank TOU', 'ablation: full TOU at rank 1.0 (no truncation; the update is unrestricted '
-                                          'for out <= in, bounded by the column space of W for a tall matrix)')
+                                          '(the start computes W; B still moves in the top-r left subspace only)',
+          moves_start=True)
+_register(tou_full_rank, 'Full-rank TOU', "ablation: full TOU at rank 1.0 (no truncation; the start is W plus TOU's "
+                                          'noise; the update is unrestricted for out <= in, bounded by the column '
+                                          'space of W for a tall matrix)', moves_start=True)
 _register(svfit, 'SVFit', 'SVFit: only the top-r singular values of each target train (r by energy threshold by '
                           'default)')
 _register(delora, 'DeLoRA', 'DeLoRA: frozen random factors with a trainable r x r core, started at zero')

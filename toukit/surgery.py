@@ -84,7 +84,6 @@ def replace_layer(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-
 def split_view(model: nn.Module) -> None:
     """Freeze `model` and show a fused q/k/v as three matrices, as the paper counts LoRA's parameters."""
     model.requires_grad_(False)

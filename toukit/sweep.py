@@ -20,10 +20,12 @@ into the `protocol` column.
 import dataclasses
 import datetime as _dt
 import functools
+import json
 import math
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -307,11 +309,7 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
     manifest after every run (with `keep_others`, merged into the one on disk: `_merged`). The loop of `sweep` and
     `rank_study`."""
     if isinstance(redo, str):
-        try:
-            _dt.datetime.fromisoformat(redo)
-        except ValueError:
-            raise ValueError(f'redo={redo!r}: expected True, False or an ISO 8601 time such as '
-                             f'2026-12-05T13:30:00+00:00') from None
+        _redo_time(redo)  # refuses a malformed or naive time before any run
     failures, done = [], set()
     started = redo if isinstance(redo, str) else now()  # under redo, a record finished since then is this redo's
     write = functools.partial(_write_manifest, results_dir=results_dir, keep_others=keep_others)
@@ -370,11 +368,29 @@ def _refusal(error: Exception) -> Optional[str]:
     return {'RunLockedError': 'locked', 'RecordExistsError': 'finished'}.get(getattr(error, 'ename', None))
 
 
+def _redo_time(text: str) -> _dt.datetime:
+    """`text` as an aware time (a redo time: records finished since then are kept)."""
+    try:
+        when = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f'redo={text!r}: expected True, False or an ISO 8601 time such as '
+                         f'2026-12-05T13:30:00+00:00') from None
+    if when.tzinfo is None:
+        raise ValueError(f'redo={text!r}: the time needs its offset (records write UTC times, e.g. '
+                         f'{text}+00:00)')
+    return when
+
+
 def _finished(record_path: Path, since: Optional[str]) -> bool:
     """A finished record exists (made at `since` or later, when given: under redo, by this sweep or a worker beside
-    it)."""
+    it). Times compare as instants, whatever offset each is written with."""
     record = finished_record(record_path)
-    return record is not None and (since is None or str(record.get('finished', '')) >= since)
+    if record is None or since is None:
+        return record is not None
+    try:
+        return _redo_time(str(record.get('finished', ''))) >= _redo_time(since)
+    except ValueError:  # a record without a readable finishing time is not this redo's
+        return False
 
 
 def _held_here(record_path: Path) -> bool:
@@ -395,17 +411,28 @@ def _merged(manifest: dict, path: Path) -> dict:
         old = read_manifest(path)
     except (OSError, ValueError):
         return manifest
-    if any(old.get(key) != manifest[key] for key in ('preset', 'seeds', 'overrides', 'paper_lr')):
-        return manifest
+    protocol = ('preset', 'seeds', 'overrides', 'paper_lr')
+    as_written = json.loads(json.dumps({key: manifest[key] for key in protocol}))  # tuples read back as lists
+    changed = [key for key in protocol if old.get(key) != as_written[key]]
     others = [m for m in old.get('methods', []) if m not in manifest['methods']]
+    if changed:
+        if others:
+            warnings.warn(f'{path}: the sweep written before listed {", ".join(others)} under another protocol '
+                          f'({", ".join(changed)} differ); the new manifest lists only {", ".join(manifest["methods"])}')
+        return manifest
     if not others:
         return manifest
     every = set(manifest['methods']) | set(others)
     order = [m for m in METHODS if m in every] + sorted(every - set(METHODS))
     merged = dict(manifest, methods=order, runs={})
+
+    def source(m):  # this sweep's entries for its own methods (even where it has none), the old ones for the others
+        return manifest if m in manifest['methods'] else old
+
     for key in ('grid', 'selected_lr'):
-        merged[key] = {m: v for m in order for v in [manifest[key].get(m, old.get(key, {}).get(m))] if v is not None}
-    for protocol in PROTOCOLS:
-        ours, theirs = manifest['runs'].get(protocol, {}), old.get('runs', {}).get(protocol, {})
-        merged['runs'][protocol] = {m: ours[m] if m in ours else theirs[m] for m in order if m in ours or m in theirs}
+        merged[key] = {m: v for m in order for v in [source(m).get(key, {}).get(m)] if v is not None}
+    for protocol_name in PROTOCOLS:
+        merged['runs'][protocol_name] = {m: runs for m in order
+                                         for runs in [source(m).get('runs', {}).get(protocol_name, {}).get(m)]
+                                         if runs is not None}
     return merged

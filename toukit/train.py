@@ -163,7 +163,7 @@ class Run:
         self.updates = UpdateBaseline.capture(model)
         with timed(self.device) as seconds:  # new layers are built on their weights' device
             apply_method(model, config.method, **options)
-        self.updates.capture_start(model, config.method)
+        self.updates.capture_start(model, METHODS[config.method].moves_start)
         trainable, total = count_parameters(model)
         record['cost'].update(trainable_params=trainable, total_params=total, factorize_seconds=seconds[0],
                               memory_kind=self.memory.kind, memory_definitions=MEMORY_DEFINITIONS[self.memory.kind],

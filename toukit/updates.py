@@ -282,9 +282,10 @@ class UpdateBaseline:
             return cls([], [], why=f'not defined: {e}')
         return cls(entries, conv1d_names(model), model_family(model))  # the layout as pretrained, before any method
 
-    def capture_start(self, model: nn.Module, method: str) -> None:
-        """The prepared model's starting weights, for the methods whose factorization moved them (TOU's)."""
-        if self.entries and method in ('tou', 'tou_frozen_ffn'):  # the factorization moved the starting point
+    def capture_start(self, model: nn.Module, moves_start: bool) -> None:
+        """The prepared model's starting weights, kept when the method's preparation moved them away from the
+        pretrained ones (`Method.moves_start`: TOU's noise and truncation), so the update is measured from there."""
+        if self.entries and moves_start:
             self.start = [w.to('cpu', copy=True) for w in matched_weights(model, self.entries, self.conv1d)]
 
     def summary(self, model: nn.Module, method: str, ranks: Optional[dict], preset_rank: RankSpec) -> dict:
