@@ -23,7 +23,11 @@
 #   Figure 2 (training loss over steps and validation accuracy per epoch, mean and min-max band over seeds);
 # - the verdicts on the paper's claims for both protocols, with 95% confidence intervals (`toukit.claims`);
 # - the paper protocol's numbers next to the paper's as ratios to FT, and the cost bars;
-# - the claims pooled across tasks (presets) with a forest plot, written to figures_dir itself.
+# - the claims pooled across tasks (presets) with a forest plot, written to figures_dir itself;
+# - across tasks too, in figures_dir itself: every method's accuracy (95% interval) and cost per task and pooled
+#   (`methods_table.*`), the FT - full TOU gap split into its three parts (`gap_decomposition.*`), and what each
+#   method did to each layer type, q, k, v, attention output, MLP in and MLP out (`update_by_layer_type.*`). A method
+#   without records yet is a row that says 'not measured'.
 
 # %%
 from pathlib import Path
@@ -32,7 +36,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from toukit import claims, methods, plots, results, sweep
+from toukit import claims, gap, method_table, methods, plots, results, sweep, updates
 
 # %% tags=["parameters"]
 results_dir: str = "results"  # run records
@@ -171,3 +175,69 @@ else:
         fig = plots.plot_forest(table, title=f'{protocol} protocol')
         plots.save_figure(fig, Path(figures_dir) / f'claims_forest_{protocol}')
         plt.show()
+
+
+# %% [markdown]
+# ## Every method on every task, and pooled
+#
+# Per protocol, task and method (the registry's order): trainable parameters, test accuracy with its 95% interval (a
+# bootstrap over seeds and test examples; pooled: the tasks' mean, each task that has the method weighing the
+# same), mean train time and training memory, and the seeds (`toukit.method_table`). Unlike the pooled claims, a
+# task whose sweep is unfinished is shown with the seeds it has. Written to `figures_dir` itself
+# (`methods_table.csv`, `.md`).
+
+# %%
+runs_by_protocol = {p: results.runs_by_task(every, p, [t for t in tasks.split(',') if t]) for p in ('tuned', 'paper')}
+method_rows = pd.concat([method_table.method_table(by_task, n_boot=n_boot).assign(protocol=p)
+                         for p, by_task in runs_by_protocol.items()], ignore_index=True)
+method_rows.round(4).to_csv(Path(figures_dir) / 'methods_table.csv', index=False)
+shown = method_table.format_method_table(method_rows)
+shown.insert(0, 'protocol', method_rows.protocol)
+(Path(figures_dir) / 'methods_table.md').write_text(shown.to_markdown(index=False) + '\n')
+display(shown[method_rows.seeds > 0])
+
+# %% [markdown]
+# ## The FT - full TOU gap, split into its three parts
+#
+# FT - TOU = (FT - TOU full rank: the factorized parameterization) + (TOU full rank - TOU + residual: the restriction
+# to the top-r subspace) + (TOU + residual - TOU: the truncation), per task and pooled, with paired 95% intervals
+# (`toukit.gap.gap_decomposition`). A task needs all four methods' runs; until then its rows are 'not measured' and
+# no figure is drawn. The tuned protocol's figure is `gap_decomposition.png`, the paper protocol's
+# `gap_decomposition_paper.png`; the table (`gap_decomposition.md`, `.csv`) has both.
+
+# %%
+gaps = pd.concat([gap.gap_decomposition(by_task, n_boot=n_boot).assign(protocol=p)
+                  for p, by_task in runs_by_protocol.items()], ignore_index=True)
+gaps.round(4).to_csv(Path(figures_dir) / 'gap_decomposition.csv', index=False)
+(Path(figures_dir) / 'gap_decomposition.md').write_text(gap.format_gap_table(gaps).to_markdown(index=False) + '\n')
+display(gap.format_gap_table(gaps))
+for protocol, table in gaps.groupby('protocol', sort=False):
+    if not (table.seeds > 0).any():
+        print(f'{protocol}: no task has runs of all of {", ".join(gap.GAP_METHODS)} yet: no figure')
+        continue
+    fig = plots.plot_gap(table, title=f'{protocol} protocol')
+    plots.save_figure(fig, Path(figures_dir) / ('gap_decomposition' + ('' if protocol == 'tuned' else f'_{protocol}')))
+    plt.show()
+
+# %% [markdown]
+# ## What each method did to each layer type (tuned protocol)
+#
+# Medians over matrices and seeds of each method's own update (`toukit.updates.layer_type_table`: TOU's from its
+# start A_0 B_0), per task and layer type, next to what a random subspace of the layer's rank holds (r / out on the
+# left, r / in on the right). By layer type rather than by kind, MLP in and MLP out keep their own baselines (r / out
+# is 0.094 for MiniLM's MLP in and 0.375 for its MLP out; a median over the MLP mixes them). 'not changed': the method
+# changed no matrix of that type (LoRA's MLP, the adapter, BitFit); 'not measured': no record of it with an update
+# summary. Written to `update_by_layer_type.md` and `.csv`.
+
+# %%
+layer_updates = [updates.records_updates(results.records_by_method(r)).assign(task=t)
+                 for t, r in runs_by_protocol['tuned'].items() if len(r)]
+by_layer_type = updates.layer_type_table(pd.concat(layer_updates, ignore_index=True) if layer_updates else
+                                         pd.DataFrame())
+if len(by_layer_type):
+    by_layer_type.round(4).to_csv(Path(figures_dir) / 'update_by_layer_type.csv', index=False)
+    shown = updates.format_layer_type_table(by_layer_type)
+    (Path(figures_dir) / 'update_by_layer_type.md').write_text(shown.to_markdown(index=False) + '\n')
+    display(shown[shown.status == 'measured'])
+else:
+    print('no tuned record with an update summary yet')

@@ -91,6 +91,12 @@ def test_a_task_missing_a_method_is_not_measured_and_pooling_uses_the_others():
     assert (table[table.task == 'c'].seeds == 2).all()
     nothing = gap.gap_decomposition({'b': b[b.method != 'tou_residual']}, n_boot=20, load=records.__getitem__)
     assert nothing.measured.isna().all() and (nothing[nothing.task == 'pooled'].n_tasks == 0).all()
+    shown = gap.format_gap_table(table.assign(protocol='tuned')).set_index(['part', 'task'])
+    assert shown.loc[('total', 'b'), 'difference, points (95% CI)'] == 'not measured'
+    a_total = table.set_index(['part', 'task']).loc[('total', 'a')]
+    assert shown.loc[('total', 'a'), 'difference, points (95% CI)'] == (
+        f'{a_total.measured:+.2f} [{a_total.ci_low:+.2f}, {a_total.ci_high:+.2f}]')
+    assert (shown.protocol == 'tuned').all()
     fig = plots.plot_gap(table, title='gap')
     assert len(fig.axes) == 4 and fig.axes[0].get_xlim() == fig.axes[3].get_xlim()  # one x axis for all parts
     labels = [t.get_text() for t in fig.axes[1].get_yticklabels()]

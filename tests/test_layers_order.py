@@ -10,7 +10,7 @@ import pytest
 ORDER = ['linalg', 'targets', 'convert', 'models', 'calibration', 'ranks', 'layers', 'surgery', 'tou', 'peft_methods',
          'methods', 'spectrum', 'updates',
          'studies', 'data', 'meter', 'step', 'config', 'runstate', 'results', 'train', 'notebooks', 'sweep', 'claims',
-         'gap', 'lr_choice', 'plots', 'cli']
+         'gap', 'method_table', 'lr_choice', 'plots', 'cli']
 PACKAGE = Path(__file__).resolve().parents[1] / 'toukit'
 
 

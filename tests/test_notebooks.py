@@ -109,6 +109,22 @@ def test_figures_notebook_pools_the_claims_of_two_tasks(reproduced, tmp_path):
     assert len(merge) == 2 and (merge.n_tasks == 2).all()
     summary = (tmp_path / 'figures' / 'pooled_summary.md').read_text()
     assert summary.count('| tuned ') == summary.count('| paper ') == pooled.statement.nunique()
+    table = pd.read_csv(tmp_path / 'figures' / 'methods_table.csv')
+    table = table.set_index(['protocol', 'method', 'task']).sort_index()
+    assert table.loc[('tuned', 'tou', 'pooled'), 'n_tasks'] == 2 and table.loc[('tuned', 'tou', 'test'), 'seeds'] == 2
+    assert table.loc[('tuned', 'tou', 'pooled'), 'test_accuracy'] == pytest.approx(
+        table.loc[('tuned', 'tou', 'test'), 'test_accuracy'], abs=1e-4)
+    assert (table.loc[('tuned', 'dora')].seeds == 0).all()  # registered, never run: a row that says so
+    assert 'not measured' in (tmp_path / 'figures' / 'methods_table.md').read_text()
+    gaps = pd.read_csv(tmp_path / 'figures' / 'gap_decomposition.csv')  # no ablation runs: nothing measured
+    assert set(gaps.protocol) == {'tuned', 'paper'} and (gaps.seeds == 0).all()
+    assert 'not measured' in (tmp_path / 'figures' / 'gap_decomposition.md').read_text()
+    assert not (tmp_path / 'figures' / 'gap_decomposition.png').exists()
+    layers = pd.read_csv(tmp_path / 'figures' / 'update_by_layer_type.csv')
+    measured = layers[layers.status == 'measured']
+    assert set(measured.method) == {'lora', 'tou'} and set(measured.task) == {'test', 'twin'}
+    assert {'q', 'k', 'v', 'attention output', 'mlp in', 'mlp out'} <= set(layers.role)
+    assert (layers[(layers.method == 'lora') & layers.role.str.startswith('mlp')].status == 'not changed').all()
 
 
 def test_reproduce_skips_successful_runs(reproduced, capsys):

@@ -2,6 +2,7 @@
 import copy
 import math
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -171,7 +172,6 @@ def test_a_run_on_some_targets_records_every_layer(tmp_path):
 
 
 def test_own_updates_show_tou_from_its_start_and_drop_unchanged_layers():
-    import pandas as pd
     from toukit.updates import own_updates
     table = pd.DataFrame([
         dict(method='tou', relative_update=0.4, left_energy_r=0.01, right_energy_r=0.01, start_relative_update=0.02,
@@ -184,3 +184,73 @@ def test_own_updates_show_tou_from_its_start_and_drop_unchanged_layers():
     assert own.method.tolist() == ['tou', 'tou', 'ft']
     assert own.left_energy_r.tolist() == [1.0, 1.0, 0.37] and own.relative_update.tolist() == [0.02, 0.02, 0.01]
     assert own.right_energy_r.iloc[0] == 0.3 and pd.isna(own.right_energy_r.iloc[1])  # no twin recorded: not shown
+
+
+def _layers(block_names, kinds, out_in, parts=None, prefix='encoder.layer', blocks=2, **values):
+    """A made-up record's update rows: per block, each layer's name, type, kind and shape, and the given values
+    (a callable of the type gives a value per type)."""
+    rows = []
+    for b in range(blocks):
+        for short, kind, (out_f, in_f) in zip(block_names, kinds, out_in):
+            for part in (parts or {}).get(short, [None]):
+                layer_type = f'{short}[{part}]' if part else short
+                row = dict(name=f'{prefix}.{b}.{short}', type=layer_type, block=b, kind=kind, out_features=out_f,
+                           in_features=in_f, random_left_r=96 / out_f, random_right_r=96 / in_f,
+                           **{k: v(layer_type) if callable(v) else v for k, v in values.items()})
+                rows.append(dict(row, part=part) if part else row)
+    return rows
+
+
+def _record(method, seed, layers):
+    return {'run': {'config': {'seed': seed, 'lr': 1e-3, 'method': method}}, 'updates': {'layers': layers}}
+
+
+BERT = (['attention.self.query', 'attention.self.key', 'attention.self.value', 'attention.output.dense',
+         'intermediate.dense', 'output.dense'], ['attention'] * 4 + ['mlp'] * 2,
+        [(256, 256)] * 4 + [(1024, 256), (256, 1024)])
+
+
+def test_layer_roles_of_bert_and_of_a_fused_qkv_vit():
+    from toukit.updates import layer_roles, records_updates
+    bert = records_updates({'ft': [_record('ft', 0, _layers(*BERT, relative_update=0.1))]})
+    assert layer_roles(bert).tolist() == ['q', 'k', 'v', 'attention output', 'mlp in', 'mlp out'] * 2
+    vit = _layers(['attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2'], ['attention'] * 2 + ['mlp'] * 2,
+                  [(256, 256), (256, 256), (1024, 256), (256, 1024)], parts={'attn.qkv': ['q', 'k', 'v']},
+                  prefix='blocks', relative_update=0.1)
+    vit = records_updates({'ft': [_record('ft', 0, vit)]})
+    assert layer_roles(vit).tolist() == ['q', 'k', 'v', 'attention output', 'mlp in', 'mlp out'] * 2
+
+
+def test_layer_type_table_splits_mlp_in_from_mlp_out_and_says_what_is_missing():
+    from toukit.updates import format_layer_type_table, layer_type_table, records_updates
+    energy = {'attention.self.query': 0.5, 'attention.self.key': 0.4, 'attention.self.value': 0.3,
+              'attention.output.dense': 0.2, 'intermediate.dense': 0.1, 'output.dense': 0.6}
+    records = {
+        'ft': [_record('ft', s, _layers(*BERT, relative_update=0.01 * (s + 1), left_energy_r=energy.get))
+               for s in (0, 1)],
+        'lora': [_record('lora', 0, _layers(*BERT, left_energy_r=0.4, relative_update=lambda t: 0.0 if t in (
+            'intermediate.dense', 'output.dense') else 0.05))],
+        'tou': [_record('tou', 0, _layers(*BERT, relative_update=0.4, left_energy_r=0.01, start_relative_update=0.02,
+                                          start_left_energy_r=1.0))]}
+    table = layer_type_table(records_updates(records).assign(task='text'))
+    rows = table.set_index(['method', 'role'])
+    assert rows.loc['ft'].index.tolist() == ['q', 'k', 'v', 'attention output', 'mlp in', 'mlp out']
+    assert rows.loc['ft'].left_energy_r.tolist() == [0.5, 0.4, 0.3, 0.2, 0.1, 0.6]
+    assert rows.loc[('ft', 'q'), 'relative_update'] == pytest.approx(0.015)  # median over matrices and seeds
+    assert (rows.loc['ft'].seeds == 2).all() and (rows.loc['ft'].matrices == 2).all()
+    # the random subspace's share per layer type: r / out is 96 / 1024 for MLP in and 96 / 256 for MLP out
+    assert rows.loc[('ft', 'mlp in'), 'random_left_r'] == 96 / 1024
+    assert rows.loc[('ft', 'mlp out'), 'random_left_r'] == rows.loc[('ft', 'q'), 'random_left_r'] == 96 / 256
+    assert rows.loc[('ft', 'mlp in'), 'layer'] == 'intermediate.dense'
+    assert rows.loc[('lora', 'mlp out'), 'status'] == 'not changed' and pd.isna(rows.loc[('lora', 'mlp out'),
+                                                                                        'left_energy_r'])
+    assert rows.loc[('lora', 'q'), 'status'] == 'measured'
+    assert rows.loc[('tou', 'q'), 'left_energy_r'] == 1.0  # its own update, from A_0 B_0
+    assert (rows.loc['dora'].status == 'not measured').all() and (rows.loc['dora'].seeds == 0).all()
+    assert table.method.tolist().index('ft') < table.method.tolist().index('lora')  # the registry's order
+    shown = format_layer_type_table(table)
+    assert shown[shown.method == 'DoRA'][['role', 'status']].values.tolist() == [['every', 'not measured']]
+    assert shown.set_index(['method', 'role']).loc[('LoRA', 'mlp out'), 'left_energy_r'] == ''  # blank, not nan
+    from_w0 = layer_type_table(records_updates(records), own=False).set_index(['method', 'role'])
+    assert from_w0.loc[('tou', 'q'), 'left_energy_r'] == 0.01
+    assert from_w0.loc[('lora', 'mlp in'), 'status'] == 'measured'

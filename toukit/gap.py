@@ -8,7 +8,7 @@ from .claims import bootstrap_means, correct_on_test, runs_by_seed
 from .methods import method_label
 from .results import read_record
 
-__all__ = ['gap_decomposition', 'GAP_PARTS', 'GAP_METHODS']
+__all__ = ['gap_decomposition', 'format_gap_table', 'GAP_PARTS', 'GAP_METHODS']
 
 # (part, what it measures, A, B): the whole gap A - B first, then its three parts, which add up to it exactly
 GAP_PARTS = [
@@ -94,3 +94,16 @@ def _interval(estimate: Optional[Estimate], k: int) -> dict:
     points, replicates, seeds = estimate
     low, high = np.percentile(replicates[:, k], [2.5, 97.5])
     return dict(measured=float(points[k]), ci_low=float(low), ci_high=float(high), seeds=seeds)
+
+
+def format_gap_table(table: pd.DataFrame) -> pd.DataFrame:
+    """`gap_decomposition`'s table ready to print: the difference as '+1.23 [+0.45, +2.01]' points, or 'not measured'
+    for a task without all four methods (or a pooled row without such a task); a `protocol` column stays first."""
+    estimate = [f'{m:+.2f} [{lo:+.2f}, {hi:+.2f}]' if seeds else 'not measured'
+                for m, lo, hi, seeds in zip(table.measured, table.ci_low, table.ci_high, table.seeds)]
+    out = pd.DataFrame({'part': table.part, 'what it measures': table.label, 'comparison': table.comparison,
+                        'task': table.task, 'difference, points (95% CI)': estimate, 'seeds': table.seeds,
+                        'tasks': table.n_tasks})
+    if 'protocol' in table:
+        out.insert(0, 'protocol', table.protocol)
+    return out.reset_index(drop=True)

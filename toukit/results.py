@@ -27,7 +27,7 @@ import tempfile
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -37,7 +37,7 @@ from .methods import method_label, method_names
 
 __all__ = ['write_record', 'redo_path', 'read_record', 'read_manifest', 'finished_record', 'load_runs', 'history',
            'environment', 'now', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol',
-           'missing_runs', 'PAPER_TABLE1', 'MANIFEST_SUFFIX']
+           'missing_runs', 'runs_by_task', 'PAPER_TABLE1', 'MANIFEST_SUFFIX']
 
 MANIFEST_SUFFIX = '.sweep.json'
 FINISHED = ('ok', 'diverged')  # a run's final statuses: the sweep makes neither again
@@ -230,6 +230,22 @@ def with_protocol(runs: pd.DataFrame, protocol: str) -> pd.DataFrame:
         return runs.iloc[0:0]
     keep = runs.protocol.str.split('+').map(lambda ps: protocol in ps) & (runs.status == 'ok')
     return runs[keep].reset_index(drop=True)
+
+
+def runs_by_task(runs: pd.DataFrame, protocol: str, tasks: Sequence[str] = ()) -> Dict[str, pd.DataFrame]:
+    """task (preset) -> its successful runs of `protocol` (`with_protocol`), from a `load_runs` table of every task:
+    the input of the tables across tasks (`toukit.claims.pooled_claims`, `toukit.gap`, `toukit.method_table`).
+
+    Args:
+        runs: a `load_runs` table.
+        protocol: 'grid', 'tuned' or 'paper'.
+        tasks: the presets, in the order the tables show them (one name or several); empty: every preset in
+            `runs`, sorted. A task without runs of `protocol` maps to an empty table (its rows: not measured).
+    """
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    present = sorted(set(runs.preset)) if len(runs) else []
+    return {t: with_protocol(runs[runs.preset == t], protocol) if t in present else runs.iloc[0:0]
+            for t in (tasks or present)}
 
 
 def history(record_or_path, kind: str = 'epochs') -> pd.DataFrame:

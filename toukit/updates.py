@@ -19,13 +19,16 @@ import torch
 from torch import nn
 
 from .linalg import effective_rank, rank_for_energy, singular_values_many, stable_rank, svd_many
+from .methods import method_label, method_names
 from .ranks import DEFAULT_FRACTION, RankSpec, layer_policies
 from .spectrum import layer_columns
-from .targets import (Targets, conv1d_orientation, dense_weight, is_conv1d, layer_matrices, model_family,
-                      qkv_part)
+from .targets import (QKV_PARTS, Targets, conv1d_orientation, dense_weight, is_conv1d, layer_matrices,
+                      model_family, qkv_part)
 
 __all__ = ['update_table', 'update_rows', 'update_summary', 'matched_weights', 'conv1d_names', 'records_updates',
-           'median_table', 'own_updates', 'UpdateBaseline', 'COLUMNS', 'FIXED_RANKS', 'SIMILARITY_K', 'LEADING']
+           'median_table', 'own_updates', 'layer_roles', 'layer_type_table', 'format_layer_type_table',
+           'UpdateBaseline', 'COLUMNS',
+           'FIXED_RANKS', 'SIMILARITY_K', 'LEADING', 'LAYER_ROLES']
 
 FIXED_RANKS = (8, 32)  # subspace sizes besides each layer's own TOU rank
 SIMILARITY_K = (1, 8, 32)  # top-k singular vectors compared, besides the layer's rank
@@ -256,6 +259,97 @@ def own_updates(updates: pd.DataFrame) -> pd.DataFrame:
         elif column in DW_COLUMNS and column not in twins:  # of the truncation, not of the training: not shown
             out.loc[started, column] = float('nan')
     return out[out.relative_update > 0].reset_index(drop=True)  # TOU frozen FFN's MLP: no update of its own
+
+
+LAYER_ROLES = ('q', 'k', 'v', 'attention in', 'attention output', 'mlp in', 'mlp out', 'other')
+LAYER_TYPE_COLUMNS = ('relative_update', 'effective_rank', 'stable_rank', 'left_energy_r', 'random_left_r',
+                      'right_energy_r', 'random_right_r')
+
+
+def layer_roles(updates: pd.DataFrame) -> pd.Series:
+    """Each matrix's place in its block, from the rows of update summaries (`records_updates`: name, part, type,
+    kind, in the model's module order): 'q', 'k', 'v', 'attention output', 'mlp in', 'mlp out'.
+
+    As `toukit.targets.Family` defines them, a block's last attention layer is its attention output and its last MLP
+    layer its MLP output (BERT's attention.output.dense and output.dense, timm's attn.proj and mlp.fc2). The q, k
+    and v of a fused projection are its parts; separate ones are the three attention layers before the output, in
+    order (BERT's query, key, value; DINOv2's q_proj, k_proj, v_proj). Any other attention layer is 'attention in'
+    (a block with two attention modules, as a decoder's cross-attention, calls only the last one's projection its
+    output); a layer outside the blocks is 'other'.
+    """
+    part = updates['part'] if 'part' in updates else pd.Series(None, index=updates.index, dtype=object)
+    by_name = {}
+    layers = updates.assign(part=part).drop_duplicates('name')
+    for _, block in layers.groupby(layers.apply(lambda r: _block_module(r['name'], r['type']), axis=1), sort=False):
+        for kind, last in (('attention', 'attention output'), ('mlp', 'mlp out')):
+            names = list(block.name[block.kind == kind])
+            unfused = [n for n, p in zip(names[:-1], block.part[block.kind == kind]) if not isinstance(p, str)]
+            first = QKV_PARTS if kind == 'attention' and len(unfused) == 3 else ()
+            by_name.update({n: first[i] if first else ('attention in' if kind == 'attention' else 'mlp in')
+                            for i, n in enumerate(unfused)})
+            by_name.update({names[-1]: last} if names else {})
+    fused = part.isin(QKV_PARTS) & (updates.kind == 'attention')
+    return part.where(fused, updates.name.map(by_name)).fillna('other').rename('role')
+
+
+def _block_module(name: str, layer_type: str) -> str:
+    """The block a layer belongs to, from its name and its type (the name without its block, `layer_type`)."""
+    short = layer_type.split('[')[0].split('.*.')[-1]
+    return name[:-len(short) - 1] if name.endswith('.' + short) else ''
+
+
+def layer_type_table(updates: pd.DataFrame, methods: Sequence[str] = (), own: bool = True,
+                     columns: Sequence[str] = LAYER_TYPE_COLUMNS) -> pd.DataFrame:
+    """Per task, method and layer type (`layer_roles`: q, k, v, attention output, MLP in, MLP out), the median over
+    matrices and seeds of the main update columns, beside the random subspace's share (`random_left_r`,
+    `random_right_r`: r / out and r / in, one value per layer type where a kind's median would mix two shapes).
+
+    Args:
+        updates: `records_updates` rows, with a `task` column when they come from several tasks.
+        methods: the rows' methods, in order; empty: every registered method, then any other the rows have. A
+            method without a summary in a task is there too, 'not measured'.
+        own: each method's own update (`own_updates`: TOU's from A_0 B_0, unchanged matrices left out, a layer type
+            with none changed 'not changed'); False: dW from W_0 for every matrix.
+        columns: the medians (those the rows have).
+
+    Returns:
+        One row per (task, method, layer type present in the task): task, method, role, layer (the model's own
+        name of that type), seeds (records with a summary), matrices (changed ones), status ('measured',
+        'not changed', 'not measured') and the medians.
+    """
+    updates = updates if 'task' in updates or updates.empty else updates.assign(task='')
+    if updates.empty:
+        return pd.DataFrame(columns=['task', 'method', 'role', 'layer', 'seeds', 'matrices', 'status'])
+    updates = updates.assign(role=layer_roles(updates))
+    changed = own_updates(updates) if own else updates
+    columns = [c for c in columns if c in updates]
+    keys = ['task', 'method', 'role']
+    medians = changed.groupby(keys, sort=False)[columns].median()
+    matrices = changed.groupby(keys, sort=False).name.nunique()
+    seeds = updates.groupby(['task', 'method'], sort=False).seed.nunique()
+    layer = updates.groupby(['task', 'role'], sort=False).type.agg(lambda t: ' / '.join(dict.fromkeys(t)))
+    present = list(dict.fromkeys(updates.method))
+    methods = list(methods) or method_names() + [m for m in present if m not in method_names()]
+    rows = []
+    for task, in_task in updates.groupby('task', sort=False):
+        for method in methods:
+            for role in [r for r in LAYER_ROLES if r in set(in_task.role)]:
+                key, n = (task, method, role), int(seeds.get((task, method), 0))
+                status = 'not measured' if not n else 'measured' if key in medians.index else 'not changed'
+                row = dict(task=task, method=method, role=role, layer=layer[(task, role)], seeds=n,
+                           matrices=int(matrices.get(key, 0)), status=status)
+                rows.append({**row, **(medians.loc[key].to_dict() if status == 'measured' else {})})
+    return pd.DataFrame(rows, columns=['task', 'method', 'role', 'layer', 'seeds', 'matrices', 'status'] + columns)
+
+
+def format_layer_type_table(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """`layer_type_table` ready to print: method labels, values rounded to `digits`, and a method not measured on a
+    task in one row (layer type 'every') rather than one per layer type, and blanks where there is no value."""
+    shown = table.assign(method=table.method.map(method_label))
+    missing = shown.status == 'not measured'
+    shown.loc[missing, 'role'], shown.loc[missing, 'layer'] = 'every', ''
+    shown = shown[~(missing & shown.duplicated(['task', 'method']))].round(digits).reset_index(drop=True)
+    return shown.astype(object).where(shown.notna(), '')  # blank, not 'nan', where there is no median
 
 
 DW_COLUMNS = ('spectral_ratio', 'rank_e50', 'rank_e90', 'rank_e99', 'left_energy_r', 'right_energy_r',

@@ -1,0 +1,84 @@
+"""Every method on every task and pooled: accuracy with a bootstrap interval and cost, on made-up records."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from toukit import method_table as mt
+from toukit import results
+
+N = 400
+
+
+def _task(correct: dict, prefix: str, seconds: float = 10.0):
+    """One task's runs and records from method -> the number of the N test examples right, per seed (labels 0)."""
+    rows, records = [], {}
+    for method, counts in correct.items():
+        for seed, k in enumerate(counts):
+            path = f'{prefix}{method}_{seed}'
+            records[path] = {'metrics': {'final': {'test_predictions': np.where(np.arange(N) < k, 0, 1).tolist(),
+                                                   'test_labels': [0] * N}}}
+            rows.append(dict(method=method, seed=seed, status='ok', path=path, lr=1e-3, test_accuracy=k / N,
+                             trainable_params=1000, total_params=5000, train_seconds=seconds + seed,
+                             train_memory_mib=50.0 + 2 * seed, preset=prefix.strip('/')))
+    return pd.DataFrame(rows), records
+
+
+def test_task_and_pooled_rows_in_registry_order_with_missing_methods_not_measured():
+    a, ra = _task({'tou': [300, 310, 320], 'ft': [360, 360, 360]}, 'a/')
+    b, rb = _task({'ft': [340, 340, 340]}, 'b/', seconds=20.0)
+    table = mt.method_table({'a': a, 'b': b}, n_boot=300, load={**ra, **rb}.__getitem__)
+    assert table.method.tolist()[:6] == ['ft'] * 3 + ['lora'] * 3  # every registered method, FT first
+    assert table.task.tolist()[:3] == ['a', 'b', 'pooled']
+    rows = table.set_index(['method', 'task'])
+    assert rows.loc[('tou', 'a'), 'test_accuracy'] == pytest.approx(77.5)  # (300 + 310 + 320) / 3 / 400
+    assert rows.loc[('ft', 'pooled'), 'test_accuracy'] == pytest.approx((90 + 85) / 2)  # the tasks' mean
+    assert rows.loc[('ft', 'pooled'), 'n_tasks'] == 2 and rows.loc[('tou', 'pooled'), 'n_tasks'] == 1
+    assert rows.loc[('tou', 'pooled'), 'test_accuracy'] == pytest.approx(77.5)  # the one task that has it
+    assert rows.loc[('tou', 'a'), 'train_seconds'] == 11.0 and rows.loc[('tou', 'a'), 'train_memory_mib'] == 52.0
+    assert rows.loc[('tou', 'a'), 'trainable_params'] == 1000 and rows.loc[('tou', 'a'), 'seeds'] == 3
+    assert pd.isna(rows.loc[('ft', 'pooled'), 'train_seconds'])  # one model and machine per task: not pooled
+    measured = table[table.seeds > 0]
+    assert (measured.ci_low <= measured.test_accuracy).all() and (measured.test_accuracy <= measured.ci_high).all()
+    assert rows.loc[('tou', 'a'), 'ci_low'] < rows.loc[('tou', 'a'), 'ci_high']
+    missing = rows.loc['dora']
+    assert (missing.seeds == 0).all() and missing.test_accuracy.isna().all() and missing.n_tasks.tolist() == [0, 0, 0]
+    shown = mt.format_method_table(table).set_index(['Method', 'Task'])
+    assert shown.loc[('DoRA', 'a'), 'Test accuracy (%, 95% CI)'] == 'not measured'
+    assert shown.loc[('FT', 'pooled (2 tasks)'), 'Test accuracy (%, 95% CI)'].startswith('87.50 [')
+    assert shown.loc[('Full TOU', 'a'), 'lr'] == '0.001' and shown.loc[('Full TOU', 'a'), 'Train time (s)'] == '11'
+
+
+def test_pooling_two_identical_tasks_keeps_the_mean_and_narrows_the_interval():
+    a, ra = _task({'ft': [300, 320, 310]}, 'a/')
+    b, rb = _task({'ft': [300, 320, 310]}, 'b/')
+    table = mt.method_table({'a': a, 'b': b}, n_boot=2000, load={**ra, **rb}.__getitem__, methods=['ft'])
+    rows = table.set_index('task')
+    assert rows.test_accuracy['pooled'] == pytest.approx(rows.test_accuracy['a'])
+    width = rows.ci_high - rows.ci_low
+    assert width['pooled'] < 0.85 * width['a']  # independent draws per task average out
+
+
+def test_one_methods_interval_stays_put_when_another_methods_records_arrive():
+    early, records = _task({'ft': [300, 320, 310]}, 'a/')
+    later, more = _task({'ft': [300, 320, 310], 'lora': [200, 250, 300]}, 'a/')
+    before = mt.method_table({'a': early}, n_boot=200, load=records.__getitem__).set_index(['method', 'task'])
+    after = mt.method_table({'a': later}, n_boot=200, load=more.__getitem__).set_index(['method', 'task'])
+    assert before.loc['ft'][['ci_low', 'ci_high']].equals(after.loc['ft'][['ci_low', 'ci_high']])
+    assert after.loc[('lora', 'a'), 'seeds'] == 3 and before.loc[('lora', 'a'), 'seeds'] == 0
+
+
+def test_runs_of_several_learning_rates_are_refused():
+    a, ra = _task({'ft': [300, 320]}, 'a/')
+    twice = pd.concat([a, a.assign(lr=1e-4)], ignore_index=True)
+    with pytest.raises(ValueError, match='several ft runs share a seed'):
+        mt.method_table({'a': twice}, n_boot=10, load=ra.__getitem__)
+
+
+def test_runs_by_task_keeps_the_given_order_and_an_absent_task_is_empty():
+    a, _ = _task({'ft': [300]}, 'a/')
+    b, _ = _task({'ft': [300]}, 'b/')
+    runs = pd.concat([b, a], ignore_index=True).assign(protocol='grid+tuned')
+    assert list(results.runs_by_task(runs, 'tuned')) == ['a', 'b']
+    by_task = results.runs_by_task(runs, 'tuned', ['b', 'c', 'a'])
+    assert list(by_task) == ['b', 'c', 'a'] and by_task['c'].empty and len(by_task['a']) == 1
+    assert results.runs_by_task(runs, 'paper', 'a')['a'].empty
