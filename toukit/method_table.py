@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .claims import _by_seed, _correct, bootstrap_means
+from .claims import bootstrap_means, correct_on_test, runs_by_seed
 from .methods import method_label, method_names
 from .results import read_record
 
@@ -67,10 +67,10 @@ def method_table(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, seed
 
 def _task_row(runs: pd.DataFrame, method: str, task: str, load: Callable[[str], dict], n_boot: int, seed: int):
     """(row, (point, replicates, seeds) or None) of one method on one task."""
-    chosen = _by_seed(runs, method) if len(runs) else None
+    chosen = runs_by_seed(runs, method) if len(runs) else None
     if chosen is None or chosen.empty:
         return dict(method=method, task=task, seeds=0, n_tasks=0), None
-    correct = _correct(chosen.sort_index().path, load).astype(float)  # seeds x test examples
+    correct = correct_on_test(chosen.sort_index().path, load).astype(float)  # seeds x test examples
     rng = np.random.default_rng([seed, zlib.crc32(f'{method}/{task}'.encode())])
     point, replicates = correct.mean() * 100, bootstrap_means(correct, n_boot, rng) * 100
     low, high = np.percentile(replicates, [2.5, 97.5])
