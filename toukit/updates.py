@@ -271,9 +271,9 @@ def layer_roles(updates: pd.DataFrame) -> pd.Series:
     kind, in the model's module order): 'q', 'k', 'v', 'attention output', 'mlp in', 'mlp out'.
 
     As `toukit.targets.Family` defines them, a block's last attention layer is its attention output and its last MLP
-    layer its MLP output (BERT's attention.output.dense and output.dense, timm's attn.proj and mlp.fc2). The q, k
-    and v of a fused projection are its parts; separate ones are the three attention layers before the output, in
-    order (BERT's query, key, value; DINOv2's q_proj, k_proj, v_proj). Any other attention layer is 'attention in'
+    layer its MLP output (in BERT and in timm's ViT, the dense layer after the attention and the MLP's second
+    layer). The q, k and v of a fused projection are its parts; separate ones are the three attention layers before
+    the output, in order (query, key, value, as BERT and DINOv2 have them). Any other attention layer is 'attention in'
     (a block with two attention modules, as a decoder's cross-attention, calls only the last one's projection its
     output); a layer outside the blocks is 'other'.
     """
