@@ -100,8 +100,12 @@ def test_ablation_defaults_and_presets():
 
 def test_full_rank_tou_refuses_another_rank_and_its_update_is_measured_from_its_noisy_start(tiny_bert):
     from toukit.updates import UpdateBaseline
-    with pytest.raises(ValueError, match=r"tou_full_rank: rank=0.5; this ablation is full TOU at rank 1.0"):
-        apply_method(copy.deepcopy(tiny_bert), 'tou_full_rank', rank=0.5)
+    for rank in (0.5, 1, 'energy:0.9'):  # the int 1 is a fixed rank of one, not full rank
+        with pytest.raises(ValueError, match=rf"tou_full_rank: rank={rank!r}; this ablation is full TOU at rank 1.0"):
+            apply_method(copy.deepcopy(tiny_bert), 'tou_full_rank', rank=rank)
+    config = toukit.resolve_config(toukit.TrainConfig(method='tou_full_rank', preset='test', rank='1'))
+    with pytest.raises(ValueError, match='this ablation is full TOU at rank 1.0'):  # '1' from a command line: int 1
+        apply_method(copy.deepcopy(tiny_bert), 'tou_full_rank', rank=config.rank)
     assert [m for m, spec in toukit.METHODS.items() if spec.moves_start] == [
         'tou', 'tou_frozen_ffn', 'tou_residual', 'tou_full_rank']
     model = copy.deepcopy(tiny_bert)

@@ -219,6 +219,12 @@ def test_layer_roles_of_bert_and_of_a_fused_qkv_vit():
                   prefix='blocks', relative_update=0.1)
     vit = records_updates({'ft': [_record('ft', 0, vit)]})
     assert layer_roles(vit).tolist() == ['q', 'k', 'v', 'attention output', 'mlp in', 'mlp out'] * 2
+    # two tasks whose models share the blocks' path but name their layers otherwise (BERT and an MPNet-like model)
+    other = (['attention.attn.q', 'attention.attn.k', 'attention.attn.v', 'attention.attn.o'] + BERT[0][4:],) + BERT[1:]
+    both = pd.concat([bert.assign(task='a'),
+                      records_updates({'ft': [_record('ft', 0, _layers(*other, relative_update=0.1))]}).assign(task='b')],
+                     ignore_index=True)
+    assert layer_roles(both).tolist() == ['q', 'k', 'v', 'attention output', 'mlp in', 'mlp out'] * 4
 
 
 def test_layer_type_table_splits_mlp_in_from_mlp_out_and_says_what_is_missing():

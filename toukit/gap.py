@@ -32,8 +32,8 @@ def gap_decomposition(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000,
 
     ('tou_full_rank': TOU at rank 1.0, nothing truncated; 'tou_residual': TOU with the truncation residual kept
     frozen, so nothing is lost but the update stays in the top-r subspace. TOU's noise moves the start of
-    'tou_full_rank' and 'tou' off W; the residual of 'tou_residual' absorbs it, so the noise's effect on the start
-    falls in the restriction part.) Intervals come from `toukit.claims`'
+    'tou_full_rank' and 'tou' off W, while 'ft' and 'tou_residual' start at W, so the noise's effect on the start
+    enters the parameterization (+), restriction (-) and truncation (+) parts; they still sum to the total.) Intervals come from `toukit.claims`'
     paired bootstrap over seeds and test examples, with one draw of seeds and examples per replicate for all four
     comparisons of a task, so that the parts' replicates add up to the total's, replicate by replicate; a task
     uses the seeds all four methods share. Pooled rows weigh each task the same (`toukit.claims.POOLING`): the

@@ -29,9 +29,10 @@ def method_table(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, seed
 
     A task's accuracy is the mean over its seeds of the test accuracy, its interval the 2.5 and 97.5 percentiles of a
     bootstrap that resamples the seeds and the test examples (`toukit.claims.bootstrap_means`); with one seed it
-    reflects the test examples only. The pooled row weighs each task that has the method the same: the mean of their
-    means and of their replicates (`n_tasks` says how many; parameters, time and memory are left out there, since
-    they belong to one model and one machine each). Each (method, task) draws from its own generator, seeded by
+    reflects the test examples only. The pooled row weighs each task the same: the mean of their means and of their
+    replicates, for a method with runs on every task of `runs_by_task` (a mean over fewer tasks would not compare
+    with the other methods' pooled rows: the row is then empty, `n_tasks` saying how many tasks have runs;
+    parameters, time and memory are left out there, since they belong to one model and one machine each). Each (method, task) draws from its own generator, seeded by
     `seed` and the two names, so that a method's interval stays put as other methods' records arrive.
 
     Args:
@@ -61,7 +62,9 @@ def method_table(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, seed
         for task, runs in runs_by_task.items():
             row, estimates[task] = _task_row(runs, method, task, load, n_boot, seed)
             rows.append(row)
-        rows.append(_pooled_row(method, [e for e in estimates.values() if e is not None]))
+        measured = [e for e in estimates.values() if e is not None]
+        # a pooled mean over another set of tasks than the other rows' would not compare with them: none then
+        rows.append(_pooled_row(method, measured if len(measured) == len(runs_by_task) else [], len(measured)))
     return pd.DataFrame(rows, columns=METHOD_TABLE_COLUMNS)
 
 
@@ -81,10 +84,11 @@ def _task_row(runs: pd.DataFrame, method: str, task: str, load: Callable[[str], 
     return row, (point, replicates, len(chosen))
 
 
-def _pooled_row(method: str, measured: list) -> dict:
-    """The pooled row of one method from its tasks' (point, replicates, seeds)."""
+def _pooled_row(method: str, measured: list, n_tasks: int = 0) -> dict:
+    """The pooled row of one method from its tasks' (point, replicates, seeds); none (NaN, seeds 0) when `measured`
+    is empty, `n_tasks` then saying on how many tasks the method has runs."""
     if not measured:
-        return dict(method=method, task='pooled', seeds=0, n_tasks=0)
+        return dict(method=method, task='pooled', seeds=0, n_tasks=n_tasks)
     points, replicates, seeds = zip(*measured)
     low, high = np.percentile(np.mean(replicates, axis=0), [2.5, 97.5])
     return dict(method=method, task='pooled', test_accuracy=float(np.mean(points)), ci_low=low, ci_high=high,
@@ -100,8 +104,11 @@ def format_method_table(table: pd.DataFrame) -> pd.DataFrame:
     def cell(values: pd.Series, fmt: str) -> pd.Series:
         return values.map(lambda v: fmt.format(v) if pd.notna(v) else '')
 
-    accuracy = [f'{m:.2f} [{lo:.2f}, {hi:.2f}]' if ok else 'not measured'
-                for m, lo, hi, ok in zip(table.test_accuracy, table.ci_low, table.ci_high, measured)]
+    accuracy = [f'{m:.2f} [{lo:.2f}, {hi:.2f}]' if ok else
+                f'not pooled (runs on {n} of {len(set(table.task)) - 1} tasks)' if t == 'pooled' and n else
+                'not measured'
+                for m, lo, hi, ok, t, n in zip(table.test_accuracy, table.ci_low, table.ci_high, measured, table.task,
+                                               table.n_tasks)]
     task = [f'pooled ({n} task{"s" * (n != 1)})' if t == 'pooled' and n else t
             for t, n in zip(table.task, table.n_tasks)]
     return pd.DataFrame({'Method': table.method.map(method_label), 'Task': task, 'lr': cell(table.lr, '{:g}'),

@@ -75,8 +75,9 @@ class Method:
     # what a run hands the method from the training split, as `calibration`: 'inputs' (the first batches' inputs),
     # 'batches' ((inputs, labels) of the first batches); '' nothing unless asked for (TOU takes inputs if given)
     data: str = ''
-    # True: the preparation moves the starting weights away from the pretrained ones (TOU's noise and truncation),
-    # so a run's update summary measures the update from the prepared start (`UpdateBaseline.capture_start`)
+    # True for the TOU family, whose preparation may move the starting weights off the pretrained ones (noise,
+    # truncation): a run's update summary also measures the update from the prepared start (`start_*` columns,
+    # `UpdateBaseline.capture_start`). TOU + residual's start computes W up to rounding; it is measured the same way
     moves_start: bool = False
     defaults: Dict[str, object] = field(default_factory=dict)
 
@@ -136,9 +137,13 @@ def tou_residual(model: nn.Module, rank: RankSpec = DEFAULT_FRACTION, targets: T
 def tou_full_rank(model: nn.Module, rank: RankSpec = 1.0, targets: Targets = 'all',
                   noise_scale: float = DEFAULT_NOISE_SCALE, seed: int = 0, svd_method: str = 'gram',
                   chunk: Optional[int] = None) -> None:
-    if isinstance(rank, bool) or rank not in (1, 1.0, '1', '1.0'):
-        raise ValueError(f'tou_full_rank: rank={rank!r}; this ablation is full TOU at rank 1.0 (use method tou '
-                         f'for another rank)')
+    try:
+        policy = parse_rank(rank)
+    except (TypeError, ValueError):  # a per-layer pattern, or no rank at all
+        policy = None
+    if policy is None or policy.kind != 'fraction' or policy.value != 1.0:  # the int 1 is a fixed rank of one
+        raise ValueError(f'tou_full_rank: rank={rank!r}; this ablation is full TOU at rank 1.0, the fraction (use '
+                         f'method tou for another rank)')
     model.requires_grad_(True)
     apply_tou(model, rank=rank, targets=targets, noise_scale=noise_scale, seed=seed, svd_method=svd_method,
               chunk=chunk)

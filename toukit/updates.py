@@ -278,18 +278,22 @@ def layer_roles(updates: pd.DataFrame) -> pd.Series:
     output); a layer outside the blocks is 'other'.
     """
     part = updates['part'] if 'part' in updates else pd.Series(None, index=updates.index, dtype=object)
-    by_name = {}
-    layers = updates.assign(part=part).drop_duplicates('name')
-    for _, block in layers.groupby(layers.apply(lambda r: _block_module(r['name'], r['type']), axis=1), sort=False):
+    task = updates['task'] if 'task' in updates else pd.Series('', index=updates.index, dtype=object)
+    by_name = {}  # (task, name) -> role: two tasks' models may share a block's path and name its layers otherwise
+    layers = updates.assign(part=part, task=task).drop_duplicates(['task', 'name'])
+    blocks = layers.apply(lambda r: (r['task'], _block_module(r['name'], r['type'])), axis=1)
+    for _, block in layers.groupby(blocks, sort=False):
         for kind, last in (('attention', 'attention output'), ('mlp', 'mlp out')):
             names = list(block.name[block.kind == kind])
             unfused = [n for n, p in zip(names[:-1], block.part[block.kind == kind]) if not isinstance(p, str)]
             first = QKV_PARTS if kind == 'attention' and len(unfused) == 3 else ()
-            by_name.update({n: first[i] if first else ('attention in' if kind == 'attention' else 'mlp in')
+            t = block.task.iloc[0]
+            by_name.update({(t, n): first[i] if first else ('attention in' if kind == 'attention' else 'mlp in')
                             for i, n in enumerate(unfused)})
-            by_name.update({names[-1]: last} if names else {})
+            by_name.update({(t, names[-1]): last} if names else {})
     fused = part.isin(QKV_PARTS) & (updates.kind == 'attention')
-    return part.where(fused, updates.name.map(by_name)).fillna('other').rename('role')
+    roles = pd.Series([by_name.get(key) for key in zip(task, updates.name)], index=updates.index, dtype=object)
+    return part.where(fused, roles).fillna('other').rename('role')
 
 
 def _block_module(name: str, layer_type: str) -> str:
