@@ -82,7 +82,8 @@ def _val_correct(record: dict) -> Optional[np.ndarray]:
         return None
     predictions, labels = np.asarray(final['val_predictions']), np.asarray(final['val_labels'])
     if predictions.shape != labels.shape:
-        raise ValueError(f'{record["run"]["id"]}: {len(predictions)} validation predictions for {len(labels)} labels')
+        raise ValueError(f'{record.get("run", {}).get("id", "a record")}: {len(predictions)} validation predictions '
+                         f'for {len(labels)} labels')
     return predictions == labels
 
 

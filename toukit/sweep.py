@@ -412,7 +412,7 @@ def _merged(manifest: dict, path: Path) -> dict:
     except (OSError, ValueError):
         return manifest
     protocol = ('preset', 'seeds', 'overrides', 'paper_lr')
-    as_written = json.loads(json.dumps({key: manifest[key] for key in protocol}))  # tuples read back as lists
+    as_written = json.loads(json.dumps({key: manifest[key] for key in protocol}, default=str))  # as written: lists
     changed = [key for key in protocol if old.get(key) != as_written[key]]
     others = [m for m in old.get('methods', []) if m not in manifest['methods']]
     if changed:
