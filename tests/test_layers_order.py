@@ -9,8 +9,8 @@ import pytest
 # bottom to top: each module may import only those before it
 ORDER = ['linalg', 'targets', 'convert', 'models', 'calibration', 'ranks', 'layers', 'surgery', 'tou', 'peft_methods',
          'methods', 'spectrum', 'updates',
-         'studies', 'data', 'meter', 'step', 'config', 'runstate', 'results', 'train', 'notebooks', 'sweep', 'claims',
-         'gap', 'method_table', 'lr_choice', 'plots', 'cli']
+         'studies', 'data', 'meter', 'step', 'config', 'runstate', 'results', 'train', 'notebooks', 'claims',
+         'lr_choice', 'sweep', 'gap', 'method_table', 'plots', 'cli']
 PACKAGE = Path(__file__).resolve().parents[1] / 'toukit'
 
 

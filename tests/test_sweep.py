@@ -295,3 +295,32 @@ def test_the_sweep_command_takes_a_redo_time_or_redo_not_both(tmp_path, capsys):
     assert '--redo and --redo-before: give one' in capsys.readouterr().err
     assert cli.command(['sweep', '--preset', 'test', '--redo-before', 'soon', '--results-dir', str(tmp_path)]) == 2
     assert "redo='soon': expected True, False or an ISO 8601 time" in capsys.readouterr().err
+
+
+def test_the_plan_runs_a_close_runner_up_rate_on_every_seed(tmp_path):
+    """The runner_up stage lists the second-best rate on every seed where it is within the validation noise (TOU:
+    5 of 1,024 examples) and nothing where the choice is clear (FT: 100 of 1,024)."""
+    grid = {'tou': [1e-5, 5e-5, 1e-3], 'ft': [1e-5, 5e-5]}
+    val = {'tou': {1e-5: 0.80, 5e-5: 0.80 - 5 / 1024, 1e-3: 0.5}, 'ft': {1e-5: 0.90, 5e-5: 0.90 - 100 / 1024}}
+    first = sweep.plan('test', ['tou', 'ft'], [0, 1, 2], grid=grid, results_dir=str(tmp_path))
+    assert first['runs']['runner_up'] == {}  # nothing before the grid is in
+    for method, names in first['runs']['grid'].items():
+        for lr, name in zip(first['grid'][method], names):
+            config = first['configs'][name]
+            results.write_record(dict(run=dict(id=name, config=dict(method=method, lr=lr, seed=0)), status='ok',
+                                      data=dict(val_size=1024), metrics={'final': dict(val_accuracy=val[method][lr])}),
+                                 config.record_path)
+    manifest = sweep.plan('test', ['tou', 'ft'], [0, 1, 2], grid=grid, results_dir=str(tmp_path))
+    assert manifest['selected_lr'] == {'tou': 1e-5, 'ft': 1e-5}
+    runner_up = manifest['runs']['runner_up']
+    assert list(runner_up) == ['tou']
+    assert [manifest['configs'][n].lr for n in runner_up['tou']] == [5e-5] * 3
+    assert [manifest['configs'][n].seed for n in runner_up['tou']] == [0, 1, 2]
+    assert runner_up['tou'][0] == manifest['runs']['grid']['tou'][1]  # seed 0's is the grid's run: made once
+    assert not set(runner_up['tou']) & set(manifest['runs']['tuned']['tou'])
+    written = sweep._write_manifest(manifest, str(tmp_path), keep_others=True)
+    runs = toukit.load_runs(tmp_path)
+    assert runs.set_index('run_id').protocol[runner_up['tou'][0]] == 'grid+runner_up'
+    with pytest.raises(ValueError, match="stages=\\['nope'\\]: choose from grid, tuned, runner_up, paper"):
+        sweep.sweep('test', ['tou'], stages=['nope'], results_dir=str(tmp_path))
+    assert written.exists()

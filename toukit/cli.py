@@ -39,7 +39,7 @@ from .models import create_model, is_hf_checkpoint
 from .notebooks import run_notebook
 from .results import finished_record
 from .spectrum import spectrum_table
-from .sweep import PROTOCOLS, rank_study, sweep
+from .sweep import STAGES, rank_study, sweep
 from .train import RecordExistsError, run
 
 __all__ = ['main', 'command', 'reproduce', 'noise_runs']
@@ -171,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     swp = _runs_parser(sub, 'sweep', seeds_help='the first seed runs the grid',
                        help='learning-rate grid, each method at its best rate, and the paper protocol')
-    swp.add_argument('--stages', nargs='+', default=list(PROTOCOLS), choices=PROTOCOLS)
+    swp.add_argument('--stages', nargs='+', default=list(STAGES), choices=STAGES,
+                     help='runner_up: the second-best rate on every seed where the choice is within the validation noise')
     swp.add_argument('--redo-before', metavar='TIME', default=None,
                      help='run again where a record finished before TIME (ISO 8601, e.g. 2026-12-05T14:10:00+00:00): '
                           'a re-run spread over several sweeps redoes each run once')

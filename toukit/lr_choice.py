@@ -1,8 +1,10 @@
-"""Learning-rate choices too close to call on validation: the runner-up rate, its runs, and the claims under it.
+"""Choosing a learning rate on validation, and choices too close to call: the runner-up rate, its runs, and the
+claims under it.
 
-The sweep tunes each method on the best final validation accuracy of one seed (`toukit.sweep.select_lr`). When the
-runner-up rate is within the validation set's noise of the best, the choice is a coin toss that may carry a claim;
-`claims_both_ways` reports every claim under the chosen rates and with those runner-up rates substituted.
+The sweep tunes each method on the best final validation accuracy of one seed (`select_lr`). When the runner-up
+rate is within the validation set's noise of the best (`close_runner_up`), the choice is a coin toss that may carry
+a claim: the sweep's 'runner_up' stage runs that rate on every seed too, and `claims_both_ways` reports every claim
+under the chosen rates and with those runner-up rates substituted.
 """
 import math
 from typing import Callable, Dict, Optional, Sequence
@@ -13,17 +15,34 @@ import pandas as pd
 from .claims import CLAIMS, pooled_claims
 from .config import run_id
 from .results import FINISHED, read_record, with_protocol
-from .sweep import select_lr
 
-__all__ = ['runner_up_margin', 'close_runner_up', 'lr_margins', 'runner_up_plan', 'claims_both_ways', 'Z95']
+__all__ = ['select_lr', 'runner_up_margin', 'close_runner_up', 'lr_margins', 'runner_up_plan', 'claims_both_ways', 'Z95']
 
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95% test
+
+
+def select_lr(records: Dict[float, Optional[dict]]) -> Optional[float]:
+    """The learning rate whose record has the best final validation accuracy; None while any record is missing.
+
+    Ties go to the first rate in `records`' order. Only `metrics.final.val_accuracy` is read, never test accuracy.
+    A rate whose run diverged (status 'diverged') is finished but never chosen.
+    """
+    if not records or any(r is None for r in records.values()):
+        return None
+    best, best_acc = None, -1.0
+    for lr, record in records.items():
+        if record.get('status') == 'diverged':
+            continue
+        acc = record['metrics']['final']['val_accuracy']
+        if acc > best_acc:
+            best, best_acc = lr, acc
+    return best
 
 
 def runner_up_margin(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optional[dict]:
     """How far the chosen rate's validation accuracy is ahead of the runner-up's, against the validation noise.
 
-    The rule: the best rate is `toukit.sweep.select_lr`'s; the runner-up is the best of the other rates that did
+    The rule: the best rate is `select_lr`'s; the runner-up is the best of the other rates that did
     not diverge (ties: the first in the grid's order). Their margin is compared with a 95% threshold:
     - when both records hold per-example validation correctness (`metrics.final.val_predictions` and
       `val_labels`), a paired test: the threshold is 1.96 times the standard error of the mean of the per-example
@@ -37,7 +56,7 @@ def runner_up_margin(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optiona
 
     Args:
         grid_records_by_lr: learning rate -> the grid run's record (None while it has not finished), in the grid's
-            order, as `toukit.sweep.select_lr` takes them.
+            order, as `select_lr` takes them.
 
     Returns:
         None while the grid is unfinished or with fewer than two rates that did not diverge; else best, runner_up
@@ -129,8 +148,8 @@ def runner_up_plan(manifest: dict, runs: pd.DataFrame, load: Optional[Callable[[
     """The runs a sweep still needs to tune its close choices both ways: per method whose runner-up rate is close
     (`runner_up_margin`), that rate on every seed of the sweep (the first seed's run is the grid's).
 
-    A driver runs each missing one as the sweep would, e.g. `toukit.train.run(method=method, preset=preset,
-    lr=runner_up, seed=seed, **manifest['overrides'])`; its id is then the one listed.
+    The sweep's 'runner_up' stage runs them (`toukit sweep --preset <task> --stages runner_up`); the ids listed are
+    the ones it gives them.
 
     Args:
         manifest: the sweep's manifest (`<preset>.sweep.json`).

@@ -157,7 +157,7 @@ def _row(record: dict, path: Path) -> dict:
 
 
 def _protocols(manifests) -> dict:
-    """run id -> the protocols ('grid', 'tuned', 'paper') sweep manifests list it under."""
+    """run id -> the protocols ('grid', 'tuned', 'paper') and stages ('runner_up') sweep manifests list it under."""
     out = {}
     for manifest in manifests:
         for protocol, by_method in manifest.get('runs', {}).items():
@@ -176,7 +176,7 @@ def load_runs(path: Union[str, Path] = 'results', status: Union[str, None] = Non
 
     Returns:
         A DataFrame (see `_row` for its columns) with a `protocol` column: the protocols of the sweep manifests
-        (`*.sweep.json`) found under `path` that list the run, joined by '+' in the order grid, tuned, paper
+        (`*.sweep.json`) found under `path` that list the run, joined by '+' in the order grid, tuned, runner_up, paper
         (e.g. 'grid+paper'), or '' for a run of no sweep. `df.attrs['skipped']` lists skipped files and why;
         `df.attrs['manifests']` holds the manifests, for `missing_runs`.
     """
@@ -198,8 +198,8 @@ def load_runs(path: Union[str, Path] = 'results', status: Union[str, None] = Non
     df = pd.DataFrame(rows)
     if not df.empty:
         protocols = _protocols(manifests)
-        order = {'grid': 0, 'tuned': 1, 'paper': 2}
-        df['protocol'] = df.run_id.map(lambda i: '+'.join(sorted(protocols.get(i, ()), key=lambda p: order.get(p, 3))))
+        order = {'grid': 0, 'tuned': 1, 'runner_up': 2, 'paper': 3}
+        df['protocol'] = df.run_id.map(lambda i: '+'.join(sorted(protocols.get(i, ()), key=lambda p: order.get(p, 4))))
     if status is not None and not df.empty:
         df = df[df.status == status].reset_index(drop=True)
     df.attrs['skipped'] = skipped

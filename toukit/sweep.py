@@ -2,12 +2,15 @@
 
     toukit sweep --preset demo    # the grid on seed 0, each method at its best rate on 3 seeds, the paper's rate
 
-Three stages, each skipping runs whose successful record exists, so an interrupted sweep picks up where it
+Four stages, each skipping runs whose successful record exists, so an interrupted sweep picks up where it
 stopped (a run that was killed continues from its last checkpoint):
 1. grid: every method at every learning rate of its grid (the preset's `lr_grid`), on the first seed;
 2. tuned: each method at the rate with the best final validation accuracy of stage 1 (ties: the first rate in the
    grid), on every seed; the first seed's run is stage 1's;
-3. paper: every method at the preset's shared learning rate (the TOU paper's constant 5e-5), on every seed.
+3. runner_up: where the second-best rate of stage 1 is within the validation set's noise of the best
+   (`toukit.lr_choice.close_runner_up` states the rule), that rate on every seed too, so that each claim can be
+   reported both ways (`toukit.lr_choice.claims_both_ways`); nothing for a method whose choice is clear;
+4. paper: every method at the preset's shared learning rate (the TOU paper's constant 5e-5), on every seed.
 Test accuracy is never read while choosing. Seeds change the head's init, the data order, TOU's noise and the
 random factors of DeLoRA and the adapters; the train/validation/test split stays fixed (`split_seed`).
 
@@ -32,20 +35,22 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .runstate import can_resume, lock_owner
 from .config import PRESETS, TrainConfig, resolve_config
+from .lr_choice import close_runner_up, select_lr
 from .methods import METHODS
 from .notebooks import run_notebook
+from .runstate import can_resume, lock_owner
 from .ranks import DEFAULT_FRACTION
 from .results import MANIFEST_SUFFIX, finished_record, now, read_manifest, write_record
 from .spectrum import spectrum_table
 from .studies import budget_policies
 from .train import preset_model
 
-__all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS', 'rank_plan', 'rank_study',
-           'study_specs']
+__all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS', 'STAGES', 'rank_plan',
+           'rank_study', 'study_specs']
 
-PROTOCOLS = ('grid', 'tuned', 'paper')
+PROTOCOLS = ('grid', 'tuned', 'paper')  # the comparison protocols
+STAGES = ('grid', 'tuned', 'runner_up', 'paper')  # what a sweep runs, in order: the protocols and the close runner-ups
 
 
 def check_grid(grid: Dict[str, Sequence[float]], methods: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
@@ -116,30 +121,13 @@ def _config(preset: str, method: str, lr: float, seed: int, results_dir: str, ov
                                       **overrides))
 
 
-def select_lr(records: Dict[float, Optional[dict]]) -> Optional[float]:
-    """The learning rate whose record has the best final validation accuracy; None while any record is missing.
-
-    Ties go to the first rate in `records`' order. Only `metrics.final.val_accuracy` is read, never test accuracy.
-    A rate whose run diverged (status 'diverged') is finished but never chosen.
-    """
-    if not records or any(r is None for r in records.values()):
-        return None
-    best, best_acc = None, -1.0
-    for lr, record in records.items():
-        if record.get('status') == 'diverged':
-            continue
-        acc = record['metrics']['final']['val_accuracy']
-        if acc > best_acc:
-            best, best_acc = lr, acc
-    return best
-
-
 def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
          grid: Optional[Dict[str, Sequence[float]]] = None, results_dir: str = 'results',
          overrides: Optional[dict] = None) -> dict:
     """The sweep's manifest as far as the records on disk allow: grid, chosen rates and the runs of each protocol.
 
-    A method's tuned runs are listed once all of its grid runs have succeeded.
+    A method's tuned runs, and its runner-up runs where its choice is close, are listed once all of its grid runs
+    have finished.
     """
     if preset not in PRESETS:
         raise ValueError(f'preset={preset!r}: unknown; choose one of {", ".join(PRESETS)}')
@@ -151,20 +139,25 @@ def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: S
     grid = check_grid(grid if grid is not None else PRESETS[preset].get('lr_grid', {}), methods)
     overrides = _check_overrides(overrides)
     paper_lr = resolve_config(TrainConfig(preset=preset)).lr
-    runs = {p: {} for p in PROTOCOLS}
+    runs = {p: {} for p in STAGES}
     configs, selected = {}, {}
     for method in methods:
         grid_configs = {lr: _config(preset, method, lr, seeds[0], results_dir, overrides) for lr in grid[method]}
         runs['grid'][method] = [c.name for c in grid_configs.values()]
-        best = select_lr({lr: finished_record(c.record_path) for lr, c in grid_configs.items()})
-        tuned = []
+        grid_records = {lr: finished_record(c.record_path) for lr, c in grid_configs.items()}
+        best = select_lr(grid_records)
+        tuned, runner_up = [], []
         if best is not None:
             selected[method] = best
             tuned = [_config(preset, method, best, s, results_dir, overrides) for s in seeds]
             runs['tuned'][method] = [c.name for c in tuned]
+            second = close_runner_up(grid_records)
+            if second is not None:
+                runner_up = [_config(preset, method, second, s, results_dir, overrides) for s in seeds]
+                runs['runner_up'][method] = [c.name for c in runner_up]
         paper = [_config(preset, method, paper_lr, s, results_dir, overrides) for s in seeds]
         runs['paper'][method] = [c.name for c in paper]
-        for c in list(grid_configs.values()) + tuned + paper:
+        for c in list(grid_configs.values()) + tuned + runner_up + paper:
             configs[c.name] = c
     parameters = {name: dict(method=c.method, preset=preset, lr=c.lr, seed=c.seed, **overrides)
                   for name, c in configs.items()}
@@ -174,9 +167,10 @@ def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: S
 
 def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
           grid: Optional[Dict[str, Sequence[float]]] = None, results_dir: str = 'results',
-          overrides: Optional[dict] = None, redo: Union[bool, str] = False, stages: Sequence[str] = PROTOCOLS,
+          overrides: Optional[dict] = None, redo: Union[bool, str] = False, stages: Sequence[str] = STAGES,
           progress: bool = True, poll_seconds: float = 30.0) -> dict:
-    """Run the grid, then each method's best rate on every seed, then the paper's shared rate; returns the manifest.
+    """Run the grid, then each method's best rate on every seed (and its runner-up where the choice is close), then
+    the paper's shared rate; returns the manifest.
 
     Args:
         preset: 'demo', 'paper' or 'test'.
@@ -188,7 +182,7 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
         redo: run again where a successful record exists; a time (ISO 8601, as records write it, e.g.
             '2026-12-05T13:30:00+00:00'): run again where it finished before that time, so that a re-run spread over
             several sweeps (sessions, machines) redoes each run once.
-        stages: which of 'grid', 'tuned', 'paper' to run (all by default, in that order).
+        stages: which of 'grid', 'tuned', 'runner_up', 'paper' to run (all by default, in that order).
         progress: progress bars.
         poll_seconds: how often to look again while every run left is held by another worker of this host.
 
@@ -202,12 +196,12 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
     A run that fails is recorded as failed and the sweep goes on with the next; the failures are raised together
     at the end.
     """
-    bad = [s for s in stages if s not in PROTOCOLS]
+    bad = [s for s in stages if s not in STAGES]
     if bad:
-        raise ValueError(f'stages={bad!r}: choose from {", ".join(PROTOCOLS)}')
+        raise ValueError(f'stages={bad!r}: choose from {", ".join(STAGES)}')
     results_dir = str(Path(results_dir).resolve())  # the notebooks run elsewhere
     return _execute(lambda: plan(preset, methods, seeds, grid, results_dir, overrides),
-                    [s for s in PROTOCOLS if s in stages], results_dir, redo, progress, poll_seconds,
+                    [s for s in STAGES if s in stages], results_dir, redo, progress, poll_seconds,
                     keep_others=True)
 
 
@@ -431,8 +425,7 @@ def _merged(manifest: dict, path: Path) -> dict:
 
     for key in ('grid', 'selected_lr'):
         merged[key] = {m: v for m in order for v in [source(m).get(key, {}).get(m)] if v is not None}
-    for protocol_name in PROTOCOLS:
-        merged['runs'][protocol_name] = {m: runs for m in order
-                                         for runs in [source(m).get('runs', {}).get(protocol_name, {}).get(m)]
-                                         if runs is not None}
+    for stage in STAGES:
+        merged['runs'][stage] = {m: runs for m in order for runs in [source(m).get('runs', {}).get(stage, {}).get(m)]
+                                 if runs is not None}
     return merged
