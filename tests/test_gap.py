@@ -88,6 +88,10 @@ def test_a_task_missing_a_method_is_not_measured_and_pooling_uses_the_others():
     alone = alone[alone.task == 'pooled'].set_index('part')
     pd.testing.assert_series_equal(pooled.measured, alone.measured)
     assert (pooled.n_tasks == 2).all() and (pooled.seeds == 2).all()
+    with_a, only_c = (gap.gap_decomposition(t, n_boot=200, load=records.__getitem__) for t in ({'a': a, 'c': c},
+                                                                                               {'c': c}))
+    pd.testing.assert_frame_equal(with_a[with_a.task == 'c'].reset_index(drop=True),  # a task's interval stays put
+                                  only_c[only_c.task == 'c'].reset_index(drop=True))  # as other tasks arrive
     assert (table[table.task == 'c'].seeds == 2).all()
     nothing = gap.gap_decomposition({'b': b[b.method != 'tou_residual']}, n_boot=20, load=records.__getitem__)
     assert nothing.measured.isna().all() and (nothing[nothing.task == 'pooled'].n_tasks == 0).all()
