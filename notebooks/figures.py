@@ -26,8 +26,10 @@
 # - the claims pooled across tasks (presets) with a forest plot, written to figures_dir itself;
 # - across tasks too, in figures_dir itself: every method's accuracy (95% interval) and cost per task and pooled
 #   (`methods_table.*`), the FT - full TOU gap split into its three parts (`gap_decomposition.*`), and what each
-#   method did to each layer type, q, k, v, attention output, MLP in and MLP out (`update_by_layer_type.*`). A method
-#   without records yet is a row that says 'not measured'.
+#   method did to each layer type, q, k, v, attention output, MLP in and MLP out (`update_by_layer_type.*`), and the
+#   learning-rate choices within the validation noise with the claims and the gap split both ways
+#   (`lr_margins.*`, `claims_both_ways.*`, `gap_decomposition_runner_up.*`). A method without records yet is a row
+#   that says 'not measured'.
 
 # %%
 from pathlib import Path
@@ -36,7 +38,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from toukit import claims, gap, method_table, methods, plots, results, sweep, updates
+from toukit import claims, gap, lr_choice, method_table, methods, plots, results, sweep, updates
 
 # %% tags=["parameters"]
 results_dir: str = "results"  # run records
@@ -218,6 +220,46 @@ for protocol, table in gaps.groupby('protocol', sort=False):
     fig = plots.plot_gap(table, title=f'{protocol} protocol')
     plots.save_figure(fig, Path(figures_dir) / ('gap_decomposition' + ('' if protocol == 'tuned' else f'_{protocol}')))
     plt.show()
+
+# %% [markdown]
+# ## Learning-rate choices within the validation noise, and the results both ways
+#
+# Per task and method, how far the chosen rate's validation accuracy is ahead of the runner-up's, against 1.96
+# standard errors (a paired test on per-example validation correctness, or the binomial one for records without it;
+# `toukit.lr_choice.runner_up_margin` states the rule): `lr_margins.md`. Where the choice is close, the sweep's
+# runner_up stage runs the runner-up rate on every seed, and every claim is reported under the chosen rates and with
+# the runner-ups substituted (`toukit.lr_choice.claims_both_ways`; `claims_both_ways.csv`, and in
+# `claims_both_ways.md` the claims a substitution touches), as is the gap split (`gap_decomposition_runner_up.md`).
+# Tasks whose tuned protocol is unfinished sit out, as in the pooled claims.
+
+# %%
+task_names = [t for t in tasks.split(',') if t] or sorted(set(every.preset))
+manifests = {m['preset']: m for m in every.attrs['manifests'] if 'grid' in m.get('runs', {}) and m.get('preset')}
+margins = pd.concat([lr_choice.lr_margins(manifests[t], every[every.preset == t]) for t in task_names
+                     if t in manifests], ignore_index=True)
+if len(margins):
+    margins.round(4).to_csv(Path(figures_dir) / 'lr_margins.csv', index=False)
+    (Path(figures_dir) / 'lr_margins.md').write_text(margins.round(3).to_markdown(index=False) + '\n')
+    display(margins.round(3))
+ready = [t for t in task_names if t in manifests and not results.missing_runs(every, t, 'tuned')]
+print(f'both ways: {ready or "no task"} (a task whose tuned runs are unfinished sits out)')
+if ready:
+    both = lr_choice.claims_both_ways(every, ready, n_boot=n_boot)
+    both.round(4).to_csv(Path(figures_dir) / 'claims_both_ways.csv', index=False)
+    key = ['claim', 'statement', 'task']
+    touched = both[(both.choice == 'runner-up') & both.rates.str.contains('runner-up')][key]
+    shown = both.merge(touched, on=key)  # both rows of every claim a substitution touches
+    shown = shown.sort_values(['claim', 'statement', 'task', 'choice'], kind='stable')
+    (Path(figures_dir) / 'claims_both_ways.md').write_text(
+        shown.round(3).to_markdown(index=False) + '\n' if len(shown) else 'no claim uses a close rate\n')
+    display(shown)
+    chosen, swapped, _ = lr_choice.tuned_both_ways(every, ready)
+    gaps_both = pd.concat([gap.gap_decomposition(by_task, n_boot=n_boot).assign(protocol=f'tuned, {way} rates')
+                           for way, by_task in (('chosen', chosen), ('runner-up', swapped))], ignore_index=True)
+    gaps_both.round(4).to_csv(Path(figures_dir) / 'gap_decomposition_runner_up.csv', index=False)
+    shown = gap.format_gap_table(gaps_both)
+    (Path(figures_dir) / 'gap_decomposition_runner_up.md').write_text(shown.to_markdown(index=False) + '\n')
+    display(shown)
 
 # %% [markdown]
 # ## What each method did to each layer type (tuned protocol)

@@ -99,6 +99,16 @@ def test_the_plan_lists_the_runner_up_runs_and_the_claims_are_reported_both_ways
     assert plan.run_ids[0] == ids and plan.missing[0] == ids[2:]
     assert lr_choice.runner_up_plan(results.read_manifest(tmp_path / 'b.sweep.json'), runs).empty
 
+    chosen, swapped, substituted = lr_choice.tuned_both_ways(runs)
+    assert substituted == {'a': {'tou'}, 'b': set()}
+    tou = {way: by_task['a'][by_task['a'].method == 'tou'] for way, by_task in (('chosen', chosen), ('swapped', swapped))}
+    assert set(tou['chosen'].lr) == {1e-5} and sorted(tou['chosen'].seed) == [0, 1, 2]
+    assert set(tou['swapped'].lr) == {5e-5} and sorted(tou['swapped'].seed) == [0, 1]  # seed 2's run not made yet
+    assert swapped['b'].run_id.tolist() == chosen['b'].run_id.tolist()  # nothing close in b
+    others = {way: set(by_task['a'].run_id[by_task['a'].method != 'tou']) for way, by_task in (('c', chosen),
+                                                                                               ('s', swapped))}
+    assert others['c'] == others['s']
+
     table = lr_choice.claims_both_ways(runs, n_boot=200)
     assert table.choice.unique().tolist() == ['chosen', 'runner-up']
     gap = table[table.claim == 'a'].set_index(['choice', 'task'])

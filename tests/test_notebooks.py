@@ -5,7 +5,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from toukit import cli, results
+from toukit import cli, lr_choice, results
 from toukit.notebooks import run_notebook
 
 pytestmark = pytest.mark.notebook
@@ -33,6 +33,11 @@ def test_reproduce_writes_records_for_every_run(reproduced):
     assert len(results.with_protocol(runs, 'grid')) == 3
     noise = runs[runs.protocol == '']
     assert sorted(noise.noise_scale) == [0.0, 0.01] and set(noise.method) == {'tou'}
+    manifest = results.read_manifest(reproduced / 'results' / 'test.sweep.json')  # the runner_up stage ran where
+    margins = lr_choice.lr_margins(manifest, runs)  # the choice is close, and only there
+    assert set(manifest['runs']['runner_up']) == set(margins.method[margins.close])
+    for method, ids in manifest['runs']['runner_up'].items():
+        assert set(runs.set_index('run_id').status[ids]) == {'ok'} and len(ids) == 2
     study = runs[runs.protocol.str.contains('ranks')]
     assert len(study) == 4 * 2 and set(study.lr) == {results.with_protocol(runs, 'tuned').query('method == "tou"').lr.iloc[0]}
 
@@ -120,6 +125,13 @@ def test_figures_notebook_pools_the_claims_of_two_tasks(reproduced, tmp_path):
     assert set(gaps.protocol) == {'tuned', 'paper'} and (gaps.seeds == 0).all()
     assert 'not measured' in (tmp_path / 'figures' / 'gap_decomposition.md').read_text()
     assert not (tmp_path / 'figures' / 'gap_decomposition.png').exists()
+    margins = pd.read_csv(tmp_path / 'figures' / 'lr_margins.csv')  # one grid with two rates: TOU's, on each task
+    assert margins.method.tolist() == ['tou', 'tou'] and set(margins.preset) == {'test', 'twin'}
+    both = pd.read_csv(tmp_path / 'figures' / 'claims_both_ways.csv')
+    assert set(both.choice) == {'chosen', 'runner-up'} and set(both.task) == {'test', 'twin', 'pooled'}
+    runner_up = both[(both.choice == 'runner-up') & (both.claim == 'c') & (both.task == 'test')]
+    assert runner_up.rates.str.contains('(runner-up)', regex=False).all() == bool(margins.close.iloc[0])
+    assert (tmp_path / 'figures' / 'gap_decomposition_runner_up.md').exists()
     layers = pd.read_csv(tmp_path / 'figures' / 'update_by_layer_type.csv')
     measured = layers[layers.status == 'measured']
     assert set(measured.method) == {'lora', 'tou'} and set(measured.task) == {'test', 'twin'}

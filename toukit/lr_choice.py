@@ -7,7 +7,7 @@ a claim: the sweep's 'runner_up' stage runs that rate on every seed too, and `cl
 under the chosen rates and with those runner-up rates substituted.
 """
 import math
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,8 @@ from .claims import CLAIMS, pooled_claims
 from .config import run_id
 from .results import FINISHED, read_record, with_protocol
 
-__all__ = ['select_lr', 'runner_up_margin', 'close_runner_up', 'lr_margins', 'runner_up_plan', 'claims_both_ways', 'Z95']
+__all__ = ['select_lr', 'runner_up_margin', 'close_runner_up', 'lr_margins', 'runner_up_plan', 'tuned_both_ways',
+           'claims_both_ways', 'Z95']
 
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95% test
 
@@ -174,24 +175,21 @@ def runner_up_plan(manifest: dict, runs: pd.DataFrame, load: Optional[Callable[[
     return plan
 
 
-def claims_both_ways(runs: pd.DataFrame, tasks: Sequence[str] = (), n_boot: int = 4000, seed: int = 0,
-                     load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
-    """Every claim of `toukit.claims.CLAIMS`, per task and pooled (`toukit.claims.pooled_claims`), twice: under the
-    tuned protocol's chosen rates, and with the runner-up rate substituted for every method whose choice was close,
-    all at once (`runner_up_plan`): that rate's grid run on the first seed and its runs on the others, as far as
-    they exist (the `seeds` column says how many a claim used; `runner_up_plan` lists the runs left). A claim
-    comparing two close methods thus sees both swapped together, not one at a time.
+def tuned_both_ways(runs: pd.DataFrame, tasks: Sequence[str] = (), load: Optional[Callable[[str], dict]] = None
+                    ) -> Tuple[Dict[str, pd.DataFrame], Dict[str, pd.DataFrame], Dict[str, set]]:
+    """Each task's tuned runs twice: as chosen, and with the runner-up rate substituted for every method whose choice
+    was close (`runner_up_plan`), all at once: that rate's grid run on the first seed and its runs on the others, as
+    far as they exist (`runner_up_plan` lists the runs left).
 
     Args:
         runs: a `load_runs` table of every task (its `preset` column), with its sweep manifests (`attrs`).
-        tasks: the presets to report; empty: every preset in `runs`.
-        n_boot: bootstrap replicates of the accuracy claims.
-        seed: seeds the bootstrap (the same draws for both ways).
+        tasks: the presets; empty: every preset in `runs`.
         load: reads a record from its path (default `toukit.results.read_record`).
 
     Returns:
-        `pooled_claims`' rows under choice 'chosen' and then 'runner-up', with a `rates` column: for a task's row,
-        the rate of each method compared ('tou 0.0002 (runner-up), ft 5e-05'); for a pooled row, each task's.
+        chosen (task -> the tuned protocol's runs), swapped (task -> the same with the runner-ups substituted) and
+        substituted (task -> the methods swapped), ready for `toukit.claims.pooled_claims` or
+        `toukit.gap.gap_decomposition`.
 
     Raises:
         ValueError: a task without a sweep manifest in `runs.attrs['manifests']`.
@@ -208,6 +206,32 @@ def claims_both_ways(runs: pd.DataFrame, tasks: Sequence[str] = (), n_boot: int 
         swapped[task] = pd.concat([tuned[~tuned.method.isin(plan.method)], extra.drop_duplicates('run_id')],
                                   ignore_index=True)
         substituted[task] = set(plan.method)
+    return chosen, swapped, substituted
+
+
+def claims_both_ways(runs: pd.DataFrame, tasks: Sequence[str] = (), n_boot: int = 4000, seed: int = 0,
+                     load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
+    """Every claim of `toukit.claims.CLAIMS`, per task and pooled (`toukit.claims.pooled_claims`), twice: under the
+    tuned protocol's chosen rates, and with the runner-up rate substituted for every method whose choice was close
+    (`tuned_both_ways`; the `seeds` column says how many seeds a claim used). A claim comparing two close methods
+    thus sees both swapped together, not one at a time.
+
+    Args:
+        runs: a `load_runs` table of every task (its `preset` column), with its sweep manifests (`attrs`).
+        tasks: the presets to report; empty: every preset in `runs`.
+        n_boot: bootstrap replicates of the accuracy claims.
+        seed: seeds the bootstrap (the same draws for both ways).
+        load: reads a record from its path (default `toukit.results.read_record`).
+
+    Returns:
+        `pooled_claims`' rows under choice 'chosen' and then 'runner-up', with a `rates` column: for a task's row,
+        the rate of each method compared ('tou 0.0002 (runner-up), ft 5e-05'); for a pooled row, each task's.
+
+    Raises:
+        ValueError: a task without a sweep manifest in `runs.attrs['manifests']`.
+    """
+    load = load or read_record
+    chosen, swapped, substituted = tuned_both_ways(runs, tasks, load)
     frames = []
     for choice, by_task in (('chosen', chosen), ('runner-up', swapped)):
         table = pooled_claims(by_task, n_boot=n_boot, seed=seed, load=load)
