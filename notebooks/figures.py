@@ -203,12 +203,22 @@ display(shown[method_rows.seeds > 0])
 #
 # FT - TOU = (FT - TOU full rank: the factorized parameterization) + (TOU full rank - TOU + residual: the restriction
 # to the top-r subspace) + (TOU + residual - TOU: the truncation), per task and pooled, with paired 95% intervals
-# (`toukit.gap.gap_decomposition`). A task needs all four methods' runs; until then its rows are 'not measured' and
-# no figure is drawn. The tuned protocol's figure is `gap_decomposition.png`, the paper protocol's
+# (`toukit.gap.gap_decomposition`). A task sits out while its sweep has runs of the four methods left (as in the
+# pooled claims); a task without them has rows that say 'not measured', and without any task no figure is drawn. The tuned protocol's figure is `gap_decomposition.png`, the paper protocol's
 # `gap_decomposition_paper.png`; the table (`gap_decomposition.md`, `.csv`) has both.
 
 # %%
-gaps = pd.concat([gap.gap_decomposition(by_task, n_boot=n_boot).assign(protocol=p)
+def complete(by_task: dict, protocol: str, methods) -> dict:
+    """The tasks of `by_task` whose sweep has every run of `methods` under `protocol` (the rest sit out, as in the
+    pooled claims)."""
+    left = {t: missing for t in by_task if (missing := results.missing_runs(every, t, protocol, methods))}
+    for t, missing in left.items():
+        print(f'{protocol}: {t} sits out, {len(missing)} run(s) of {", ".join(methods)} left: {", ".join(missing[:3])}'
+              + ' ...' * (len(missing) > 3))
+    return {t: r for t, r in by_task.items() if t not in left}
+
+
+gaps = pd.concat([gap.gap_decomposition(complete(by_task, p, gap.GAP_METHODS), n_boot=n_boot).assign(protocol=p)
                   for p, by_task in runs_by_protocol.items()], ignore_index=True)
 gaps.round(4).to_csv(Path(figures_dir) / 'gap_decomposition.csv', index=False)
 (Path(figures_dir) / 'gap_decomposition.md').write_text(gap.format_gap_table(gaps).to_markdown(index=False) + '\n')
@@ -234,32 +244,50 @@ for protocol, table in gaps.groupby('protocol', sort=False):
 
 # %%
 task_names = [t for t in tasks.split(',') if t] or sorted(set(every.preset))
-manifests = {m['preset']: m for m in every.attrs['manifests'] if 'grid' in m.get('runs', {}) and m.get('preset')}
-margins = pd.concat([lr_choice.lr_margins(manifests[t], every[every.preset == t]) for t in task_names
-                     if t in manifests], ignore_index=True)
-if len(margins):
-    margins.round(4).to_csv(Path(figures_dir) / 'lr_margins.csv', index=False)
-    (Path(figures_dir) / 'lr_margins.md').write_text(margins.round(3).to_markdown(index=False) + '\n')
-    display(margins.round(3))
-ready = [t for t in task_names if t in manifests and not results.missing_runs(every, t, 'tuned')]
+manifests = {t: lr_choice.sweep_manifest(every, t) for t in task_names if t in set(every.preset)}
+manifests = {t: m for t, m in manifests.items() if m is not None}
+both_ways = {name: Path(figures_dir) / name for name in ('lr_margins', 'claims_both_ways',
+                                                           'gap_decomposition_runner_up')}
+margins = [lr_choice.lr_margins(m, every[every.preset == t]) for t, m in manifests.items()]
+margins = pd.concat(margins, ignore_index=True) if margins else pd.DataFrame()
+ready = [t for t in manifests if not results.missing_runs(every, t, 'tuned')]
 print(f'both ways: {ready or "no task"} (a task whose tuned runs are unfinished sits out)')
+stale = []  # what nothing is left to report: an earlier state's files are removed
+if len(margins):
+    margins.round({'margin': 4, 'threshold': 4}).to_csv(both_ways['lr_margins'].with_suffix('.csv'), index=False)
+    both_ways['lr_margins'].with_suffix('.md').write_text(margins.round({'margin': 3, 'threshold': 3}).to_markdown(
+        index=False) + '\n')
+    display(margins)
+else:
+    stale.append(both_ways['lr_margins'])
 if ready:
+    partial = {t: n for t in ready if (n := sum(map(len, lr_choice.runner_up_plan(
+        manifests[t], every[every.preset == t]).missing)))}  # from the grids: older manifests lack the stage
+    note = ('runner-up runs still to make (their rows use the seeds they have, the `seeds` column): ' +
+            ', '.join(f'{t} {n}' for t, n in partial.items()) + '\n\n') if partial else ''
+    print(note or 'every runner-up run is made')
     both = lr_choice.claims_both_ways(every, ready, n_boot=n_boot)
-    both.round(4).to_csv(Path(figures_dir) / 'claims_both_ways.csv', index=False)
+    both.round(4).to_csv(both_ways['claims_both_ways'].with_suffix('.csv'), index=False)
     key = ['claim', 'statement', 'task']
     touched = both[(both.choice == 'runner-up') & both.rates.str.contains('runner-up')][key]
     shown = both.merge(touched, on=key)  # both rows of every claim a substitution touches
     shown = shown.sort_values(['claim', 'statement', 'task', 'choice'], kind='stable')
-    (Path(figures_dir) / 'claims_both_ways.md').write_text(
-        shown.round(3).to_markdown(index=False) + '\n' if len(shown) else 'no claim uses a close rate\n')
+    both_ways['claims_both_ways'].with_suffix('.md').write_text(
+        note + (shown.round(3).to_markdown(index=False) if len(shown) else 'no claim uses a close rate') + '\n')
     display(shown)
     chosen, swapped, _ = lr_choice.tuned_both_ways(every, ready)
-    gaps_both = pd.concat([gap.gap_decomposition(by_task, n_boot=n_boot).assign(protocol=f'tuned, {way} rates')
-                           for way, by_task in (('chosen', chosen), ('runner-up', swapped))], ignore_index=True)
-    gaps_both.round(4).to_csv(Path(figures_dir) / 'gap_decomposition_runner_up.csv', index=False)
+    gaps_both = pd.concat([gap.gap_decomposition(complete(by_task, 'tuned', gap.GAP_METHODS), n_boot=n_boot).assign(
+        protocol=f'tuned, {way} rates') for way, by_task in (('chosen', chosen), ('runner-up', swapped))],
+        ignore_index=True)
+    gaps_both.round(4).to_csv(both_ways['gap_decomposition_runner_up'].with_suffix('.csv'), index=False)
     shown = gap.format_gap_table(gaps_both)
-    (Path(figures_dir) / 'gap_decomposition_runner_up.md').write_text(shown.to_markdown(index=False) + '\n')
+    both_ways['gap_decomposition_runner_up'].with_suffix('.md').write_text(note + shown.to_markdown(index=False) + '\n')
     display(shown)
+else:
+    stale += [both_ways['claims_both_ways'], both_ways['gap_decomposition_runner_up']]
+for path in stale:
+    for suffix in ('.csv', '.md'):
+        path.with_suffix(suffix).unlink(missing_ok=True)
 
 # %% [markdown]
 # ## What each method did to each layer type (tuned protocol)

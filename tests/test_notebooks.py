@@ -35,6 +35,7 @@ def test_reproduce_writes_records_for_every_run(reproduced):
     assert sorted(noise.noise_scale) == [0.0, 0.01] and set(noise.method) == {'tou'}
     manifest = results.read_manifest(reproduced / 'results' / 'test.sweep.json')  # the runner_up stage ran where
     margins = lr_choice.lr_margins(manifest, runs)  # the choice is close, and only there
+    assert margins.method.tolist() == ['tou']  # LoRA's grid has one rate: no runner-up
     assert set(manifest['runs']['runner_up']) == set(margins.method[margins.close])
     for method, ids in manifest['runs']['runner_up'].items():
         assert set(runs.set_index('run_id').status[ids]) == {'ok'} and len(ids) == 2
@@ -130,7 +131,7 @@ def test_figures_notebook_pools_the_claims_of_two_tasks(reproduced, tmp_path):
     both = pd.read_csv(tmp_path / 'figures' / 'claims_both_ways.csv')
     assert set(both.choice) == {'chosen', 'runner-up'} and set(both.task) == {'test', 'twin', 'pooled'}
     runner_up = both[(both.choice == 'runner-up') & (both.claim == 'c') & (both.task == 'test')]
-    assert runner_up.rates.str.contains('(runner-up)', regex=False).all() == bool(margins.close.iloc[0])
+    assert len(runner_up) == 1 and runner_up.rates.str.contains('(runner-up)', regex=False).all() == bool(margins.close.iloc[0])
     assert (tmp_path / 'figures' / 'gap_decomposition_runner_up.md').exists()
     layers = pd.read_csv(tmp_path / 'figures' / 'update_by_layer_type.csv')
     measured = layers[layers.status == 'measured']

@@ -321,6 +321,23 @@ def test_the_plan_runs_a_close_runner_up_rate_on_every_seed(tmp_path):
     written = sweep._write_manifest(manifest, str(tmp_path), keep_others=True)
     runs = toukit.load_runs(tmp_path)
     assert runs.set_index('run_id').protocol[runner_up['tou'][0]] == 'grid+runner_up'
+    # what is left: TOU's runner-up on seeds 1 and 2; FT, whose choice was clear, has none to make
+    assert results.missing_runs(runs, 'test', 'runner_up') == runner_up['tou'][1:]
+    assert results.missing_runs(runs, 'test', 'tuned', methods=['ft']) == manifest['runs']['tuned']['ft'][1:]
     with pytest.raises(ValueError, match="stages=\\['nope'\\]: choose from grid, tuned, runner_up, paper"):
         sweep.sweep('test', ['tou'], stages=['nope'], results_dir=str(tmp_path))
     assert written.exists()
+
+
+def test_a_grid_the_rule_cannot_compare_plans_no_runner_up_and_says_why(tmp_path):
+    """Grid records with different validation labels: the paired test refuses them; the sweep warns and goes on."""
+    grid = {'tou': [1e-5, 5e-5]}
+    first = sweep.plan('test', ['tou'], [0, 1], grid=grid, results_dir=str(tmp_path))
+    for lr, name, labels in zip(first['grid']['tou'], first['runs']['grid']['tou'], ([0] * 10, [1] * 10)):
+        final = dict(val_accuracy=0.8 if lr == 1e-5 else 0.7, val_predictions=[0] * 10, val_labels=labels)
+        results.write_record(dict(run=dict(id=name, config=dict(method='tou', lr=lr, seed=0)), status='ok',
+                                  data=dict(val_size=10), metrics={'final': final}), first['configs'][name].record_path)
+    with pytest.warns(UserWarning, match='test tou: no runner-up runs.*different validation labels'):
+        manifest = sweep.plan('test', ['tou'], [0, 1], grid=grid, results_dir=str(tmp_path))
+    assert manifest['runs']['runner_up'] == {} and manifest['selected_lr'] == {'tou': 1e-5}
+    assert len(manifest['runs']['tuned']['tou']) == 2

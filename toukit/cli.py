@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
     _train_parser(sub)
     swp = _runs_parser(sub, 'sweep', seeds_help='the first seed runs the grid',
-                       help='learning-rate grid, each method at its best rate, and the paper protocol')
+                       help='learning-rate grid, each method at its best rate (and a close runner-up), and the paper protocol')
     swp.add_argument('--stages', nargs='+', default=list(STAGES), choices=STAGES,
                      help='runner_up: the second-best rate on every seed where the choice is within the validation noise')
     swp.add_argument('--redo-before', metavar='TIME', default=None,

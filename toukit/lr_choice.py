@@ -17,7 +17,7 @@ from .config import run_id
 from .results import FINISHED, read_record, with_protocol
 
 __all__ = ['select_lr', 'runner_up_margin', 'close_runner_up', 'lr_margins', 'runner_up_plan', 'tuned_both_ways',
-           'claims_both_ways', 'Z95']
+           'claims_both_ways', 'sweep_manifest', 'Z95']
 
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95% test
 
@@ -220,7 +220,8 @@ def claims_both_ways(runs: pd.DataFrame, tasks: Sequence[str] = (), n_boot: int 
         runs: a `load_runs` table of every task (its `preset` column), with its sweep manifests (`attrs`).
         tasks: the presets to report; empty: every preset in `runs`.
         n_boot: bootstrap replicates of the accuracy claims.
-        seed: seeds the bootstrap (the same draws for both ways).
+        seed: seeds the bootstrap (the same generator for both ways; where the runner-up has fewer seeds, the draws
+            differ).
         load: reads a record from its path (default `toukit.results.read_record`).
 
     Returns:
@@ -242,12 +243,21 @@ def claims_both_ways(runs: pd.DataFrame, tasks: Sequence[str] = (), n_boot: int 
     return out[['choice'] + [c for c in out.columns if c != 'choice']]
 
 
-def _manifest(runs: pd.DataFrame, task: str) -> dict:
+def sweep_manifest(runs: pd.DataFrame, task: str) -> Optional[dict]:
+    """The learning-rate sweep's manifest of `task` (`<task>.sweep.json`, with a grid) among a `load_runs` table's
+    manifests (the first, where a copy sits in a subfolder too); None without one."""
     for manifest in runs.attrs.get('manifests', []):
         if manifest.get('preset') == task and 'grid' in manifest.get('runs', {}):
             return manifest
-    raise ValueError(f'task {task!r}: no sweep manifest ({task}.sweep.json) among the runs\' manifests, so its '
-                     f'chosen rates cannot be checked (load_runs reads them from the results folder)')
+    return None
+
+
+def _manifest(runs: pd.DataFrame, task: str) -> dict:
+    manifest = sweep_manifest(runs, task)
+    if manifest is None:
+        raise ValueError(f'task {task!r}: no sweep manifest ({task}.sweep.json) among the runs\' manifests, so its '
+                         f'chosen rates cannot be checked (load_runs reads them from the results folder)')
+    return manifest
 
 
 def _rates(statement: str, task: str, by_task: Dict[str, pd.DataFrame], substituted: Dict[str, set]) -> str:

@@ -207,11 +207,15 @@ def load_runs(path: Union[str, Path] = 'results', status: Union[str, None] = Non
     return df
 
 
-def missing_runs(runs: pd.DataFrame, preset: str, protocol: str) -> List[str]:
-    """What the sweep manifests of a `load_runs` table plan for `preset` under `protocol` ('grid', 'tuned', 'paper')
-    that has no finished run in `runs` (status 'ok', or 'diverged': final, as for the sweep): run ids, and
-    '<method>: not planned yet' for a method whose tuned runs wait on its grid. Empty when the protocol is complete,
-    or when no manifest plans it (runs of no sweep: nothing to check).
+def missing_runs(runs: pd.DataFrame, preset: str, protocol: str, methods: Optional[Sequence[str]] = None) -> List[str]:
+    """What the sweep manifests of a `load_runs` table plan for `preset` under `protocol` ('grid', 'tuned', 'paper',
+    or the stage 'runner_up') that has no finished run in `runs` (status 'ok', or 'diverged': final, as for the
+    sweep): run ids, and '<method>: not planned yet' for a method whose tuned (or runner-up) runs wait on its grid (a
+    method whose grid chose clearly has no runner-up runs: nothing missing). Empty when the protocol is complete, or
+    when no manifest plans it (runs of no sweep: nothing to check).
+
+    Args:
+        methods: only these methods' runs (default: every method the manifests list).
     """
     missing = []
     for manifest in runs.attrs.get('manifests', []):
@@ -219,13 +223,16 @@ def missing_runs(runs: pd.DataFrame, preset: str, protocol: str) -> List[str]:
         if manifest.get('preset') != preset or not isinstance(planned, dict) or protocol not in planned:
             continue
         done = set(runs.run_id[runs.status.isin(FINISHED)]) if len(runs) else set()
-        missing += [f'{m}: not planned yet' for m in manifest.get('methods', []) if not planned[protocol].get(m)]
-        missing += [i for ids in planned[protocol].values() for i in ids if i not in done]
+        wanted = [m for m in manifest.get('methods', []) if methods is None or m in methods]
+        waits_on_grid = planned.get('tuned', {}) if protocol == 'runner_up' else planned[protocol]
+        missing += [f'{m}: not planned yet' for m in wanted if not waits_on_grid.get(m)]
+        missing += [i for m in wanted for i in planned[protocol].get(m, []) if i not in done]
     return list(dict.fromkeys(missing))  # two manifests of one preset (a copy in a subfolder) list a run once
 
 
 def with_protocol(runs: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """The successful runs of one protocol ('grid', 'tuned' or 'paper') of a `load_runs` table."""
+    """The successful runs of one protocol ('grid', 'tuned' or 'paper', or the stage 'runner_up') of a `load_runs`
+    table."""
     if runs.empty or 'protocol' not in runs:
         return runs.iloc[0:0]
     keep = runs.protocol.str.split('+').map(lambda ps: protocol in ps) & (runs.status == 'ok')

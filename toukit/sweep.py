@@ -151,7 +151,11 @@ def plan(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: S
             selected[method] = best
             tuned = [_config(preset, method, best, s, results_dir, overrides) for s in seeds]
             runs['tuned'][method] = [c.name for c in tuned]
-            second = close_runner_up(grid_records)
+            try:
+                second = close_runner_up(grid_records)
+            except ValueError as e:  # grid records the rule cannot compare: the sweep goes on without the runner-up
+                warnings.warn(f'{preset} {method}: no runner-up runs, the choice cannot be tested ({e})')
+                second = None
             if second is not None:
                 runner_up = [_config(preset, method, second, s, results_dir, overrides) for s in seeds]
                 runs['runner_up'][method] = [c.name for c in runner_up]
