@@ -204,7 +204,8 @@ display(shown[method_rows.seeds > 0])
 # FT - TOU = (FT - TOU full rank: the factorized parameterization) + (TOU full rank - TOU + residual: the restriction
 # to the top-r subspace) + (TOU + residual - TOU: the truncation), per task and pooled, with paired 95% intervals
 # (`toukit.gap.gap_decomposition`). A task sits out while its sweep has runs of the four methods left (as in the
-# pooled claims); a task without them has rows that say 'not measured', and without any task no figure is drawn. The tuned protocol's figure is `gap_decomposition.png`, the paper protocol's
+# pooled claims); a task without them has rows that say 'not measured', and without any task no figure is drawn.
+# The tuned protocol's figure is `gap_decomposition.png`, the paper protocol's
 # `gap_decomposition_paper.png`; the table (`gap_decomposition.md`, `.csv`) has both.
 
 # %%

@@ -101,7 +101,8 @@ def test_the_plan_lists_the_runner_up_runs_and_the_claims_are_reported_both_ways
 
     chosen, swapped, substituted = lr_choice.tuned_both_ways(runs)
     assert substituted == {'a': {'tou'}, 'b': set()}
-    tou = {way: by_task['a'][by_task['a'].method == 'tou'] for way, by_task in (('chosen', chosen), ('swapped', swapped))}
+    tou = {way: by_task['a'][by_task['a'].method == 'tou']
+           for way, by_task in (('chosen', chosen), ('swapped', swapped))}
     assert set(tou['chosen'].lr) == {1e-5} and sorted(tou['chosen'].seed) == [0, 1, 2]
     assert set(tou['swapped'].lr) == {5e-5} and sorted(tou['swapped'].seed) == [0, 1]  # seed 2's run not made yet
     assert swapped['b'].run_id.tolist() == chosen['b'].run_id.tolist()  # nothing close in b

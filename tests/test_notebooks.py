@@ -131,7 +131,8 @@ def test_figures_notebook_pools_the_claims_of_two_tasks(reproduced, tmp_path):
     both = pd.read_csv(tmp_path / 'figures' / 'claims_both_ways.csv')
     assert set(both.choice) == {'chosen', 'runner-up'} and set(both.task) == {'test', 'twin', 'pooled'}
     runner_up = both[(both.choice == 'runner-up') & (both.claim == 'c') & (both.task == 'test')]
-    assert len(runner_up) == 1 and runner_up.rates.str.contains('(runner-up)', regex=False).all() == bool(margins.close.iloc[0])
+    assert len(runner_up) == 1
+    assert runner_up.rates.str.contains('(runner-up)', regex=False).all() == bool(margins.close.iloc[0])
     assert (tmp_path / 'figures' / 'gap_decomposition_runner_up.md').exists()
     layers = pd.read_csv(tmp_path / 'figures' / 'update_by_layer_type.csv')
     measured = layers[layers.status == 'measured']

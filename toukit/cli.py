@@ -170,9 +170,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
     _train_parser(sub)
     swp = _runs_parser(sub, 'sweep', seeds_help='the first seed runs the grid',
-                       help='learning-rate grid, each method at its best rate (and a close runner-up), and the paper protocol')
+                       help='learning-rate grid, each method at its best rate (and a close runner-up), and the '
+                            'paper protocol')
     swp.add_argument('--stages', nargs='+', default=list(STAGES), choices=STAGES,
-                     help='runner_up: the second-best rate on every seed where the choice is within the validation noise')
+                     help='runner_up: the second-best rate on every seed where the choice is within the '
+                          'validation noise')
     swp.add_argument('--redo-before', metavar='TIME', default=None,
                      help='run again where a record finished before TIME (ISO 8601, e.g. 2026-12-05T14:10:00+00:00): '
                           'a re-run spread over several sweeps redoes each run once')

@@ -34,13 +34,15 @@ def gap_decomposition(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000,
     ('tou_full_rank': TOU at rank 1.0, nothing truncated; 'tou_residual': TOU with the truncation residual kept
     frozen, so nothing is lost but the update stays in the top-r subspace. TOU's noise moves the start of
     'tou_full_rank' and 'tou' off W, while 'ft' and 'tou_residual' start at W, so the noise's effect on the start
-    enters the parameterization (+), restriction (-) and truncation (+) parts; they still sum to the total.) Intervals come from `toukit.claims`'
-    paired bootstrap over seeds and test examples, with one draw of seeds and examples per replicate for all four
-    comparisons of a task, so that the parts' replicates add up to the total's, replicate by replicate; a task
-    uses the seeds all four methods share. Pooled rows weigh each task the same (`toukit.claims.POOLING`): the
-    mean of the tasks' estimates and of their replicates, over the tasks that have all four methods. A task
-    missing one of them is not measured (NaN, seeds 0) in every row, its total included, so that each task's
-    parts add up to its total (`toukit.claims.pooled_claims` measures FT - full TOU on its own).
+    enters the parameterization (+), restriction (-) and truncation (+) parts; they still sum to the total.)
+    Intervals come from `toukit.claims`' paired bootstrap over seeds and test examples, with one draw of seeds and
+    examples per replicate for all four comparisons of a task, so that the parts' replicates add up to the total's,
+    replicate by replicate; a task uses the seeds all four methods share, and draws from its own generator (seeded
+    by `seed` and its name), so that its interval stays put as other tasks' records arrive. Pooled rows weigh each
+    task the same (`toukit.claims.POOLING`): the mean of the tasks' estimates and of their replicates, over the
+    tasks that have all four methods. A task missing one of them is not measured (NaN, seeds 0) in every row, its
+    total included, so that each task's parts add up to its total (`toukit.claims.pooled_claims` measures
+    FT - full TOU on its own).
 
     Args:
         runs_by_task: task name (e.g. its preset) -> one protocol's runs of that task (`with_protocol`).
@@ -54,8 +56,6 @@ def gap_decomposition(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000,
         or the fewest of a pooled task), n_tasks.
     """
     load = load or read_record
-    # each task draws from its own generator (seeded by `seed` and its name): its interval stays put as other tasks'
-    # records arrive
     estimates = {task: _task_replicates(runs, load, np.random.default_rng([seed, zlib.crc32(task.encode())]), n_boot)
                  for task, runs in runs_by_task.items()}
     measured = [e for e in estimates.values() if e is not None]
