@@ -241,7 +241,8 @@ for protocol, table in gaps.groupby('protocol', sort=False):
 # runner_up stage runs the runner-up rate on every seed, and every claim is reported under the chosen rates and with
 # the runner-ups substituted (`toukit.lr_choice.claims_both_ways`; `claims_both_ways.csv`, and in
 # `claims_both_ways.md` the claims a substitution touches), as is the gap split (`gap_decomposition_runner_up.md`).
-# Tasks whose tuned protocol is unfinished sit out, as in the pooled claims.
+# For the claims, tasks whose tuned protocol is unfinished sit out, as in the pooled claims; for the gap split, tasks
+# whose four methods' tuned runs are unfinished.
 
 # %%
 task_names = [t for t in tasks.split(',') if t] or sorted(set(every.preset))
@@ -251,8 +252,20 @@ both_ways = {name: Path(figures_dir) / name for name in ('lr_margins', 'claims_b
                                                            'gap_decomposition_runner_up')}
 margins = [lr_choice.lr_margins(m, every[every.preset == t]) for t, m in manifests.items()]
 margins = pd.concat(margins, ignore_index=True) if margins else pd.DataFrame()
-ready = [t for t in manifests if not results.missing_runs(every, t, 'tuned')]
-print(f'both ways: {ready or "no task"} (a task whose tuned runs are unfinished sits out)')
+
+
+def runner_ups_left(task_names, methods=None) -> str:
+    """A line naming the runner-up runs still to make, per task (from the grids: older manifests lack the stage)."""
+    left = {}
+    for t in task_names:
+        plan = lr_choice.runner_up_plan(manifests[t], every[every.preset == t])
+        plan = plan[plan.method.isin(methods)] if methods else plan
+        if n := sum(map(len, plan.missing)):
+            left[t] = n
+    return ('runner-up runs still to make (their rows use the seeds they have, the `seeds` column): ' +
+            ', '.join(f'{t} {n}' for t, n in left.items()) + '\n\n') if left else ''
+
+
 stale = []  # what nothing is left to report: an earlier state's files are removed
 if len(margins):
     margins.round({'margin': 4, 'threshold': 4}).to_csv(both_ways['lr_margins'].with_suffix('.csv'), index=False)
@@ -261,12 +274,10 @@ if len(margins):
     display(margins)
 else:
     stale.append(both_ways['lr_margins'])
+ready = [t for t in manifests if not results.missing_runs(every, t, 'tuned')]  # every method's tuned runs made
+print(f'claims both ways: {ready or "no task"} (a task whose tuned runs are unfinished sits out)')
 if ready:
-    partial = {t: n for t in ready if (n := sum(map(len, lr_choice.runner_up_plan(
-        manifests[t], every[every.preset == t]).missing)))}  # from the grids: older manifests lack the stage
-    note = ('runner-up runs still to make (their rows use the seeds they have, the `seeds` column): ' +
-            ', '.join(f'{t} {n}' for t, n in partial.items()) + '\n\n') if partial else ''
-    print(note or 'every runner-up run is made')
+    note = runner_ups_left(ready)
     both = lr_choice.claims_both_ways(every, ready, n_boot=n_boot)
     both.round(4).to_csv(both_ways['claims_both_ways'].with_suffix('.csv'), index=False)
     key = ['claim', 'statement', 'task']
@@ -276,16 +287,21 @@ if ready:
     both_ways['claims_both_ways'].with_suffix('.md').write_text(
         note + (shown.round(3).to_markdown(index=False) if len(shown) else 'no claim uses a close rate') + '\n')
     display(shown)
-    chosen, swapped, _ = lr_choice.tuned_both_ways(every, ready)
-    gaps_both = pd.concat([gap.gap_decomposition(complete(by_task, 'tuned', gap.GAP_METHODS), n_boot=n_boot).assign(
-        protocol=f'tuned, {way} rates') for way, by_task in (('chosen', chosen), ('runner-up', swapped))],
-        ignore_index=True)
+else:
+    stale.append(both_ways['claims_both_ways'])
+chosen, swapped, _ = lr_choice.tuned_both_ways(every, list(manifests)) if manifests else ({}, {}, {})
+chosen = complete(chosen, 'tuned', gap.GAP_METHODS)  # the four methods' tuned runs made
+if chosen:
+    note = runner_ups_left(chosen, gap.GAP_METHODS)
+    gaps_both = pd.concat([gap.gap_decomposition(by_task, n_boot=n_boot).assign(protocol=f'tuned, {way} rates')
+                           for way, by_task in (('chosen', chosen), ('runner-up', {t: swapped[t] for t in chosen}))],
+                          ignore_index=True)
     gaps_both.round(4).to_csv(both_ways['gap_decomposition_runner_up'].with_suffix('.csv'), index=False)
     shown = gap.format_gap_table(gaps_both)
     both_ways['gap_decomposition_runner_up'].with_suffix('.md').write_text(note + shown.to_markdown(index=False) + '\n')
     display(shown)
 else:
-    stale += [both_ways['claims_both_ways'], both_ways['gap_decomposition_runner_up']]
+    stale.append(both_ways['gap_decomposition_runner_up'])
 for path in stale:
     for suffix in ('.csv', '.md'):
         path.with_suffix(suffix).unlink(missing_ok=True)
