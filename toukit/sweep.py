@@ -39,9 +39,9 @@ from .config import PRESETS, TrainConfig, resolve_config
 from .lr_choice import close_runner_up, select_lr
 from .methods import METHODS
 from .notebooks import run_notebook
-from .runstate import can_resume, lock_owner
 from .ranks import DEFAULT_FRACTION
 from .results import MANIFEST_SUFFIX, finished_record, now, read_manifest, write_record
+from .runstate import can_resume, lock_owner
 from .spectrum import spectrum_table
 from .studies import budget_policies
 from .train import preset_model
