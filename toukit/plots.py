@@ -63,13 +63,14 @@ def training_curves(runs: Dict[str, dict], smooth: int = 10, axes=None):
 
 
 def save_figure(fig, path: Union[str, Path], formats: Sequence[str] = ('png', 'pdf')) -> list:
-    """Save `fig` as path.png and path.pdf (parents created); returns the files written."""
+    """Save `fig` as path.png and path.pdf (parents created); returns the files written. The PDF holds no creation
+    date, so a figure whose content has not changed is rewritten byte for byte (no churn in git)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in formats:
         out = path.with_suffix(f'.{fmt}')
-        fig.savefig(out, dpi=150, bbox_inches='tight')
+        fig.savefig(out, dpi=150, bbox_inches='tight', metadata={'CreationDate': None} if fmt == 'pdf' else None)
         written.append(out)
     return written
 

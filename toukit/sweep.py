@@ -369,7 +369,8 @@ def _refusal(error: Exception) -> Optional[str]:
 def _redo_time(text: str) -> _dt.datetime:
     """`text` as an aware time (a redo time: records finished since then are kept)."""
     try:
-        when = _dt.datetime.fromisoformat(text)
+        # a trailing Z (UTC) as +00:00: Python 3.10's fromisoformat reads only the offset
+        when = _dt.datetime.fromisoformat(text[:-1] + '+00:00' if text.endswith(('Z', 'z')) else text)
     except ValueError:
         raise ValueError(f'redo={text!r}: expected True, False or an ISO 8601 time such as '
                          f'2026-12-05T13:30:00+00:00') from None
