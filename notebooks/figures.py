@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -235,9 +235,10 @@ for protocol, table in gaps.groupby('protocol', sort=False):
 # %% [markdown]
 # ## Learning-rate choices within the validation noise, and the results both ways
 #
-# Per task and method, how far the chosen rate's validation accuracy is ahead of the runner-up's, against 1.96
-# standard errors (a paired test on per-example validation correctness, or the binomial one for records without it;
-# `toukit.lr_choice.runner_up_margin` states the rule): `lr_margins.md`. Where the choice is close, the sweep's
+# Per task and method, how far the chosen rate's validation accuracy is ahead of the runner-up's, tested at the 95%
+# level (McNemar's exact test on the validation examples the two rates disagree on, or the binomial one for records
+# without per-example predictions; `toukit.lr_choice.runner_up_margin` states the rule): `lr_margins.md`, with the
+# smallest margin the test could call decided (`threshold`) and the p-value. Where the choice is close, the sweep's
 # runner_up stage runs the runner-up rate on every seed, and every claim is reported under the chosen rates and with
 # the runner-ups substituted (`toukit.lr_choice.claims_both_ways`; `claims_both_ways.csv`, and in
 # `claims_both_ways.md` the claims a substitution touches), as is the gap split (`gap_decomposition_runner_up.md`).
@@ -268,8 +269,8 @@ def runner_ups_left(task_names, methods=None) -> str:
 
 stale = []  # what nothing is left to report: an earlier state's files are removed
 if len(margins):
-    margins.round({'margin': 4, 'threshold': 4}).to_csv(both_ways['lr_margins'].with_suffix('.csv'), index=False)
-    both_ways['lr_margins'].with_suffix('.md').write_text(margins.round({'margin': 3, 'threshold': 3}).to_markdown(
+    margins.round({'margin': 4, 'threshold': 4, 'p_value': 4}).to_csv(both_ways['lr_margins'].with_suffix('.csv'), index=False)
+    both_ways['lr_margins'].with_suffix('.md').write_text(margins.round({'margin': 3, 'threshold': 3, 'p_value': 3}).to_markdown(
         index=False) + '\n')
     display(margins)
 else:

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import norm
 
 from toukit import lr_choice, results
 from toukit.config import run_id
@@ -28,8 +29,9 @@ def test_five_of_1024_is_within_the_binomial_noise_and_fifty_is_not():
     grid = {1e-5: _record(p1), 5e-5: _record(p2), 2e-4: _record(0.5), 1e-3: _record(0.1, status='diverged')}
     margin = lr_choice.runner_up_margin(grid)
     threshold = 1.959964 * math.sqrt(p1 * (1 - p1) / 1024 + p2 * (1 - p2) / 1024) * 100
+    se = threshold / 1.959964 / 100
     assert margin == dict(best=1e-5, runner_up=5e-5, margin=pytest.approx(500 / 1024), threshold=pytest.approx(
-        threshold), test='binomial', close=True)
+        threshold), test='binomial', p_value=pytest.approx(2 * norm.sf(5 / 1024 / se)), close=True)
     assert lr_choice.close_runner_up(grid) == 5e-5
     assert lr_choice.close_runner_up({**grid, 5e-5: _record(0.80 - 50 / 1024)}) is None  # 4.9 points: not noise
     assert lr_choice.close_runner_up({1e-5: _record(0.8), 5e-5: _record(0.8)}) == 5e-5  # a tie: the later rate
@@ -40,6 +42,26 @@ def test_five_of_1024_is_within_the_binomial_noise_and_fifty_is_not():
         lr_choice.runner_up_margin({1e-5: _record(0.8), 5e-5: {**_record(0.79), 'data': {}}})
 
 
+@pytest.mark.parametrize('won, lost, close', [(4, 0, True), (5, 0, True), (9, 2, True), (10, 1, False),
+                                              (53, 33, False), (52, 33, True)])
+def test_a_lead_of_a_few_disagreements_is_tested_exactly(won, lost, close):
+    """McNemar's exact test on the examples the two rates disagree on: 4 of 4 won is p = 0.125, 9 of 11 is
+    p = 0.065, 52 of 85 p = 0.0503 (a normal approximation around the observed lead called all three decided)."""
+    from scipy.stats import binomtest
+    best = np.zeros(1024, int)
+    second = best.copy()
+    second[:won] = 1  # the best rate gets these right (label 0), the runner-up not
+    best[won:won + lost] = 1  # and the runner-up these
+    accuracy = lambda p: float((p == 0).mean())  # noqa: E731
+    grid = {1e-5: _record(accuracy(best), 1024, predictions=best),
+            5e-5: _record(accuracy(second), 1024, predictions=second)}
+    margin = lr_choice.runner_up_margin(grid)
+    assert margin['best'] == 1e-5 and margin['margin'] == pytest.approx((won - lost) / 1024 * 100)
+    assert margin['p_value'] == pytest.approx(binomtest(won, won + lost, 0.5).pvalue)
+    assert margin['close'] is close and (margin['p_value'] >= 0.05) is close
+    assert (margin['margin'] < margin['threshold']) is close
+
+
 def test_per_example_validation_predictions_are_compared_paired():
     best = np.zeros(1000, int)
     best[800:] = 1  # 800 of 1000 right
@@ -47,9 +69,9 @@ def test_per_example_validation_predictions_are_compared_paired():
     second[:6] = 1  # the same mistakes and 6 more: 0.6 points, every difference the same way
     grid = {1e-5: _record(0.8, 1000, predictions=best), 5e-5: _record(0.794, 1000, predictions=second)}
     margin = lr_choice.runner_up_margin(grid)
-    d = np.r_[np.ones(6), np.zeros(994)]
     assert margin['test'] == 'paired' and margin['margin'] == pytest.approx(0.6)
-    assert margin['threshold'] == pytest.approx(lr_choice.Z95 * d.std() / math.sqrt(1000) * 100)
+    assert margin['p_value'] == pytest.approx(2 / 2 ** 6)  # McNemar's exact test: 6 of 6 disagreements won
+    assert margin['threshold'] == pytest.approx(0.6)  # 6 disagreements decide only when all 6 go one way
     assert not margin['close']  # paired: not noise
     unpaired = {lr: {**r, 'metrics': {'final': {'val_accuracy': r['metrics']['final']['val_accuracy']}}}
                 for lr, r in grid.items()}

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from .claims import CLAIMS, pooled_claims
 from .config import run_id
@@ -44,10 +45,13 @@ def runner_up_margin(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optiona
     """How far the chosen rate's validation accuracy is ahead of the runner-up's, against the validation noise.
 
     The rule: the best rate is `select_lr`'s; the runner-up is the best of the other rates that did
-    not diverge (ties: the first in the grid's order). Their margin is compared with a 95% threshold:
+    not diverge (ties: the first in the grid's order). Their margin is tested at the 95% level:
     - when both records hold per-example validation correctness (`metrics.final.val_predictions` and
-      `val_labels`), a paired test: the threshold is 1.96 times the standard error of the mean of the per-example
-      differences d_i = right_1(i) - right_2(i), sqrt(mean(d^2) - mean(d)^2) / sqrt(n);
+      `val_labels`), McNemar's exact test: of the m examples exactly one of the two rates gets right, the best gets
+      k; the choice is decided when a fair coin would give k or a count as far from m / 2 with probability below
+      0.05 (two-sided binomial, `scipy.stats.binomtest`). Exact, so a margin made of a handful of examples is not
+      decided by a normal approximation (4 of 4 disagreements won is p = 0.125: close). The threshold reported is
+      the smallest margin that m disagreements could decide, (2 k* - m) / n (inf where none could: m < 6);
     - else (the records of this version hold only the accuracy), the binomial standard error of the difference of
       two independent accuracies on n validation examples (`data.val_size`): the threshold is
       1.96 sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2). The two runs see the same examples, and their errors
@@ -61,7 +65,8 @@ def runner_up_margin(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optiona
 
     Returns:
         None while the grid is unfinished or with fewer than two rates that did not diverge; else best, runner_up
-        (rates), margin and threshold (in accuracy points), test ('paired' or 'binomial') and close.
+        (rates), margin and threshold (in accuracy points), test ('paired' or 'binomial'), p_value (two-sided)
+        and close.
 
     Raises:
         ValueError: the binomial test with a record that does not say its validation set's size; the paired test
@@ -79,14 +84,31 @@ def runner_up_margin(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optiona
         if not np.array_equal(labels_a, labels_b):
             raise ValueError(f'lr {best:g} and {second:g}: their records hold different validation labels '
                              f'({len(labels_a)} and {len(labels_b)} examples); a paired test needs one validation set')
-        d = right_a.astype(float) - right_b
-        margin, se, test = float(d.mean()), float(d.std() / math.sqrt(len(d))), 'paired'
+        n, won, lost = len(right_a), int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+        margin, p_value, test = (won - lost) / n, _mcnemar_p(won, lost), 'paired'
+        threshold = _mcnemar_threshold(won + lost) / n
     else:
         (pa, na), (pb, nb) = _accuracy_and_size(a), _accuracy_and_size(b)
-        margin, se, test = pa - pb, math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb), 'binomial'
-    threshold = Z95 * se
+        margin, test = pa - pb, 'binomial'
+        se = math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb)
+        threshold = Z95 * se
+        p_value = float(2 * stats.norm.sf(abs(margin) / se)) if se > 0 else float(margin == 0)
     return dict(best=best, runner_up=second, margin=margin * 100, threshold=threshold * 100, test=test,
-                close=bool(abs(margin) < threshold or margin == 0))
+                p_value=p_value, close=bool(abs(margin) < threshold or margin == 0))
+
+
+def _mcnemar_p(won: int, lost: int) -> float:
+    """McNemar's exact two-sided p: `won` of the `won + lost` discordant examples against a fair coin (1 with none)."""
+    return float(stats.binomtest(won, won + lost, 0.5).pvalue) if won + lost else 1.0
+
+
+def _mcnemar_threshold(discordant: int) -> float:
+    """The smallest lead (won - lost, in examples) that McNemar's exact test decides at 5% among `discordant`
+    disagreements; inf where even all of them won would not."""
+    for won in range((discordant + 1) // 2, discordant + 1):
+        if _mcnemar_p(won, discordant - won) < 0.05:
+            return float(2 * won - discordant)
+    return math.inf
 
 
 def close_runner_up(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optional[float]:
@@ -133,7 +155,7 @@ def lr_margins(manifest: dict, runs: pd.DataFrame, load: Optional[Callable[[str]
         load: reads a record from its path (default `toukit.results.read_record`).
 
     Returns:
-        Columns: preset, method, best, runner_up, margin, threshold, test, close.
+        Columns: preset, method, best, runner_up, margin, threshold, test, p_value, close.
     """
     load = load or read_record
     rows = []
@@ -142,7 +164,7 @@ def lr_margins(manifest: dict, runs: pd.DataFrame, load: Optional[Callable[[str]
         if margin is not None:
             rows.append(dict(preset=manifest['preset'], method=method, **margin))
     return pd.DataFrame(rows, columns=['preset', 'method', 'best', 'runner_up', 'margin', 'threshold', 'test',
-                                       'close'])
+                                       'p_value', 'close'])
 
 
 def runner_up_plan(manifest: dict, runs: pd.DataFrame, load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
