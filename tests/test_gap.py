@@ -71,6 +71,20 @@ def test_the_parts_add_up_to_the_total_replicate_by_replicate():
     np.testing.assert_allclose(estimates[0][1][:, 0], alone, rtol=0, atol=1e-9)
 
 
+def test_runs_on_another_test_set_are_refused_not_paired():
+    """A run whose test labels differ (another split) would pair different examples: the split, the claims and the
+    method's own rows all refuse it, naming the run."""
+    a, records = _task(_first({'ft': 900, 'tou_full_rank': 880, 'tou_residual': 850, 'tou': 840}), 'a/')
+    final = records['a/tou_residual_1']['metrics']['final']
+    final['test_labels'] = final['test_labels'][1:] + [1]  # as many examples, another order
+    with pytest.raises(ValueError, match="a/tou_residual_1: its test labels differ from those of a/ft_0"):
+        gap.gap_decomposition({'a': a}, n_boot=50, load=records.__getitem__)
+    with pytest.raises(ValueError, match='a/tou_residual_1: its test labels differ'):
+        claims.correct_on_test(a[a.method == 'tou_residual'].path, records.__getitem__)
+    assert claims.paired_correct_on_test([a[a.method == m].path for m in ('ft', 'tou')], records.__getitem__)[0].shape \
+        == (3, N)
+
+
 def test_a_task_missing_a_method_is_not_measured_and_pooling_uses_the_others():
     rng = np.random.default_rng(2)
     a, ra = _task(_random(rng), 'a/')

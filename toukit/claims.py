@@ -101,12 +101,31 @@ def runs_by_seed(runs: pd.DataFrame, method: str) -> pd.DataFrame:
 
 
 def correct_on_test(paths: List[str], load: Callable[[str], dict]) -> np.ndarray:
-    """Per-example test correctness of each record (runs x examples, bool), for paired intervals."""
-    rows = []
-    for path in paths:
-        final = load(path)['metrics']['final']
-        rows.append(np.asarray(final['test_predictions']) == np.asarray(final['test_labels']))
-    return np.stack(rows)
+    """Per-example test correctness of each record (runs x examples, bool), for paired intervals; the records must
+    hold one test set (`paired_correct_on_test`)."""
+    [correct] = paired_correct_on_test([paths], load)
+    return correct
+
+
+def paired_correct_on_test(groups: Sequence[Sequence[str]], load: Callable[[str], dict]) -> List[np.ndarray]:
+    """`correct_on_test` of each group of record paths (one group a method), checked to be on one test set: every
+    record's test labels must be the first record's, example for example, or a paired difference would pair
+    different examples (ValueError naming both runs)."""
+    first, out = None, []
+    for paths in groups:
+        rows = []
+        for path in paths:
+            final = load(path)['metrics']['final']
+            labels = np.asarray(final['test_labels'])
+            if first is None:
+                first = (path, labels)
+            elif not np.array_equal(labels, first[1]):
+                raise ValueError(f'{path}: its test labels differ from those of {first[0]} ({len(labels)} and '
+                                 f'{len(first[1])} examples): paired differences need one test set (the same data '
+                                 f'and split_seed)')
+            rows.append(np.asarray(final['test_predictions']) == labels)
+        out.append(np.stack(rows))
+    return out
 
 
 def claims_table(runs: pd.DataFrame, n_boot: int = 4000, load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
@@ -137,8 +156,8 @@ def claims_table(runs: pd.DataFrame, n_boot: int = 4000, load: Optional[Callable
                              verdict='not measured'))
             continue
         if kind == 'accuracy':
-            mean, low, high = paired_bootstrap(correct_on_test(ra.loc[seeds, 'path'], load),
-                                               correct_on_test(rb.loc[seeds, 'path'], load), n_boot=n_boot)
+            mean, low, high = paired_bootstrap(*paired_correct_on_test([ra.loc[seeds, 'path'], rb.loc[seeds, 'path']],
+                                                                       load), n_boot=n_boot)
             method = 'paired bootstrap over seeds and test examples'
         else:
             mean, low, high = paired_t_interval(ra.loc[seeds, kind].to_numpy(), rb.loc[seeds, kind].to_numpy())
@@ -196,8 +215,8 @@ def rank_study_table(runs: pd.DataFrame, manifest: dict, n_boot: int = 4000,
         if policy == 'uniform' or not seeds:
             rows.append(dict(row, vs_uniform=np.nan, ci_low=np.nan, ci_high=np.nan, beats_uniform=''))
             continue
-        mean, low, high = paired_bootstrap(correct_on_test(group.loc[seeds, 'path'], load),
-                                           correct_on_test(uniform.loc[seeds, 'path'], load), n_boot=n_boot)
+        mean, low, high = paired_bootstrap(*paired_correct_on_test([group.loc[seeds, 'path'],
+                                                                    uniform.loc[seeds, 'path']], load), n_boot=n_boot)
         rows.append(dict(row, vs_uniform=mean, ci_low=low, ci_high=high,
                          beats_uniform=verdict(low, high, 0.0, 'above')))
     table = pd.DataFrame(rows, columns=['budget', 'policy', 'seeds', 'trainable_params', 'test_accuracy',
@@ -218,7 +237,8 @@ POOLING = ('accuracy: a stratified bootstrap, every replicate resampling within 
 
 def _accuracy_replicates(ra: pd.DataFrame, rb: pd.DataFrame, seeds: list, load, rng, n_boot: int):
     """(point estimate, n_boot bootstrap replicates) of one task's accuracy difference A - B, in points."""
-    diff = correct_on_test(ra.loc[seeds, 'path'], load).astype(float) - correct_on_test(rb.loc[seeds, 'path'], load)
+    a, b = paired_correct_on_test([ra.loc[seeds, 'path'], rb.loc[seeds, 'path']], load)
+    diff = a.astype(float) - b
     return diff.mean() * 100, bootstrap_means(diff, n_boot, rng) * 100
 
 

@@ -5,7 +5,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from .claims import bootstrap_means, correct_on_test, runs_by_seed
+from .claims import bootstrap_means, paired_correct_on_test, runs_by_seed
 from .methods import method_label
 from .results import read_record
 
@@ -77,7 +77,8 @@ def _task_replicates(runs: pd.DataFrame, load: Callable[[str], dict], rng: np.ra
     seeds = sorted(set.intersection(*(set(r.index) for r in by_method.values())))
     if not seeds:
         return None
-    correct = {m: correct_on_test(r.loc[seeds, 'path'], load).astype(float) for m, r in by_method.items()}
+    correct = dict(zip(by_method, paired_correct_on_test([r.loc[seeds, 'path'] for r in by_method.values()], load)))
+    correct = {m: c.astype(float) for m, c in correct.items()}
     diff = np.stack([correct[a] - correct[b] for _, _, a, b in GAP_PARTS])  # parts x seeds x test examples
     return diff.mean(axis=(1, 2)) * 100, bootstrap_means(diff, n_boot, rng) * 100, len(seeds)
 
