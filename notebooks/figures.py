@@ -269,9 +269,9 @@ def runner_ups_left(task_names, methods=None) -> str:
 
 stale = []  # what nothing is left to report: an earlier state's files are removed
 if len(margins):
-    margins.round({'margin': 4, 'threshold': 4, 'p_value': 4}).to_csv(both_ways['lr_margins'].with_suffix('.csv'), index=False)
-    both_ways['lr_margins'].with_suffix('.md').write_text(margins.round({'margin': 3, 'threshold': 3, 'p_value': 3}).to_markdown(
-        index=False) + '\n')
+    figures_of = lambda digits: margins.round(dict.fromkeys(('margin', 'threshold', 'p_value'), digits))  # noqa: E731
+    figures_of(4).to_csv(both_ways['lr_margins'].with_suffix('.csv'), index=False)
+    both_ways['lr_margins'].with_suffix('.md').write_text(figures_of(3).to_markdown(index=False) + '\n')
     display(margins)
 else:
     stale.append(both_ways['lr_margins'])

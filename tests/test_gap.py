@@ -76,7 +76,7 @@ def test_runs_on_another_test_set_are_refused_not_paired():
     method's own rows all refuse it, naming the run."""
     a, records = _task(_first({'ft': 900, 'tou_full_rank': 880, 'tou_residual': 850, 'tou': 840}), 'a/')
     final = records['a/tou_residual_1']['metrics']['final']
-    final['test_labels'] = final['test_labels'][1:] + [1]  # as many examples, another order
+    final['test_labels'] = final['test_labels'][1:] + [1]  # as many examples, one label different
     with pytest.raises(ValueError, match="a/tou_residual_1: its test labels differ from those of a/ft_0"):
         gap.gap_decomposition({'a': a}, n_boot=50, load=records.__getitem__)
     with pytest.raises(ValueError, match='a/tou_residual_1: its test labels differ'):

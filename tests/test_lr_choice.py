@@ -62,6 +62,18 @@ def test_a_lead_of_a_few_disagreements_is_tested_exactly(won, lost, close):
     assert (margin['margin'] < margin['threshold']) is close
 
 
+def test_no_disagreement_is_a_tie_and_the_test_is_symmetric():
+    same = np.zeros(1024, int)
+    same[:100] = 1
+    tie = lr_choice.runner_up_margin({1e-5: _record(0.9, predictions=same), 5e-5: _record(0.9, predictions=same)})
+    assert tie['margin'] == 0 and tie['p_value'] == 1 and tie['threshold'] == math.inf and tie['close']
+    a, b = same.copy(), same.copy()
+    a[100:103], b[:2] = 1, 0  # b gets 5 more examples right, though a's recorded accuracy is the higher
+    flipped = lr_choice.runner_up_margin({1e-5: _record(0.9, predictions=a), 5e-5: _record(0.89, predictions=b)})
+    assert flipped['best'] == 1e-5 and flipped['margin'] == pytest.approx(-5 / 1024 * 100)
+    assert flipped['p_value'] == pytest.approx(2 / 2 ** 5) and flipped['close']  # 5 of 5: p = 0.0625 either way
+
+
 def test_per_example_validation_predictions_are_compared_paired():
     best = np.zeros(1000, int)
     best[800:] = 1  # 800 of 1000 right

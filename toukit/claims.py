@@ -108,9 +108,9 @@ def correct_on_test(paths: List[str], load: Callable[[str], dict]) -> np.ndarray
 
 
 def paired_correct_on_test(groups: Sequence[Sequence[str]], load: Callable[[str], dict]) -> List[np.ndarray]:
-    """`correct_on_test` of each group of record paths (one group a method), checked to be on one test set: every
-    record's test labels must be the first record's, example for example, or a paired difference would pair
-    different examples (ValueError naming both runs)."""
+    """`correct_on_test` of each group of record paths (one group a method), checked as far as the records allow to
+    be on one test set: every record's test labels must be the first record's, in the same order, or a paired
+    difference would pair different examples (ValueError naming both runs)."""
     first, out = None, []
     for paths in groups:
         rows = []

@@ -54,10 +54,10 @@ def runner_up_margin(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optiona
       the smallest margin that m disagreements could decide, (2 k* - m) / n (inf where none could: m < 6);
     - else (the records of this version hold only the accuracy), the binomial standard error of the difference of
       two independent accuracies on n validation examples (`data.val_size`): the threshold is
-      1.96 sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2). The two runs see the same examples, and their errors
-      overlap, so the paired standard error would be smaller: this approximation is conservative, calling more
-      choices close than a paired test would.
-    The choice is close when the margin is below the threshold, or zero (a tie).
+      1.96 sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2) = 1.96 se, and p = 2 (1 - Phi(|margin| / se)). The two runs
+      see the same examples, and their errors overlap, so the paired standard error would be smaller: this
+      approximation is conservative, calling more choices close than a paired test would.
+    The choice is close when |margin| is below the threshold (p >= 0.05), or zero (a tie).
 
     Args:
         grid_records_by_lr: learning rate -> the grid run's record (None while it has not finished), in the grid's
@@ -87,14 +87,16 @@ def runner_up_margin(grid_records_by_lr: Dict[float, Optional[dict]]) -> Optiona
         n, won, lost = len(right_a), int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
         margin, p_value, test = (won - lost) / n, _mcnemar_p(won, lost), 'paired'
         threshold = _mcnemar_threshold(won + lost) / n
+        close = p_value >= 0.05  # the same as |margin| < threshold, by construction rather than by monotonicity
     else:
         (pa, na), (pb, nb) = _accuracy_and_size(a), _accuracy_and_size(b)
         margin, test = pa - pb, 'binomial'
         se = math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb)
         threshold = Z95 * se
         p_value = float(2 * stats.norm.sf(abs(margin) / se)) if se > 0 else float(margin == 0)
+        close = abs(margin) < threshold or margin == 0
     return dict(best=best, runner_up=second, margin=margin * 100, threshold=threshold * 100, test=test,
-                p_value=p_value, close=bool(abs(margin) < threshold or margin == 0))
+                p_value=p_value, close=bool(close))
 
 
 def _mcnemar_p(won: int, lost: int) -> float:
