@@ -290,6 +290,36 @@ def test_redo_since_a_time_redoes_only_what_finished_before_it(tmp_path):
         sweep.sweep('test', ['ft'], [0], results_dir=str(tmp_path), redo='2026-12-05T09:00:00', progress=False)
 
 
+def test_a_stopped_workers_notebook_of_a_finished_run_is_put_in_place(tmp_path):
+    """A worker killed after its run's record, while the notebook's last cells ran, leaves its scratch copy; the
+    next sweep skips the finished run and puts that copy in place, never a live worker's or one older than the
+    record."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    grid = {'ft': [1e-3]}
+    [config] = sweep.plan('test', ['ft'], [0], grid, str(tmp_path))['configs'].values()
+    results.write_record(dict(status='ok', finished=results.now(), metrics=dict(final=dict(val_accuracy=0.5))),
+                         config.record_path)
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    folder, host = tmp_path / 'notebooks', socket.gethostname()
+    folder.mkdir()
+    executed = folder / f'{config.name}.ipynb'
+    executed.write_text('an earlier run of this id')
+    old = folder / f'.{config.name}.{host}.{int(gone.stdout) + 1}.ipynb'  # dead too, but older than the record
+    dead, live = (folder / f'.{config.name}.{host}.{pid}.ipynb' for pid in (int(gone.stdout), os.getpid()))
+    for path, text, age in ((old, 'before', -60), (dead, 'the run', 1), (live, 'a live worker', 2)):
+        path.write_text(text)
+        when = config.record_path.stat().st_mtime + age
+        os.utime(path, (when, when))
+    os.utime(executed, (config.record_path.stat().st_mtime - 120,) * 2)
+    sweep.sweep('test', ['ft'], [0], grid=grid, results_dir=str(tmp_path), stages=('grid',), progress=False)
+    assert executed.read_text() == 'the run' and not dead.exists() and live.exists() and old.exists()
+    sweep.sweep('test', ['ft'], [0], grid=grid, results_dir=str(tmp_path), stages=('grid',), progress=False)
+    assert executed.read_text() == 'the run'  # in place now, newer than the record: left alone
+
+
 def test_the_sweep_command_takes_a_redo_time_or_redo_not_both(tmp_path, capsys):
     from toukit import cli
     assert cli.command(['sweep', '--preset', 'test', '--redo', '--redo-before', '2026-12-05T14:10:00+00:00',

@@ -41,7 +41,7 @@ from .methods import METHODS
 from .notebooks import run_notebook
 from .ranks import DEFAULT_FRACTION
 from .results import MANIFEST_SUFFIX, finished_record, now, read_manifest, write_record
-from .runstate import can_resume, lock_owner
+from .runstate import can_resume, lock_owner, process_alive
 from .spectrum import spectrum_table
 from .studies import budget_policies
 from .train import preset_model
@@ -319,6 +319,7 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
             for name in tqdm(ids, desc=f'{manifest["name"]}: {stage}', disable=not progress):
                 config = manifest['configs'][name]
                 if name in done or _finished(config.record_path, started if redo else None):
+                    _adopt_scratch(Path(results_dir) / 'notebooks' / f'{name}.ipynb', config.record_path)
                     continue
                 if lock_owner(config.record_path) is not None:  # another worker runs it
                     busy.append(name)
@@ -357,6 +358,28 @@ def _execute(planner: Callable[[], dict], stages: Sequence[str], results_dir: st
     if failures:
         raise RuntimeError(f'{len(failures)} sweep run(s) failed (records say why): ' + '; '.join(failures))
     return manifest
+
+
+def _adopt_scratch(executed: Path, record_path: Path) -> None:
+    """Put in place the executed notebook that a worker of this host left as its scratch copy when it died between
+    the run's record and the end of the notebook (killed while the last cells ran): a run that is finished is never
+    run again, so that copy is the only one of its run. Only a copy newer than the record, which the executed
+    notebook is not, from a process that no longer runs, is taken (the newest, where several are)."""
+    host = socket.gethostname()
+    try:
+        finished_at = record_path.stat().st_mtime
+        if executed.exists() and executed.stat().st_mtime >= finished_at:
+            return
+        copies = sorted((c for c in executed.parent.glob(f'.{executed.stem}.{host}.*.ipynb')
+                         if c.stat().st_mtime >= finished_at), key=lambda c: c.stat().st_mtime)
+    except OSError:
+        return
+    pids = {c: c.stem.rsplit('.', 1)[-1] for c in copies}  # .<run id>.<host>.<pid>
+    dead = [c for c in copies if pids[c].isdigit() and not process_alive(int(pids[c]))]
+    if dead:
+        os.replace(dead[-1], executed)
+        print(f'{executed.name}: put in place from a stopped worker\'s copy ({dead[-1].name}; its last cells may not '
+              f'have run)')
 
 
 def _refusal(error: Exception) -> Optional[str]:
