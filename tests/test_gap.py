@@ -72,8 +72,8 @@ def test_the_parts_add_up_to_the_total_replicate_by_replicate():
 
 
 def test_runs_on_another_test_set_are_refused_not_paired():
-    """A run whose test labels differ (another split) would pair different examples: the split, the claims and the
-    method's own rows all refuse it, naming the run."""
+    """A run whose test labels differ (another split) would pair different examples: the gap split and a method's
+    own rows refuse it, naming the run (the claims pair through the same `paired_correct_on_test`)."""
     a, records = _task(_first({'ft': 900, 'tou_full_rank': 880, 'tou_residual': 850, 'tou': 840}), 'a/')
     final = records['a/tou_residual_1']['metrics']['final']
     final['test_labels'] = final['test_labels'][1:] + [1]  # as many examples, one label different
