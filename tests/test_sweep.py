@@ -320,6 +320,39 @@ def test_a_stopped_workers_notebook_of_a_finished_run_is_put_in_place(tmp_path):
     assert executed.read_text() == 'the run'  # in place now, newer than the record: left alone
 
 
+def test_the_status_counts_planned_finished_running_and_left_runs_without_running_any(tmp_path, capsys):
+    from toukit import cli
+    from toukit.runstate import RunLock
+    grid = {'ft': [1e-3, 1e-4]}
+    configs = {(c.lr, c.seed): c for c in sweep.plan('test', ['ft'], [0, 1], grid, str(tmp_path))['configs'].values()}
+
+    def finish(lr, seed, val, when='2026-12-05T10:00:00+00:00'):
+        results.write_record(dict(status='ok', finished=when, metrics=dict(final=dict(val_accuracy=val))),
+                             configs[lr, seed].record_path)
+
+    def counts(**kw):
+        table = sweep.progress('test', ['ft'], [0, 1], grid, str(tmp_path), **kw).set_index('stage')
+        return {stage: tuple(row) for stage, row in table[['planned', 'finished', 'running', 'left']].iterrows()}
+
+    finish(1e-3, 0, 0.6)
+    # tuned: not planned before the grid ends; the test preset's paper rate is 1e-3, so seed 0's paper run is done
+    assert counts() == {'grid': (2, 1, 0, 1), 'paper': (2, 1, 0, 1)}
+    finish(1e-4, 0, 0.4)  # records without predictions or val_size: the runner-up rule cannot compare them, warns
+    with pytest.warns(UserWarning, match='no runner-up runs'):
+        table = counts()
+    assert table['grid'] == (2, 2, 0, 0) and table['tuned'] == (2, 1, 0, 1)  # seed 0's tuned run is the grid's
+    with RunLock(configs[1e-3, 1].record_path), pytest.warns(UserWarning):
+        assert counts()['tuned'] == (2, 1, 1, 1)
+    with pytest.warns(UserWarning):
+        assert counts(redo_before='2026-12-05T11:00:00+00:00')['grid'] == (2, 0, 0, 2)  # finished before: redone
+    with pytest.warns(UserWarning):
+        assert cli.command(['sweep', '--preset', 'test', '--methods', 'ft', '--seeds', '0', '1', '--results-dir',
+                            str(tmp_path), '--status']) == 0
+    out = capsys.readouterr().out
+    assert 'planned' in out and 'left' in out and 'test: 4 of 6 planned runs finished, 0 running, 2 left' in out
+    assert not (tmp_path / 'test.sweep.json').exists() and not (tmp_path / 'notebooks').exists()  # nothing ran
+
+
 def test_the_sweep_command_takes_a_redo_time_or_redo_not_both(tmp_path, capsys):
     from toukit import cli
     assert cli.command(['sweep', '--preset', 'test', '--redo', '--redo-before', '2026-12-05T14:10:00+00:00',

@@ -40,6 +40,7 @@ from .notebooks import run_notebook
 from .results import finished_record
 from .spectrum import spectrum_table
 from .sweep import STAGES, rank_study, sweep
+from .sweep import progress as sweep_progress
 from .train import RecordExistsError, run
 
 __all__ = ['main', 'command', 'reproduce', 'noise_runs']
@@ -175,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     swp.add_argument('--stages', nargs='+', default=list(STAGES), choices=STAGES,
                      help='runner_up: the second-best rate on every seed where the choice is within the '
                           'validation noise')
+    swp.add_argument('--status', action='store_true',
+                     help='run nothing: print, per stage and method, the runs planned, finished, running and left')
     swp.add_argument('--redo-before', metavar='TIME', default=None,
                      help='run again where a record finished before TIME (ISO 8601, e.g. 2026-12-05T14:10:00+00:00): '
                           'a re-run spread over several sweeps redoes each run once')
@@ -211,6 +214,9 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == 'sweep':
         if args.redo and args.redo_before:
             raise ValueError('--redo and --redo-before: give one (--redo runs everything again)')
+        if args.status:
+            _sweep_status(args)
+            return
         sweep(args.preset, args.methods, args.seeds, results_dir=args.results_dir,
               redo=args.redo_before or args.redo, stages=args.stages)
     elif args.command == 'rank-study':
@@ -223,6 +229,17 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(convert_dinov2(args.onnx, args.out, force=args.force))
     else:
         _spectrum(args)
+
+
+def _sweep_status(args) -> None:
+    """`toukit sweep --status`: the sweep's progress table (`toukit.sweep.progress`) and its totals."""
+    table = sweep_progress(args.preset, args.methods, args.seeds, results_dir=args.results_dir,
+                           redo_before=args.redo_before, stages=args.stages)
+    print(table.to_string(index=False) if len(table) else f'{args.preset}: no runs planned')
+    since = f' since {args.redo_before}' if args.redo_before else ''
+    print(f'{args.preset}: {table.finished.sum()} of {table.planned.sum()} planned runs finished{since}, '
+          f'{table.running.sum()} running, {table.left.sum()} left (a run in two stages counts in each; tuned and '
+          f'runner-up runs are planned once a method\'s grid is finished)')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -18,7 +18,8 @@ Each run executes `notebooks/train.ipynb` with papermill in a fresh kernel (its 
 `<results_dir>/notebooks/<run id>.ipynb`), so every run's peak memory and training memory are its own, not
 the remains of the runs before it in one process. The manifest `<results_dir>/<preset>.sweep.json` names the
 runs of each protocol and the chosen rates; it is rewritten after every run, and `toukit.load_runs` reads it
-into the `protocol` column.
+into the `protocol` column. `progress` (`toukit sweep --status`) says how far a sweep has got without running
+anything.
 """
 import dataclasses
 import datetime as _dt
@@ -32,6 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -47,7 +49,7 @@ from .studies import budget_policies
 from .train import preset_model
 
 __all__ = ['sweep', 'plan', 'select_lr', 'check_grid', 'manifest_path', 'PROTOCOLS', 'STAGES', 'rank_plan',
-           'rank_study', 'study_specs']
+           'rank_study', 'study_specs', 'progress']
 
 PROTOCOLS = ('grid', 'tuned', 'paper')  # the comparison protocols
 STAGES = ('grid', 'tuned', 'runner_up', 'paper')  # what a sweep runs, in order: the protocols and the close runner-ups
@@ -207,6 +209,29 @@ def sweep(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: 
     return _execute(lambda: plan(preset, methods, seeds, grid, results_dir, overrides),
                     [s for s in STAGES if s in stages], results_dir, redo, progress, poll_seconds,
                     keep_others=True)
+
+
+def progress(preset: str = 'demo', methods: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
+             grid: Optional[Dict[str, Sequence[float]]] = None, results_dir: str = 'results',
+             overrides: Optional[dict] = None, redo_before: Optional[str] = None,
+             stages: Sequence[str] = STAGES) -> pd.DataFrame:
+    """How far a sweep has got, without running anything: per stage and method, the runs planned as far as the
+    records decide (tuned and runner-up runs appear once a method's grid is finished), how many have finished (since
+    `redo_before`, when given, as `sweep(redo=...)` counts them), how many a live process is running, and how many
+    are left. A run that belongs to two stages is counted in each. `toukit sweep --status` prints it.
+    """
+    if redo_before is not None:
+        _redo_time(redo_before)
+    manifest = plan(preset, methods, seeds, grid, results_dir, overrides)
+    rows = []
+    for stage in [s for s in STAGES if s in stages]:
+        for method, names in manifest['runs'][stage].items():
+            paths = [manifest['configs'][n].record_path for n in names]
+            finished = sum(_finished(p, redo_before) for p in paths)
+            running = sum(lock_owner(p) is not None for p in paths)
+            rows.append(dict(stage=stage, method=method, planned=len(paths), finished=finished, running=running,
+                             left=len(paths) - finished))
+    return pd.DataFrame(rows, columns=['stage', 'method', 'planned', 'finished', 'running', 'left'])
 
 
 def rank_plan(preset: str = 'demo', budgets: Sequence[float] = (0.5, 1.0, 1.5), seeds: Sequence[int] = (0, 1, 2),
