@@ -186,7 +186,8 @@ else:
 # bootstrap over seeds and test examples; pooled: the tasks' mean, each task that has the method weighing the
 # same), mean train time and training memory, and the seeds (`toukit.method_table`). Unlike the pooled claims, a
 # task whose sweep is unfinished is shown with the seeds it has. Written to `figures_dir` itself
-# (`methods_table.csv`, `.md`).
+# (`methods_table.csv`, `.md`), and per protocol the accuracies alone, a column per task
+# (`methods_accuracy_<protocol>.md`), and as a plot, a panel per task (`methods_accuracy_<protocol>.png`, `.pdf`).
 
 # %%
 runs_by_protocol = {p: results.runs_by_task(every, p, [t for t in tasks.split(',') if t]) for p in ('tuned', 'paper')}
@@ -197,6 +198,14 @@ shown = method_table.format_method_table(method_rows)
 shown.insert(0, 'protocol', method_rows.protocol)
 (Path(figures_dir) / 'methods_table.md').write_text(shown.to_markdown(index=False) + '\n')
 display(shown[method_rows.seeds > 0])
+for protocol, rows in method_rows.groupby('protocol', sort=False):  # the README's view: accuracy by task, a plot
+    rows = rows.drop(columns='protocol').reset_index(drop=True)
+    wide = method_table.accuracy_by_task(rows)
+    (Path(figures_dir) / f'methods_accuracy_{protocol}.md').write_text(wide.to_markdown(index=False) + '\n')
+    if (rows.seeds > 0).any():
+        fig = plots.plot_method_accuracy(rows, title=f'test accuracy, 95% interval ({protocol} protocol)')
+        plots.save_figure(fig, Path(figures_dir) / f'methods_accuracy_{protocol}')
+        plt.show()
 
 # %% [markdown]
 # ## The FT - full TOU gap, split into its three parts
@@ -306,6 +315,20 @@ else:
 for path in stale:
     for suffix in ('.csv', '.md'):
         path.with_suffix(suffix).unlink(missing_ok=True)
+
+# %% [markdown]
+# ## Runs that diverged
+#
+# A run whose loss became non-finite ends 'diverged': final (the sweep does not make it again), and in none of the
+# tables above, whose `seeds` column then counts one fewer for it. `diverged_runs.md` names each, every task's
+# (`toukit.results.diverged_runs`).
+
+# %%
+diverged = results.diverged_runs(every)
+(Path(figures_dir) / 'diverged_runs.md').write_text(
+    (diverged.to_markdown(index=False) if len(diverged) else 'no run diverged') + '\n')
+print(f'{len(diverged)} diverged run(s)')
+display(diverged)
 
 # %% [markdown]
 # ## What each method did to each layer type (tuned protocol)

@@ -126,6 +126,11 @@ def test_figures_notebook_pools_the_claims_of_two_tasks(reproduced, tmp_path):
     assert set(gaps.protocol) == {'tuned', 'paper'} and (gaps.seeds == 0).all()
     assert 'not measured' in (tmp_path / 'figures' / 'gap_decomposition.md').read_text()
     assert not (tmp_path / 'figures' / 'gap_decomposition.png').exists()
+    assert (tmp_path / 'figures' / 'diverged_runs.md').read_text() == 'no run diverged\n'
+    for protocol in ('tuned', 'paper'):
+        wide = (tmp_path / 'figures' / f'methods_accuracy_{protocol}.md').read_text()
+        assert '| Method ' in wide and '| test ' in wide and '| twin ' in wide and '| pooled ' in wide
+        assert (tmp_path / 'figures' / f'methods_accuracy_{protocol}.png').stat().st_size > 1000
     margins = pd.read_csv(tmp_path / 'figures' / 'lr_margins.csv')  # one grid with two rates: TOU's, on each task
     assert margins.method.tolist() == ['tou', 'tou'] and set(margins.preset) == {'test', 'twin'}
     both = pd.read_csv(tmp_path / 'figures' / 'claims_both_ways.csv')

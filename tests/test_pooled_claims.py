@@ -219,7 +219,14 @@ def test_a_task_whose_sweep_has_runs_left_sits_out_unless_partial(tmp_path):
     with pytest.warns(UserWarning, match='not the manifests'):  # a copy without them: said, not silently pooled
         claims.pooled_by_protocol(pd.DataFrame(runs.to_dict('list')), protocols='paper', n_boot=20)
     diverged = json.loads((tmp_path / 'b_tou_1.json').read_text())
-    results.write_record(dict(diverged, status='diverged'), tmp_path / 'b_tou_1.json')  # final: nothing left
+    results.write_record(dict(diverged, status='diverged', error='non-finite loss at step 3'),
+                         tmp_path / 'b_tou_1.json')  # final: nothing left
     results.write_record(dict(diverged, status='ok', run=dict(diverged['run'], id='b_lora_2',
                          config=dict(diverged['run']['config'], method='lora', seed=2))), tmp_path / 'b_lora_2.json')
-    assert results.missing_runs(results.load_runs(tmp_path), 'b', 'paper') == []
+    runs = results.load_runs(tmp_path)
+    assert results.missing_runs(runs, 'b', 'paper') == []
+    assert len(results.with_protocol(runs[runs.preset == 'b'], 'tuned').query('method == "tou"')) == 2
+    listed = results.diverged_runs(runs)  # the seed the tables are short of, named
+    assert listed[['run_id', 'method', 'seed', 'protocol', 'error']].values.tolist() == [
+        ['b_tou_1', 'tou', 1, 'tuned+paper', 'non-finite loss at step 3']]
+    assert results.diverged_runs(runs[runs.status == 'ok']).empty

@@ -17,7 +17,7 @@ from .claims import bootstrap_means, correct_on_test, runs_by_seed
 from .methods import method_label, method_names
 from .results import read_record
 
-__all__ = ['method_table', 'format_method_table', 'METHOD_TABLE_COLUMNS']
+__all__ = ['method_table', 'format_method_table', 'accuracy_by_task', 'METHOD_TABLE_COLUMNS']
 
 METHOD_TABLE_COLUMNS = ['method', 'task', 'lr', 'trainable_params', 'total_params', 'test_accuracy', 'ci_low',
                         'ci_high', 'train_seconds', 'train_memory_mib', 'seeds', 'n_tasks']
@@ -117,3 +117,24 @@ def format_method_table(table: pd.DataFrame) -> pd.DataFrame:
                          'Train time (s)': cell(table.train_seconds, '{:.0f}'),
                          'Training memory (MiB)': cell(table.train_memory_mib, '{:.0f}'),
                          'Seeds': table.seeds.astype(int)})
+
+
+def accuracy_by_task(table: pd.DataFrame) -> pd.DataFrame:
+    """One protocol's `method_table` as one row per method and one column per task, then 'pooled': 'mean [low, high]'
+    test accuracy (the README's view; cost and seeds are in `format_method_table`). A cell without runs is empty, and
+    a pooled cell over fewer tasks than the others says on how many the method ran.
+
+    Raises:
+        ValueError: rows of several protocols (a `protocol` column with more than one value).
+    """
+    if 'protocol' in table and table.protocol.nunique() > 1:
+        raise ValueError(f'accuracy_by_task: rows of protocols {sorted(set(table.protocol))}; pass one protocol\'s')
+    shown = format_method_table(table)
+    cells = shown['Test accuracy (%, 95% CI)'].where(table.seeds.to_numpy() > 0, '')
+    cells = cells.where(table.task.to_numpy() != 'pooled', shown['Test accuracy (%, 95% CI)'].str.replace(
+        'not measured', ''))
+    wide = pd.DataFrame({'Method': shown.Method, 'task': table.task.to_numpy(), 'cell': cells}).pivot(
+        index='Method', columns='task', values='cell')
+    tasks = list(dict.fromkeys(table.task))
+    return wide.reindex(index=list(dict.fromkeys(shown.Method)), columns=[t for t in tasks if t != 'pooled'] +
+                        ['pooled']).rename_axis(columns=None).reset_index()

@@ -443,3 +443,33 @@ def plot_gap(table: pd.DataFrame, title: str = ''):
         fig.suptitle(title, fontsize=9)
     plt.tight_layout()
     return fig
+
+
+def plot_method_accuracy(table: pd.DataFrame, title: str = ''):
+    """One protocol's `toukit.method_table.method_table` as a panel per task and one pooled: each method's test
+    accuracy with its 95% interval (the registry's order, top to bottom), FT's accuracy dashed; a method without runs
+    on a task is a labelled empty row. `title` above the panels."""
+    tasks = list(dict.fromkeys(table.task))
+    names = list(dict.fromkeys(table.method))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(2.9 * len(tasks) + 1.2, 0.9 + 0.27 * len(names)), sharey=True,
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = table[table.task == task].set_index('method').reindex(names)
+        for y, (method, row) in enumerate(rows.iloc[::-1].iterrows()):
+            if pd.notna(row.test_accuracy):
+                color = _method_color(method)
+                ax.plot([row.ci_low, row.ci_high], [y, y], color=color)
+                ax.plot(row.test_accuracy, y, marker='D' if task == 'pooled' else 'o', color=color, markersize=5)
+        if 'ft' in rows.index and pd.notna(rows.test_accuracy.get('ft')):
+            ax.axvline(rows.test_accuracy['ft'], color='grey', linestyle='--', linewidth=0.8)
+        n = int(rows.n_tasks.max()) if task == 'pooled' and rows.n_tasks.notna().any() else 0
+        ax.set_title(f'pooled ({n} tasks)' if task == 'pooled' else task, fontsize=8)
+        ax.set_xlabel('test accuracy (%)', fontsize=7)
+        ax.tick_params(axis='x', labelsize=7)
+        ax.grid(alpha=0.3, axis='x')
+    axes[0, 0].set_yticks(range(len(names)))
+    axes[0, 0].set_yticklabels([method_label(m) for m in names[::-1]], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    plt.tight_layout()
+    return fig

@@ -37,7 +37,7 @@ from .methods import method_label, method_names
 
 __all__ = ['write_record', 'redo_path', 'read_record', 'read_manifest', 'finished_record', 'load_runs', 'history',
            'environment', 'now', 'table1', 'format_table1', 'write_tables', 'records_by_method', 'with_protocol',
-           'missing_runs', 'runs_by_task', 'PAPER_TABLE1', 'MANIFEST_SUFFIX']
+           'missing_runs', 'runs_by_task', 'diverged_runs', 'PAPER_TABLE1', 'MANIFEST_SUFFIX']
 
 MANIFEST_SUFFIX = '.sweep.json'
 FINISHED = ('ok', 'diverged')  # a run's final statuses: the sweep makes neither again
@@ -152,7 +152,7 @@ def _row(record: dict, path: Path) -> dict:
         factorize_seconds=cost.get('factorize_seconds'), peak_memory_mib=cost.get('peak_memory_mib'),
         train_memory_mib=cost.get('train_memory_mib'), memory_kind=cost.get('memory_kind'),
         inference_seconds=final.get('inference_seconds'), device=record.get('env', {}).get('device'),
-        created=record['run'].get('created'), path=str(path),
+        created=record['run'].get('created'), error=record.get('error'), path=str(path),
     )
 
 
@@ -237,6 +237,20 @@ def with_protocol(runs: pd.DataFrame, protocol: str) -> pd.DataFrame:
         return runs.iloc[0:0]
     keep = runs.protocol.str.split('+').map(lambda ps: protocol in ps) & (runs.status == 'ok')
     return runs[keep].reset_index(drop=True)
+
+
+def diverged_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of a `load_runs` table whose loss became non-finite (status 'diverged'), one row each: preset,
+    method, lr, seed, protocol, run_id and error (where the loss became non-finite).
+
+    A diverged run is final (a sweep does not make it again) and no table of successful runs (`with_protocol`)
+    holds it, so a method's `seeds` there count one fewer for each; this is the list that says which.
+    """
+    columns = ['preset', 'method', 'lr', 'seed', 'protocol', 'run_id', 'error']
+    if runs.empty or 'status' not in runs:
+        return pd.DataFrame(columns=columns)
+    out = runs.loc[runs.status == 'diverged', columns]
+    return out.sort_values(['preset', 'method', 'lr', 'seed'], kind='stable').reset_index(drop=True)
 
 
 def runs_by_task(runs: pd.DataFrame, protocol: str, tasks: Sequence[str] = ()) -> Dict[str, pd.DataFrame]:
