@@ -463,7 +463,7 @@ def plot_method_accuracy(table: pd.DataFrame, title: str = ''):
         if 'ft' in rows.index and pd.notna(rows.test_accuracy.get('ft')):
             ax.axvline(rows.test_accuracy['ft'], color='grey', linestyle='--', linewidth=0.8)
         n = int(rows.n_tasks.max()) if task == 'pooled' and rows.n_tasks.notna().any() else 0
-        ax.set_title(f'pooled ({n} tasks)' if task == 'pooled' else task, fontsize=8)
+        ax.set_title(f'pooled ({n} task{"s" * (n != 1)})' if task == 'pooled' else task, fontsize=8)
         ax.set_xlabel('test accuracy (%)', fontsize=7)
         ax.tick_params(axis='x', labelsize=7)
         ax.grid(alpha=0.3, axis='x')
