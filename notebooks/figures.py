@@ -208,6 +208,23 @@ for protocol, rows in method_rows.groupby('protocol', sort=False):  # the README
         plt.show()
 
 # %% [markdown]
+# ## PEFT's SVD family against LoRA, and the minor singular directions against the top ones
+#
+# Paired test-accuracy differences per task and pooled, as the claims are measured (`toukit.claims.pooled_claims`
+# with `claims.SVD_FAMILY`): PiSSA, DoRA, MiCA, OLoRA, EVA and LoRA-GA each minus LoRA, and MiCA minus PiSSA (both
+# keep the residual frozen and train the rank-r part, MiCA in W's minor singular directions, PiSSA in its top
+# ones). Per protocol: `svd_family_<protocol>.md` (a column per task) and `.csv` (every row).
+
+# %%
+for protocol, by_task in runs_by_protocol.items():
+    family = claims.pooled_claims(by_task, n_boot=n_boot, claims=claims.SVD_FAMILY)
+    family.round(4).to_csv(Path(figures_dir) / f'svd_family_{protocol}.csv', index=False)
+    shown = claims.by_task(family)
+    (Path(figures_dir) / f'svd_family_{protocol}.md').write_text(shown.to_markdown(index=False) + '\n')
+    print(protocol)
+    display(shown)
+
+# %% [markdown]
 # ## The FT - full TOU gap, split into its three parts
 #
 # FT - TOU = (FT - TOU full rank: the factorized parameterization) + (TOU full rank - TOU + residual: the restriction

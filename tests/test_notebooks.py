@@ -131,6 +131,8 @@ def test_figures_notebook_pools_the_claims_of_two_tasks(reproduced, tmp_path):
         wide = (tmp_path / 'figures' / f'methods_accuracy_{protocol}.md').read_text()
         assert '| Method ' in wide and '| test ' in wide and '| twin ' in wide and '| pooled ' in wide
         assert (tmp_path / 'figures' / f'methods_accuracy_{protocol}.png').stat().st_size > 1000
+        family = (tmp_path / 'figures' / f'svd_family_{protocol}.md').read_text()  # no SVD-family runs here
+        assert '| PiSSA - LoRA ' in family and 'MiCA - PiSSA' in family and family.count('not measured') == 28
     margins = pd.read_csv(tmp_path / 'figures' / 'lr_margins.csv')  # one grid with two rates: TOU's, on each task
     assert margins.method.tolist() == ['tou', 'tou'] and set(margins.preset) == {'test', 'twin'}
     both = pd.read_csv(tmp_path / 'figures' / 'claims_both_ways.csv')

@@ -48,6 +48,37 @@ def test_pooled_difference_is_the_mean_of_the_tasks_and_verdicts_follow_the_inte
     assert pooled.ci_high - pooled.ci_low < faster.loc['a'].ci_high - faster.loc['a'].ci_low
 
 
+
+def test_the_svd_family_is_compared_with_lora_and_mica_with_pissa_per_task_and_pooled():
+    secs = {m: [10, 11, 12] for m in ('lora', 'pissa', 'mica', 'dora')}
+    a, ra = _task({'lora': 480, 'pissa': 510, 'mica': 450, 'dora': 480}, prefix='a/', seconds=secs)
+    b, rb = _task({'lora': 480, 'pissa': 540, 'mica': 480}, prefix='b/', seconds=secs)  # no DoRA on b
+    table = claims.pooled_claims({'a': a, 'b': b}, n_boot=300, load={**ra, **rb}.__getitem__,
+                                 claims=claims.SVD_FAMILY)
+    assert set(table.claim) == {'svd'} and 'f' not in set(table.claim)  # no merge row outside CLAIMS
+    rows = table.set_index(['statement', 'task'])
+    pissa = 'PiSSA is more accurate than LoRA'
+    assert rows.loc[(pissa, 'a'), 'measured'] == pytest.approx(5.0) and rows.loc[(pissa, 'a'), 'verdict'] == 'holds'
+    assert rows.loc[(pissa, 'pooled'), 'measured'] == pytest.approx(7.5)  # (5 + 10) / 2
+    minor = 'MiCA (the minor singular directions) is more accurate than PiSSA (the top ones)'
+    assert rows.loc[(minor, 'pooled'), 'measured'] == pytest.approx((-10 - 10) / 2)
+    assert rows.loc[(minor, 'pooled'), 'verdict'] == 'does not hold'
+    dora = 'DoRA is more accurate than LoRA'
+    assert rows.loc[(dora, 'b'), 'verdict'] == 'not measured' and rows.loc[(dora, 'pooled'), 'n_tasks'] == 1
+    assert rows.loc[(dora, 'a'), 'verdict'] == 'undecided'  # the same test answers: a zero difference
+    eva = 'EVA is more accurate than LoRA'
+    assert rows.loc[(eva, 'pooled'), 'verdict'] == 'not measured'
+    wide = claims.by_task(table).set_index('comparison')
+    assert wide.columns.tolist() == ['a', 'b', 'pooled', 'verdict']
+    assert wide.loc['PiSSA - LoRA', 'a'] == (f"+5.00 [{rows.loc[(pissa, 'a'), 'ci_low']:+.2f}, "
+                                            f"{rows.loc[(pissa, 'a'), 'ci_high']:+.2f}]")
+    assert wide.loc['DoRA - LoRA', 'b'] == 'not measured' and wide.loc['DoRA - LoRA', 'pooled'].endswith(
+        '(1 of 2 tasks)')
+    assert wide.loc['EVA - LoRA', 'pooled'] == 'not measured'
+    assert wide.loc['MiCA - PiSSA', 'verdict'] == f'{minor}: does not hold'
+    with pytest.raises(ValueError, match='accuracy differences only'):
+        claims.by_task(claims.pooled_claims({'a': a}, n_boot=20, load=ra.__getitem__))
+
 def test_a_cost_that_is_not_positive_is_named():
     a, ra = _task({'ft': 570, 'tou': 569, 'tou_frozen_ffn': 500, 'lora': 480},
                   seconds={'ft': [30, 0, 33], 'tou': [10, 11, 12], 'tou_frozen_ffn': [9, 9, 9], 'lora': [20, 21, 22]})

@@ -20,8 +20,8 @@ from .methods import method_label
 from .results import missing_runs, read_record, with_protocol
 from .ranks import BUDGET_POLICIES
 
-__all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'pooled_summary',
-           'bootstrap_means', 'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS', 'POOLING']
+__all__ = ['claims_table', 'rank_study_table', 'pooled_claims', 'pooled_by_protocol', 'pooled_summary', 'by_task',
+           'bootstrap_means', 'paired_bootstrap', 'paired_t_interval', 'verdict', 'CLAIMS', 'SVD_FAMILY', 'POOLING']
 
 # (id, claim, the measured quantity, rival methods, kind, threshold, the side on which the claim holds)
 CLAIMS = [
@@ -33,6 +33,13 @@ CLAIMS = [
     ('e', 'Full TOU needs less training memory than FT', ('tou', 'ft'), 'train_memory_mib', 0.0, 'below'),
     ('e', 'Full TOU needs less training memory than LoRA', ('tou', 'lora'), 'train_memory_mib', 0.0, 'below'),
 ]
+# The SVD family that PEFT ships, each against LoRA, and the minor directions against the top ones with the residual
+# kept frozen (MiCA against PiSSA), in `CLAIMS`' form: `pooled_claims(by_task, claims=SVD_FAMILY)`
+SVD_FAMILY = [('svd', f'{name} is more accurate than LoRA', (method, 'lora'), 'accuracy', 0.0, 'above')
+              for method, name in (('pissa', 'PiSSA'), ('dora', 'DoRA'), ('mica', 'MiCA'), ('olora', 'OLoRA'),
+                                   ('eva', 'EVA'), ('loraga', 'LoRA-GA'))] + [
+    ('svd', 'MiCA (the minor singular directions) is more accurate than PiSSA (the top ones)', ('mica', 'pissa'),
+     'accuracy', 0.0, 'above')]
 _POOLED_COLUMNS = ['claim', 'statement', 'comparison', 'task', 'measured', 'ci_low', 'ci_high', 'unit', 'threshold',
                    'seeds', 'n_tasks', 'verdict']
 UNITS = {'accuracy': 'points', 'train_seconds': 's', 'train_memory_mib': 'MiB'}
@@ -253,7 +260,7 @@ def _log_ratios(kind: str, ra: pd.DataFrame, rb: pd.DataFrame, seeds: list) -> n
 
 
 def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, seed: int = 0,
-                  load: Optional[Callable[[str], dict]] = None) -> pd.DataFrame:
+                  load: Optional[Callable[[str], dict]] = None, claims: Sequence[tuple] = CLAIMS) -> pd.DataFrame:
     """Each claim per task and pooled across tasks, with 95% intervals and the same holds / does not hold / undecided
     rule as `claims_table`.
 
@@ -273,6 +280,7 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
         runs_by_task: task name (e.g. its preset) -> one protocol's runs of that task (`with_protocol`).
         n_boot: bootstrap replicates of the accuracy claims.
         load: reads a record from its path (default `toukit.results.read_record`).
+        claims: the comparisons, in `CLAIMS`' form (e.g. `SVD_FAMILY`); claim (f) is added only to `CLAIMS`.
 
     Returns:
         One row per (claim, task) and (claim, 'pooled'): claim, statement, comparison, task, measured, ci_low,
@@ -284,9 +292,10 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
     load = load or read_record
     rng = np.random.default_rng(seed)
     rows = []
-    for claim in CLAIMS:
+    for claim in claims:
         rows += _claim_rows(claim, runs_by_task, load, rng, n_boot)
-    rows += _merge_rows(runs_by_task)
+    if claims is CLAIMS:
+        rows += _merge_rows(runs_by_task)
     return pd.DataFrame(rows)[_POOLED_COLUMNS]
 
 
@@ -472,3 +481,30 @@ def _decide(point: float, low: float, high: float, accuracy: bool, threshold: fl
     decided = (verdict(low, high, threshold, side) if np.isfinite(low) and np.isfinite(high) else
                'undecided (one seed)')
     return dict(measured=float(point), ci_low=float(low), ci_high=float(high), verdict=decided)
+
+
+def by_task(pooled: pd.DataFrame) -> pd.DataFrame:
+    """One protocol's `pooled_claims` accuracy rows as one row per comparison and one column per task, then 'pooled'
+    ('+1.23 [-0.45, +2.91]' points, 'not measured' where a task lacks a method, the pooled cell saying over how many
+    tasks when fewer than all), and the pooled verdict: the README's view of a family of comparisons (`SVD_FAMILY`).
+
+    Raises:
+        ValueError: rows of several protocols, or rows that are not accuracy differences.
+    """
+    if 'protocol' in pooled and pooled.protocol.nunique() > 1:
+        raise ValueError(f'by_task: rows of protocols {sorted(set(pooled.protocol))}; pass one protocol\'s')
+    if (pooled.unit != 'points').any():
+        raise ValueError(f'by_task: accuracy differences only, not {sorted(set(pooled.unit) - {"points"})}')
+    tasks = [t for t in dict.fromkeys(pooled.task) if t != 'pooled']
+    rows = []
+    for statement, group in pooled.groupby('statement', sort=False):
+        cells = group.set_index('task')
+        row = {'comparison': cells.comparison.iloc[0]}
+        for task in tasks + ['pooled']:
+            r = cells.loc[task]
+            cell = (f'{r.measured:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]' if np.isfinite(r.ci_low) else
+                    f'{r.measured:+.2f} (no interval)' if np.isfinite(r.measured) else 'not measured')
+            row[task] = cell + (f' ({r.n_tasks} of {len(tasks)} tasks)' if task == 'pooled' and
+                                np.isfinite(r.measured) and r.n_tasks < len(tasks) else '')
+        rows.append(dict(row, verdict=f'{statement}: {cells.loc["pooled", "verdict"]}'))
+    return pd.DataFrame(rows, columns=['comparison'] + tasks + ['pooled', 'verdict'])
