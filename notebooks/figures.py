@@ -206,14 +206,19 @@ for protocol, rows in method_rows.groupby('protocol', sort=False):  # the README
         fig = plots.plot_method_accuracy(rows, title=f'test accuracy, 95% interval ({protocol} protocol)')
         plots.save_figure(fig, Path(figures_dir) / f'methods_accuracy_{protocol}')
         plt.show()
+    else:  # nothing measured: an earlier state's plot is removed
+        for suffix in ('.png', '.pdf'):
+            (Path(figures_dir) / f'methods_accuracy_{protocol}').with_suffix(suffix).unlink(missing_ok=True)
 
 # %% [markdown]
-# ## PEFT's SVD family against LoRA, and the minor singular directions against the top ones
+# ## PEFT's SVD-based methods and DoRA against LoRA, and MiCA against PiSSA
 #
 # Paired test-accuracy differences per task and pooled, as the claims are measured (`toukit.claims.pooled_claims`
-# with `claims.SVD_FAMILY`): PiSSA, DoRA, MiCA, OLoRA, EVA and LoRA-GA each minus LoRA, and MiCA minus PiSSA (both
-# keep the residual frozen and train the rank-r part, MiCA in W's minor singular directions, PiSSA in its top
-# ones). Per protocol: `svd_family_<protocol>.md` (a column per task) and `.csv` (every row).
+# with `claims.SVD_FAMILY`): PiSSA, DoRA, MiCA, OLoRA, EVA and LoRA-GA each minus LoRA, and MiCA minus PiSSA (W's
+# minor singular directions against its top ones, though not alone: MiCA freezes B at the minor left singular
+# vectors and trains A from zero on an unchanged W, PiSSA trains both factors from the top singular triplets with
+# the residual frozen). A task with runs of both methods counts with the seeds it has (a cell with fewer says so).
+# Per protocol: `svd_family_<protocol>.md` (a column per task) and `.csv` (every row).
 
 # %%
 for protocol, by_task in runs_by_protocol.items():
@@ -337,8 +342,8 @@ for path in stale:
 # ## Runs that diverged
 #
 # A run whose loss became non-finite ends 'diverged': final (the sweep does not make it again), and in none of the
-# tables above, whose `seeds` column then counts one fewer for it. `diverged_runs.md` names each, every task's
-# (`toukit.results.diverged_runs`).
+# tables above: a diverged tuned, runner-up or paper run leaves its method's `seeds` there one short.
+# `diverged_runs.md` names each, every task's (`toukit.results.diverged_runs`).
 
 # %%
 diverged = results.diverged_runs(every)

@@ -88,21 +88,29 @@ def test_runs_by_task_keeps_the_given_order_and_an_absent_task_is_empty():
 
 def test_accuracy_by_task_is_one_row_per_method_and_the_plot_draws_every_task(tmp_path):
     a, ra = _task({'tou': [300, 310, 320], 'ft': [360, 360, 360]}, 'a/')
-    b, rb = _task({'ft': [340, 340, 340]}, 'b/')
-    table = mt.method_table({'a': a, 'b': b}, n_boot=200, load={**ra, **rb}.__getitem__, methods=['ft', 'tou', 'lora'])
+    b, rb = _task({'ft': [340, 340, 340], 'pissa': [300, 320]}, 'b/')  # PiSSA: 2 seeds
+    table = mt.method_table({'a': a, 'b': b}, n_boot=200, load={**ra, **rb}.__getitem__,
+                            methods=['ft', 'tou', 'lora', 'pissa'])
     wide = mt.accuracy_by_task(table).set_index('Method')
-    assert wide.index.tolist() == ['FT', 'Full TOU', 'LoRA'] and wide.columns.tolist() == ['a', 'b', 'pooled']
+    assert wide.index.tolist() == ['FT', 'Full TOU', 'LoRA', 'PiSSA']
+    assert wide.columns.tolist() == ['a', 'b', 'pooled']
+    assert wide.loc['PiSSA', 'b'].startswith('77.50 [') and wide.loc['PiSSA', 'b'].endswith('] (2 seeds)')
     rows = table.set_index(['method', 'task'])
     assert wide.loc['FT', 'pooled'] == f"{rows.loc[('ft', 'pooled'), 'test_accuracy']:.2f} [" \
         f"{rows.loc[('ft', 'pooled'), 'ci_low']:.2f}, {rows.loc[('ft', 'pooled'), 'ci_high']:.2f}]"
     assert wide.loc['Full TOU', 'a'].startswith('77.50 [') and wide.loc['Full TOU', 'b'] == ''
     assert wide.loc['Full TOU', 'pooled'] == 'not pooled (runs on 1 of 2 tasks)'
     assert (wide.loc['LoRA'] == '').all()  # never run: empty cells, not a number
+    shifted = table.set_axis(table.index + 100)
+    assert mt.accuracy_by_task(shifted).equals(mt.accuracy_by_task(table))  # cells matched by position, not label
     with pytest.raises(ValueError, match='protocols'):
         mt.accuracy_by_task(pd.concat([table.assign(protocol='tuned'), table.assign(protocol='paper')]))
     fig = plots.plot_method_accuracy(table, title='tuned')
     assert [ax.get_title() for ax in fig.axes] == ['a', 'b', 'pooled (2 tasks)']
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ['LoRA', 'Full TOU', 'FT']  # top: registry first
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ['PiSSA', 'LoRA', 'Full TOU', 'FT']  # top: registry first
     drawn = {ax.get_title(): len([l for l in ax.get_lines() if l.get_marker() in ('o', 'D')]) for ax in fig.axes}
-    assert drawn == {'a': 2, 'b': 1, 'pooled (2 tasks)': 1}  # a point per measured method; FT alone is pooled
+    assert drawn == {'a': 2, 'b': 2, 'pooled (2 tasks)': 1}  # a point per measured method; FT alone is pooled
+    colours = {plots._method_color(m) for m in plots.method_names()}
+    assert len(colours) == len(plots.method_names())  # one colour per registered method
     assert plots.save_figure(fig, tmp_path / 'acc') and (tmp_path / 'acc.png').stat().st_size > 1000

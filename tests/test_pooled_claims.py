@@ -55,12 +55,15 @@ def test_the_svd_family_is_compared_with_lora_and_mica_with_pissa_per_task_and_p
     b, rb = _task({'lora': 480, 'pissa': 540, 'mica': 480}, prefix='b/', seconds=secs)  # no DoRA on b
     table = claims.pooled_claims({'a': a, 'b': b}, n_boot=300, load={**ra, **rb}.__getitem__,
                                  claims=claims.SVD_FAMILY)
-    assert set(table.claim) == {'svd'} and 'f' not in set(table.claim)  # no merge row outside CLAIMS
+    assert set(table.claim) == {'svd'}  # no merge row (claim f) outside CLAIMS unless asked for
+    assert set(claims.pooled_claims({'a': a}, n_boot=20, load=ra.__getitem__, claims=claims.SVD_FAMILY[:1],
+                                    merge=True).claim) == {'svd', 'f'}
+    assert claims.pooled_claims({'a': a}, n_boot=20, load=ra.__getitem__, claims=[]).empty
     rows = table.set_index(['statement', 'task'])
     pissa = 'PiSSA is more accurate than LoRA'
     assert rows.loc[(pissa, 'a'), 'measured'] == pytest.approx(5.0) and rows.loc[(pissa, 'a'), 'verdict'] == 'holds'
     assert rows.loc[(pissa, 'pooled'), 'measured'] == pytest.approx(7.5)  # (5 + 10) / 2
-    minor = 'MiCA (the minor singular directions) is more accurate than PiSSA (the top ones)'
+    minor = 'MiCA (minor singular directions) is more accurate than PiSSA (top ones)'
     assert rows.loc[(minor, 'pooled'), 'measured'] == pytest.approx((-10 - 10) / 2)
     assert rows.loc[(minor, 'pooled'), 'verdict'] == 'does not hold'
     dora = 'DoRA is more accurate than LoRA'
@@ -74,8 +77,15 @@ def test_the_svd_family_is_compared_with_lora_and_mica_with_pissa_per_task_and_p
                                             f"{rows.loc[(pissa, 'a'), 'ci_high']:+.2f}]")
     assert wide.loc['DoRA - LoRA', 'b'] == 'not measured' and wide.loc['DoRA - LoRA', 'pooled'].endswith(
         '(1 of 2 tasks)')
+    assert wide.loc['PiSSA - LoRA', 'verdict'] == f'{pissa}: holds'
     assert wide.loc['EVA - LoRA', 'pooled'] == 'not measured'
     assert wide.loc['MiCA - PiSSA', 'verdict'] == f'{minor}: does not hold'
+    assert wide.loc['DoRA - LoRA', 'verdict'] == 'DoRA is more accurate than LoRA: undecided (on 1 of 2 tasks)'
+    short = claims.pooled_claims({'a': a, 'b': b[~((b.method == 'pissa') & (b.seed == 2))]}, n_boot=50,
+                                 load={**ra, **rb}.__getitem__, claims=claims.SVD_FAMILY[:1])
+    wide = claims.by_task(short).set_index('comparison')  # b's PiSSA lacks a seed: its cells say so
+    assert wide.loc['PiSSA - LoRA', 'b'].endswith('(2 seeds)') and not wide.loc['PiSSA - LoRA', 'a'].endswith(')')
+    assert wide.loc['PiSSA - LoRA', 'pooled'].endswith('(2 seeds)')
     with pytest.raises(ValueError, match='accuracy differences only'):
         claims.by_task(claims.pooled_claims({'a': a}, n_boot=20, load=ra.__getitem__))
 

@@ -33,12 +33,14 @@ CLAIMS = [
     ('e', 'Full TOU needs less training memory than FT', ('tou', 'ft'), 'train_memory_mib', 0.0, 'below'),
     ('e', 'Full TOU needs less training memory than LoRA', ('tou', 'lora'), 'train_memory_mib', 0.0, 'below'),
 ]
-# The SVD family that PEFT ships, each against LoRA, and the minor directions against the top ones with the residual
-# kept frozen (MiCA against PiSSA), in `CLAIMS`' form: `pooled_claims(by_task, claims=SVD_FAMILY)`
+# PEFT's SVD-based methods and DoRA, each against LoRA, and MiCA against PiSSA, in `CLAIMS`' form
+# (`pooled_claims(by_task, claims=SVD_FAMILY)`). MiCA - PiSSA sets W's minor singular directions against its top
+# ones, but not alone: MiCA freezes B at the minor left singular vectors and trains A from zero on an unchanged W,
+# PiSSA trains both factors from the top singular triplets with the residual frozen.
 SVD_FAMILY = [('svd', f'{name} is more accurate than LoRA', (method, 'lora'), 'accuracy', 0.0, 'above')
               for method, name in (('pissa', 'PiSSA'), ('dora', 'DoRA'), ('mica', 'MiCA'), ('olora', 'OLoRA'),
                                    ('eva', 'EVA'), ('loraga', 'LoRA-GA'))] + [
-    ('svd', 'MiCA (the minor singular directions) is more accurate than PiSSA (the top ones)', ('mica', 'pissa'),
+    ('svd', 'MiCA (minor singular directions) is more accurate than PiSSA (top ones)', ('mica', 'pissa'),
      'accuracy', 0.0, 'above')]
 _POOLED_COLUMNS = ['claim', 'statement', 'comparison', 'task', 'measured', 'ci_low', 'ci_high', 'unit', 'threshold',
                    'seeds', 'n_tasks', 'verdict']
@@ -260,7 +262,8 @@ def _log_ratios(kind: str, ra: pd.DataFrame, rb: pd.DataFrame, seeds: list) -> n
 
 
 def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, seed: int = 0,
-                  load: Optional[Callable[[str], dict]] = None, claims: Sequence[tuple] = CLAIMS) -> pd.DataFrame:
+                  load: Optional[Callable[[str], dict]] = None, claims: Sequence[tuple] = CLAIMS,
+                  merge: Optional[bool] = None) -> pd.DataFrame:
     """Each claim per task and pooled across tasks, with 95% intervals and the same holds / does not hold / undecided
     rule as `claims_table`.
 
@@ -280,7 +283,8 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
         runs_by_task: task name (e.g. its preset) -> one protocol's runs of that task (`with_protocol`).
         n_boot: bootstrap replicates of the accuracy claims.
         load: reads a record from its path (default `toukit.results.read_record`).
-        claims: the comparisons, in `CLAIMS`' form (e.g. `SVD_FAMILY`); claim (f) is added only to `CLAIMS`.
+        claims: the comparisons, in `CLAIMS`' form (e.g. `SVD_FAMILY`).
+        merge: add claim (f), merging loses nothing (default: when `claims` is `CLAIMS`).
 
     Returns:
         One row per (claim, task) and (claim, 'pooled'): claim, statement, comparison, task, measured, ci_low,
@@ -294,9 +298,9 @@ def pooled_claims(runs_by_task: Dict[str, pd.DataFrame], n_boot: int = 4000, see
     rows = []
     for claim in claims:
         rows += _claim_rows(claim, runs_by_task, load, rng, n_boot)
-    if claims is CLAIMS:
+    if claims is CLAIMS if merge is None else merge:
         rows += _merge_rows(runs_by_task)
-    return pd.DataFrame(rows)[_POOLED_COLUMNS]
+    return pd.DataFrame(rows, columns=_POOLED_COLUMNS)
 
 
 def _claim_rows(claim: tuple, runs_by_task: Dict[str, pd.DataFrame], load: Callable[[str], dict],
@@ -485,8 +489,9 @@ def _decide(point: float, low: float, high: float, accuracy: bool, threshold: fl
 
 def by_task(pooled: pd.DataFrame) -> pd.DataFrame:
     """One protocol's `pooled_claims` accuracy rows as one row per comparison and one column per task, then 'pooled'
-    ('+1.23 [-0.45, +2.91]' points, 'not measured' where a task lacks a method, the pooled cell saying over how many
-    tasks when fewer than all), and the pooled verdict: the README's view of a family of comparisons (`SVD_FAMILY`).
+    ('+1.23 [-0.45, +2.91]' points, 'not measured' where a task lacks a method, '(2 seeds)' after a cell with fewer
+    seeds than the most any cell has, the pooled cell and verdict saying over how many tasks when fewer than all):
+    the README's view of a family of comparisons (`SVD_FAMILY`).
 
     Raises:
         ValueError: rows of several protocols, or rows that are not accuracy differences.
@@ -496,6 +501,7 @@ def by_task(pooled: pd.DataFrame) -> pd.DataFrame:
     if (pooled.unit != 'points').any():
         raise ValueError(f'by_task: accuracy differences only, not {sorted(set(pooled.unit) - {"points"})}')
     tasks = [t for t in dict.fromkeys(pooled.task) if t != 'pooled']
+    most = pooled.seeds.max() if len(pooled) else 0
     rows = []
     for statement, group in pooled.groupby('statement', sort=False):
         cells = group.set_index('task')
@@ -505,6 +511,10 @@ def by_task(pooled: pd.DataFrame) -> pd.DataFrame:
             cell = (f'{r.measured:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]' if np.isfinite(r.ci_low) else
                     f'{r.measured:+.2f} (no interval)' if np.isfinite(r.measured) else 'not measured')
             row[task] = cell + (f' ({r.n_tasks} of {len(tasks)} tasks)' if task == 'pooled' and
-                                np.isfinite(r.measured) and r.n_tasks < len(tasks) else '')
-        rows.append(dict(row, verdict=f'{statement}: {cells.loc["pooled", "verdict"]}'))
+                                np.isfinite(r.measured) and r.n_tasks < len(tasks) else '') + (
+                f' ({int(r.seeds)} seed{"" if r.seeds == 1 else "s"})' if np.isfinite(r.measured) and r.seeds < most
+                else '')
+        pooled_over = cells.loc['pooled', 'n_tasks']
+        partial = f' (on {pooled_over} of {len(tasks)} tasks)' if 0 < pooled_over < len(tasks) else ''
+        rows.append(dict(row, verdict=f'{statement}: {cells.loc["pooled", "verdict"]}{partial}'))
     return pd.DataFrame(rows, columns=['comparison'] + tasks + ['pooled', 'verdict'])

@@ -121,8 +121,9 @@ def format_method_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def accuracy_by_task(table: pd.DataFrame) -> pd.DataFrame:
     """One protocol's `method_table` as one row per method and one column per task, then 'pooled': 'mean [low, high]'
-    test accuracy (the README's view; cost and seeds are in `format_method_table`). A cell without runs is empty, and
-    a pooled cell over fewer tasks than the others says on how many the method ran.
+    test accuracy (the README's view; cost is in `format_method_table`). A cell without runs is empty, a cell with
+    fewer seeds than the most any cell has says how many ('(2 seeds)'), and a pooled cell of a method without runs
+    on every task says on how many it ran instead of a value.
 
     Raises:
         ValueError: rows of several protocols (a `protocol` column with more than one value).
@@ -130,7 +131,10 @@ def accuracy_by_task(table: pd.DataFrame) -> pd.DataFrame:
     if 'protocol' in table and table.protocol.nunique() > 1:
         raise ValueError(f'accuracy_by_task: rows of protocols {sorted(set(table.protocol))}; pass one protocol\'s')
     shown = format_method_table(table)
-    cells = shown['Test accuracy (%, 95% CI)'].where(table.seeds.to_numpy() > 0, '')
+    seeds, most = table.seeds.to_numpy(), table.seeds.max()
+    fewer = pd.Series([f' ({int(n)} seed{"" if n == 1 else "s"})' if 0 < n < most else '' for n in seeds],
+                      index=shown.index)
+    cells = (shown['Test accuracy (%, 95% CI)'] + fewer).where(seeds > 0, '')
     cells = cells.where(table.task.to_numpy() != 'pooled', shown['Test accuracy (%, 95% CI)'].str.replace(
         'not measured', ''))
     wide = pd.DataFrame({'Method': shown.Method, 'task': table.task.to_numpy(), 'cell': cells}).pivot(

@@ -334,7 +334,7 @@ def plot_costs(table: pd.DataFrame):
 def _method_color(method: str):
     """One colour per registered method, the same in every panel and figure."""
     names = method_names()
-    return plt.cm.tab10(names.index(method) % 10) if method in names else 'black'
+    return plt.cm.tab20(names.index(method) % 20) if method in names else 'black'
 
 
 def plot_update_by_depth(updates: pd.DataFrame, value: str, ylabel: str, baseline: Optional[str] = None,
@@ -462,7 +462,7 @@ def plot_method_accuracy(table: pd.DataFrame, title: str = ''):
                 ax.plot(row.test_accuracy, y, marker='D' if task == 'pooled' else 'o', color=color, markersize=5)
         if 'ft' in rows.index and pd.notna(rows.test_accuracy.get('ft')):
             ax.axvline(rows.test_accuracy['ft'], color='grey', linestyle='--', linewidth=0.8)
-        n = int(rows.n_tasks.max()) if task == 'pooled' and rows.n_tasks.notna().any() else 0
+        n = len(tasks) - 1  # a method is pooled over every task or not at all
         ax.set_title(f'pooled ({n} task{"s" * (n != 1)})' if task == 'pooled' else task, fontsize=8)
         ax.set_xlabel('test accuracy (%)', fontsize=7)
         ax.tick_params(axis='x', labelsize=7)

@@ -1,7 +1,8 @@
 """Run records: one JSON per run, written atomically, and `load_runs()` turning a folder of them into a table.
 
 A record reads:
-    {"run": {"id", "created", "config"}, "status": "ok" | "failed" | "running", "error": ...,
+    {"run": {"id", "created", "config"}, "status": "ok" | "diverged" | "failed" | "interrupted" | "running",
+     "error": ...,
      "metrics": {"epochs": [{epoch, val_accuracy, val_loss, test_accuracy, test_loss, train_loss, train_seconds,
                              data_seconds}, ...],
                  "steps": [{step, epoch, loss}, ...],
@@ -244,7 +245,8 @@ def diverged_runs(runs: pd.DataFrame) -> pd.DataFrame:
     method, lr, seed, protocol, run_id and error (where the loss became non-finite).
 
     A diverged run is final (a sweep does not make it again) and no table of successful runs (`with_protocol`)
-    holds it, so a method's `seeds` there count one fewer for each; this is the list that says which.
+    holds it: a diverged tuned, runner-up or paper run leaves its method's `seeds` there one short; this is the list
+    that says which.
     """
     columns = ['preset', 'method', 'lr', 'seed', 'protocol', 'run_id', 'error']
     if runs.empty or 'status' not in runs:
