@@ -48,7 +48,6 @@ def test_pooled_difference_is_the_mean_of_the_tasks_and_verdicts_follow_the_inte
     assert pooled.ci_high - pooled.ci_low < faster.loc['a'].ci_high - faster.loc['a'].ci_low
 
 
-
 def test_the_svd_family_is_compared_with_lora_and_mica_with_pissa_per_task_and_pooled():
     secs = {m: [10, 11, 12] for m in ('lora', 'pissa', 'mica', 'dora')}
     a, ra = _task({'lora': 480, 'pissa': 510, 'mica': 450, 'dora': 480}, prefix='a/', seconds=secs)
@@ -88,6 +87,7 @@ def test_the_svd_family_is_compared_with_lora_and_mica_with_pissa_per_task_and_p
     assert wide.loc['PiSSA - LoRA', 'pooled'].endswith('(2 seeds)')
     with pytest.raises(ValueError, match='accuracy differences only'):
         claims.by_task(claims.pooled_claims({'a': a}, n_boot=20, load=ra.__getitem__))
+
 
 def test_a_cost_that_is_not_positive_is_named():
     a, ra = _task({'ft': 570, 'tou': 569, 'tou_frozen_ffn': 500, 'lora': 480},
