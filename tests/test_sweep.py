@@ -293,7 +293,7 @@ def test_redo_since_a_time_redoes_only_what_finished_before_it(tmp_path):
 def test_a_stopped_workers_notebook_of_a_finished_run_is_put_in_place(tmp_path):
     """A worker killed after its run's record, while the notebook's last cells ran, leaves its scratch copy; the
     next sweep skips the finished run and puts that copy in place, never a live worker's or one older than the
-    record."""
+    record; a stopped worker's copy older than the record (an attempt that a later one finished) is removed."""
     import os
     import socket
     import subprocess
@@ -302,22 +302,26 @@ def test_a_stopped_workers_notebook_of_a_finished_run_is_put_in_place(tmp_path):
     [config] = sweep.plan('test', ['ft'], [0], grid, str(tmp_path))['configs'].values()
     results.write_record(dict(status='ok', finished=results.now(), metrics=dict(final=dict(val_accuracy=0.5))),
                          config.record_path)
-    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    gone = [int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                               text=True).stdout) for _ in range(3)]  # processes that ran and ended
     folder, host = tmp_path / 'notebooks', socket.gethostname()
     folder.mkdir()
     executed = folder / f'{config.name}.ipynb'
     executed.write_text('an earlier run of this id')
-    old = folder / f'.{config.name}.{host}.{int(gone.stdout) + 1}.ipynb'  # dead too, but older than the record
-    dead, live = (folder / f'.{config.name}.{host}.{pid}.ipynb' for pid in (int(gone.stdout), os.getpid()))
+    old = folder / f'.{config.name}.{host}.{gone[1]}.ipynb'  # dead too, but older than the record
+    dead, live = (folder / f'.{config.name}.{host}.{pid}.ipynb' for pid in (gone[0], os.getpid()))
     for path, text, age in ((old, 'before', -60), (dead, 'the run', 1), (live, 'a live worker', 2)):
         path.write_text(text)
         when = config.record_path.stat().st_mtime + age
         os.utime(path, (when, when))
     os.utime(executed, (config.record_path.stat().st_mtime - 120,) * 2)
     sweep.sweep('test', ['ft'], [0], grid=grid, results_dir=str(tmp_path), stages=('grid',), progress=False)
-    assert executed.read_text() == 'the run' and not dead.exists() and live.exists() and old.exists()
+    assert executed.read_text() == 'the run' and not dead.exists() and live.exists() and not old.exists()
+    leftover = folder / f'.{config.name}.{host}.{gone[2]}.ipynb'  # a stopped worker's, newest of all
+    leftover.write_text('a later attempt')
     sweep.sweep('test', ['ft'], [0], grid=grid, results_dir=str(tmp_path), stages=('grid',), progress=False)
-    assert executed.read_text() == 'the run'  # in place now, newer than the record: left alone
+    # in place now, newer than the record: left alone; the stopped copy goes, the live worker's stays
+    assert executed.read_text() == 'the run' and not leftover.exists() and live.exists()
 
 
 def test_the_status_counts_planned_finished_running_and_left_runs_without_running_any(tmp_path, capsys):

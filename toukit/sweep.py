@@ -389,22 +389,26 @@ def _adopt_scratch(executed: Path, record_path: Path) -> None:
     """Put in place the executed notebook that a worker of this host left as its scratch copy when it died between
     the run's record and the end of the notebook (killed while the last cells ran): a run that is finished is never
     run again, so that copy is the only one of its run. Only a copy newer than the record, which the executed
-    notebook is not, from a process that no longer runs, is taken (the newest, where several are)."""
+    notebook is not, from a process that no longer runs, is taken (the newest, where several are). The other copies
+    of stopped workers, attempts that a later one finished (resumed or run anew), are removed; a live worker's stay."""
     host = socket.gethostname()
     try:
         finished_at = record_path.stat().st_mtime
-        if executed.exists() and executed.stat().st_mtime >= finished_at:
-            return
-        copies = sorted((c for c in executed.parent.glob(f'.{executed.stem}.{host}.*.ipynb')
-                         if c.stat().st_mtime >= finished_at), key=lambda c: c.stat().st_mtime)
+        in_place = executed.exists() and executed.stat().st_mtime >= finished_at
+        copies = sorted(executed.parent.glob(f'.{executed.stem}.{host}.*.ipynb'), key=lambda c: c.stat().st_mtime)
+        newer = {c for c in copies if c.stat().st_mtime >= finished_at}
     except OSError:
         return
     pids = {c: c.stem.rsplit('.', 1)[-1] for c in copies}  # .<run id>.<host>.<pid>
     dead = [c for c in copies if pids[c].isdigit() and not process_alive(int(pids[c]))]
-    if dead:
-        os.replace(dead[-1], executed)
-        print(f'{executed.name}: put in place from a stopped worker\'s copy ({dead[-1].name}; its last cells may not '
+    taken = [c for c in dead if c in newer and not in_place]
+    if taken:
+        os.replace(taken[-1], executed)
+        print(f'{executed.name}: put in place from a stopped worker\'s copy ({taken[-1].name}; its last cells may not '
               f'have run)')
+    for c in dead:
+        if c not in taken[-1:]:
+            c.unlink(missing_ok=True)
 
 
 def _refusal(error: Exception) -> Optional[str]:
