@@ -206,7 +206,9 @@ def test_factorize_mixed_whitening_empty_input_and_bad_rule():
     for w, f, (a, b) in zip(mats, whitening, together):
         (a1, b1), = factorize([w], 3, whitening=None if f is None else [f])
         assert a.dtype == b.dtype == torch.float32
-        assert_close(a @ b, a1 @ b1, rtol=1e-5, atol=1e-6)
+        # a batched and a single SVD round differently, and by how much depends on the CPU: 2.1e-6 on one machine
+        # here, for entries up to 3.8 (ignoring the whitening, or rank 2 for 3, is off by 2.1 and 1.7)
+        assert_close(a @ b, a1 @ b1, rtol=1e-5, atol=1e-5)
     assert factorize([], lambda spectra: [], chunk=2) == [] and factorize([], 3) == []
     for chunk in (None, 2):
         with pytest.raises(ValueError, match='2 ranks for 3 matrices'):
