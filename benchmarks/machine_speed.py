@@ -23,19 +23,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+from toukit.results import read_manifest, read_record
+
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN = 'import sys; from toukit.cli import command; sys.argv = ["toukit"] + sys.argv[1:]; sys.exit(command())'
 
 
 def recorded_run(results: Path, preset: str, method: str, seed: int, protocol: str) -> dict:
     """The record the manifest names for this method, protocol and seed; a clear error when there is none."""
-    manifest = json.loads((results / f'{preset}.sweep.json').read_text())
+    manifest = read_manifest(results / f'{preset}.sweep.json')
     ids = manifest['runs'].get(protocol, {}).get(method, [])
     for run_id in ids:
         path = results / f'{run_id}.json'
         if not path.exists():
             continue
-        record = json.loads(path.read_text())
+        record = read_record(path)
         if record['run']['config']['seed'] == seed and record.get('status') == 'ok':
             return record
     raise SystemExit(f'no finished {protocol} record of {method!r} at seed {seed} in {results} '
@@ -47,7 +48,7 @@ def rerun(record: dict, scratch: Path, core, checkout: Path) -> dict:
     config = record['run']['config']
     args = ['--preset', config['preset'], '--method', config['method'], '--lr', repr(config['lr']),
             '--seed', str(config['seed']), '--results-dir', str(scratch), '--quiet']
-    command = [sys.executable, '-c', TRAIN, 'train', *args]
+    command = [sys.executable, '-m', 'toukit.cli', 'train', *args]
     if core is not None:
         command = ['taskset', '-c', str(core), *command]
     env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1')
@@ -57,7 +58,7 @@ def rerun(record: dict, scratch: Path, core, checkout: Path) -> dict:
     if not path.exists():
         made = sorted(p.name for p in scratch.glob('*.json'))
         raise SystemExit(f"the rerun of {record['run']['id']} wrote {made}, not its run id: the configuration differs")
-    return json.loads(path.read_text())
+    return read_record(path)
 
 
 def machine(record: dict) -> str:
